@@ -1,0 +1,51 @@
+# Every user-facing target does its own set-up on a fresh Debian machine (run as root).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
+                iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps
+
+.PHONY: all deps venv test unit demo bench clean distclean
+
+all: venv
+
+# System packages: only installed when one of the tools is missing.
+build/.deps:
+	@mkdir -p build
+	@if ! command -v iptables >/dev/null || ! command -v tcpdump >/dev/null \
+	    || ! command -v iperf3 >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
+	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null; then \
+	  echo "installing system packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+deps: build/.deps
+
+$(VENV)/.installed: build/.deps setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m lab.cleanup
+	$(PY) -m pytest -q -rs tests
+
+unit: venv
+	$(PY) -m pytest -q -rs tests/unit
+
+demo: venv
+	$(PY) -m lab.demo
+
+bench: venv
+	$(PY) -m bench.run
+
+clean:
+	-$(PY) -m lab.cleanup
+	rm -rf build
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
