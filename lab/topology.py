@@ -100,6 +100,16 @@ class Host:
                      prefixlen=iface.network.prefixlen)
             ipr.link("set", index=idx, state="up")
 
+    def _wait_up(self, ifname: str, timeout: float = 2.0) -> None:
+        # Carrier lags "set up" by a moment; a SYN sent then would be lost
+        # and cost the first test connection a 1 s retransmission.
+        deadline = time.monotonic() + timeout
+        with self.iproute() as ipr:
+            while ipr.link("get", ifname=ifname)[0].get("IFLA_OPERSTATE") != "UP":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.ns}/{ifname} did not come up")
+                time.sleep(0.01)
+
     def route(self, dst: str, via: str) -> None:
         with self.iproute() as ipr:
             ipr.route("replace", dst=dst, gateway=via)
@@ -183,6 +193,8 @@ class Lab:
                      peer={"ifname": b_if, "net_ns_fd": b.ns, "mtu": mtu})
         a._configure(a_if, a_addr)
         b._configure(b_if, b_addr)
+        a._wait_up(a_if)
+        b._wait_up(b_if)
         return a_if, b_if
 
     def teardown(self) -> None:
