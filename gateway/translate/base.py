@@ -1,0 +1,351 @@
+"""What both sides of the gateway pair share: the flow record, the SAL receive path,
+timers and counters."""
+import heapq
+import os
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from sal import wire
+from sal.checksum import apply_delta, delta, fold, ones_sum
+from sal.flow import Event, Rejected, SalFlow, State
+from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_checksum
+from sal.wire import MalformedPacket, SalHeader
+
+from .carriage import ip_header
+
+PASS = object()  # verdict: accept the packet unchanged
+
+_TCP_PORTS = struct.Struct("!HH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+IPV4_TCP_HEADERS = 40
+
+
+@dataclass
+class Timeouts:
+    idle: float = 7200.0        # an established flow with no packets
+    handshake: float = 60.0     # a flow whose handshake never completed
+    linger: float = 10.0        # after both directions closed: late retransmissions
+    reset_linger: float = 2.0   # after a reset
+
+
+class Flow:
+    """One translated connection: its SAL state and the rewrite constants of each way."""
+
+    __slots__ = ("sal", "peer_addr", "peer_port", "local_addr", "legacy_key",
+                 "legacy_src", "legacy_dst", "legacy_sport", "legacy_dport",
+                 "out_hdr", "out_delta", "in_delta", "pseudo_local", "pseudo_peer",
+                 "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
+                 "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
+                 "closed_at", "syn_seq", "extra")
+
+    def __init__(self, sal: SalFlow, now: float):
+        self.sal = sal
+        self.peer_addr = self.local_addr = b"\0\0\0\0"
+        self.peer_port = 0
+        self.legacy_key = None
+        self.created = self.last_seen = now
+        self.packets_out = self.packets_in = self.bytes_out = self.bytes_in = 0
+        self.legacy_fin_end = None      # seq just past the legacy side's FIN
+        self.legacy_last_ack = 0
+        self.send_handshake_ack = False
+        self.closed_at = None
+        self.syn_seq = None
+        self.extra = None
+
+    def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+        """The legacy side's view: ``src``:``sport`` is the legacy host, ``dst``:``dport``
+        the address it talks to (a virtual service address, or our backend-side address)."""
+        self.legacy_src, self.legacy_dst = src, dst
+        self.legacy_sport, self.legacy_dport = sport, dport
+
+    def rebuild(self, pseudo_local: bytes, pseudo_peer: bytes) -> None:
+        """Precompute the checksum deltas and the data header, once per path change."""
+        self.pseudo_local, self.pseudo_peer = pseudo_local, pseudo_peer
+        legacy = self.legacy_src + self.legacy_dst + _TCP_PORTS.pack(self.legacy_sport, self.legacy_dport)
+        sal_side = pseudo_local + pseudo_peer + b"\0\0\0\0"
+        self.out_delta = delta(legacy, sal_side)
+        back_legacy = self.legacy_dst + self.legacy_src + _TCP_PORTS.pack(self.legacy_dport, self.legacy_sport)
+        self.in_delta = delta(pseudo_peer + pseudo_local + b"\0\0\0\0", back_legacy)
+        self.out_hdr = wire.base_header(self.sal.local_flow, self.sal.remote_flow)
+
+    @property
+    def state(self) -> State:
+        return self.sal.state
+
+
+class Translator:
+    """The shared machinery; ``ClientTranslator`` and ``ServerTranslator`` add each side."""
+
+    role = "?"
+
+    def __init__(self, carriage, mtu: int = 1500, timeouts: Timeouts | None = None,
+                 rng: random.Random | None = None, rto_initial: float | None = None):
+        self.carriage = carriage
+        self.timeouts = timeouts or Timeouts()
+        self.mss_limit = mtu - IPV4_TCP_HEADERS - wire.BASE_LEN - carriage.overhead
+        self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.rto_initial = rto_initial
+        self.flows: dict[int, Flow] = {}          # by our flowID
+        self.outbox: list[bytes] = []
+        self.stats: Counter = Counter()
+        self._expiry: list = []                   # heap of (deadline, flowID)
+        self._retransmitting: set[int] = set()
+
+    # --- flows ---------------------------------------------------------------------
+    def _new_flow(self, now: float) -> Flow:
+        while True:
+            fid = self.rng.getrandbits(32)
+            if fid and fid not in self.flows:
+                break
+        kwargs = {} if self.rto_initial is None else {"rto_initial": self.rto_initial}
+        sal = SalFlow(fid, self.rng.getrandbits(64).to_bytes(8, "big"), self.rng.getrandbits(32), **kwargs)
+        flow = Flow(sal, now)
+        self.flows[fid] = flow
+        heapq.heappush(self._expiry, (now + self.timeouts.handshake, fid))
+        self.stats["flows_opened"] += 1
+        return flow
+
+    def _forget(self, flow: Flow) -> None:
+        """Drop a flow from every table (subclasses remove their own keys)."""
+        self.flows.pop(flow.sal.local_flow, None)
+        self._retransmitting.discard(flow.sal.local_flow)
+
+    def _deadline(self, flow: Flow) -> float:
+        state = flow.sal.state
+        if flow.closed_at is not None:
+            linger = self.timeouts.reset_linger if state in (State.RESET, State.FAILED) else self.timeouts.linger
+            return flow.closed_at + linger
+        if state == State.ESTABLISHED:
+            return flow.last_seen + self.timeouts.idle
+        return flow.last_seen + self.timeouts.handshake
+
+    def _finish(self, flow: Flow, now: float, reason: str) -> None:
+        if flow.closed_at is None:
+            flow.closed_at = now
+            self.stats[f"flows_{reason}"] += 1
+            heapq.heappush(self._expiry, (self._deadline(flow), flow.sal.local_flow))
+
+    # --- timers --------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        times = [self.flows[f].sal.next_deadline() for f in self._retransmitting if f in self.flows]
+        times = [t for t in times if t is not None]
+        if self._expiry:
+            times.append(self._expiry[0][0])
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for fid in list(self._retransmitting):
+            flow = self.flows.get(fid)
+            if flow is None or flow.sal.outstanding is None:
+                self._retransmitting.discard(fid)
+                continue
+            events, resend = flow.sal.handle_timer(now)
+            for hdr, transport in resend:
+                self.stats["control_retransmits"] += 1
+                self._emit_sal(flow, hdr.encode() + transport)
+            if Event.FAILED in events:
+                self._retransmitting.discard(fid)
+                self.stats["flows_failed_control_timeout"] += 1
+                self._reset_legacy(flow)
+                self._finish(flow, now, "failed")
+        while self._expiry and self._expiry[0][0] <= now:
+            _, fid = heapq.heappop(self._expiry)
+            flow = self.flows.get(fid)
+            if flow is None:
+                continue
+            deadline = self._deadline(flow)
+            if deadline > now:
+                heapq.heappush(self._expiry, (deadline, fid))
+            elif flow.closed_at is None:
+                self.stats["flows_idle_expired"] += 1
+                self._forget(flow)
+            else:
+                self._forget(flow)
+
+    # --- SAL input -----------------------------------------------------------------
+    def _parse_sal(self, pkt: bytes):
+        """(ip, SalHeader, transport offset, peer port, body) or None (dropped, counted)."""
+        try:
+            ip = IPv4(pkt)
+            if len(pkt) != ip.total_length:
+                self.stats["dropped_truncated_copy"] += 1
+                return None
+            if ip.is_fragment:
+                self.stats["dropped_fragment"] += 1
+                return None
+            found = self.carriage.unwrap(pkt, ip.ihl, ip.protocol, ip.total_length)
+            if found is None:
+                return PASS
+            body, peer_port = found
+            hdr, off = wire.decode(body)
+        except MalformedPacket as exc:
+            self.stats["malformed"] += 1
+            self.stats[f"dropped_{exc.reason}"] += 1
+            return None
+        if not hdr.checksum_ok:
+            self.stats["dropped_sal_bad_checksum"] += 1
+            return None
+        if hdr.protocol != 6:
+            self.stats["dropped_sal_not_tcp"] += 1
+            return None
+        if len(body) > off and len(body) - off < 20:
+            self.stats["malformed"] += 1
+            self.stats["dropped_tcp_truncated"] += 1
+            return None
+        return ip, hdr, off, peer_port, body
+
+    def _sal_control(self, flow: Flow, hdr: SalHeader, now: float, carries_segment: bool) -> list | None:
+        """Feed a packet's control part to the flow. Returns events, or None if rejected.
+        A reset is passed on to the legacy host here unless the packet carries the
+        TCP RST itself."""
+        try:
+            events, replies = flow.sal.receive(hdr, now)
+        except Rejected as exc:
+            self.stats[f"dropped_{exc.reason}"] += 1
+            return None
+        for reply in replies:
+            self._emit_sal(flow, reply.encode())
+        pending = flow.sal.take_pending(now)
+        if pending is not None:
+            self._emit_sal(flow, pending.encode())
+        self._track_retransmit(flow)
+        if Event.RESET in events:
+            self.stats["sal_resets_received"] += 1
+            if not carries_segment:
+                self._reset_legacy(flow)
+            self._finish(flow, now, "reset")
+        elif Event.CLOSED in events:
+            self._finish(flow, now, "closed")
+        return events
+
+    def _track_retransmit(self, flow: Flow) -> None:
+        if flow.sal.outstanding is not None:
+            self._retransmitting.add(flow.sal.local_flow)
+        else:
+            self._retransmitting.discard(flow.sal.local_flow)
+
+    def _answer_unknown(self, ip: IPv4, hdr: SalHeader, peer_port: int) -> None:
+        """A SAL packet for no flow of ours: RST it (never a RST, never a bare SYN)."""
+        self.stats["dropped_no_flow"] += 1
+        ctl = hdr.control
+        if ctl is not None and ctl.flags & (wire.RST | wire.SYN):
+            return
+        rst = SalHeader(hdr.dst_flow, hdr.src_flow, 6, [wire.Control(
+            wire.RST, 0, (ctl.verno + 1) & 0xFFFFFFFF if ctl else 0, b"\0" * 8)])
+        self.outbox.append(self.carriage.wrap(ip.dst, ip.src, rst.encode(), peer_port))
+        self.stats["sal_resets_sent"] += 1
+
+    # --- SAL output ----------------------------------------------------------------
+    def _emit_sal(self, flow: Flow, body: bytes) -> None:
+        self.outbox.append(self.carriage.wrap(flow.local_addr, flow.peer_addr, body, flow.peer_port))
+
+    def _to_sal(self, flow: Flow, ip: IPv4, seg: bytes, now: float, sal_header: bytes,
+                csum_delta: int | None = None) -> bytes:
+        """A legacy TCP segment as a SAL packet toward the peer (the hot path)."""
+        csum = apply_delta(_U16.unpack_from(seg, 16)[0], flow.out_delta if csum_delta is None else csum_delta)
+        body = sal_header + b"\0\0\0\0" + seg[4:16] + _U16.pack(csum) + seg[18:]
+        flow.packets_out += 1
+        flow.bytes_out += len(seg)
+        flow.last_seen = now
+        return self.carriage.wrap(flow.local_addr, flow.peer_addr, body, flow.peer_port,
+                                  ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+
+    def _sal_segment(self, flow: Flow, seg: bytes, csum_delta: int) -> bytes:
+        """A legacy segment as the SAL transport (ports zeroed), for control packets."""
+        csum = apply_delta(_U16.unpack_from(seg, 16)[0], csum_delta)
+        return b"\0\0\0\0" + seg[4:16] + _U16.pack(csum) + seg[18:]
+
+    def _to_legacy(self, flow: Flow, ip: IPv4, seg: bytes, now: float,
+                   csum_delta: int | None = None) -> bytes:
+        """A SAL packet's TCP segment as a legacy packet toward the legacy host."""
+        csum = apply_delta(_U16.unpack_from(seg, 16)[0], flow.in_delta if csum_delta is None else csum_delta)
+        seg = _TCP_PORTS.pack(flow.legacy_dport, flow.legacy_sport) + seg[4:16] + _U16.pack(csum) + seg[18:]
+        flow.packets_in += 1
+        flow.bytes_in += len(seg)
+        flow.last_seen = now
+        return ip_header(flow.legacy_dst, flow.legacy_src, 6, 20 + len(seg), ip.ident, ip.ttl,
+                         ip.tos, ip.frag & 0x4000) + seg
+
+    def _clamp(self, seg: bytes, csum_delta: int) -> tuple[bytes, int]:
+        """Clamp the MSS of a SYN segment; returns the segment and an extra checksum delta."""
+        buf = bytearray(seg)
+        changed = clamp_mss(buf, (buf[12] >> 4) * 4, self.mss_limit)
+        if changed is None:
+            return seg, csum_delta
+        old, new = changed
+        self.stats["mss_clamped"] += 1
+        return bytes(buf), fold(csum_delta + (~old & 0xFFFF) + new)
+
+    def _track_tcp(self, flow: Flow, seg: bytes, from_legacy: bool, now: float) -> None:
+        """Follow TCP FINs and the ACKs that cover them: once a side's FIN is acknowledged,
+        that side's SAL direction is finished (FIN, then SAL FIN, as the reference does)."""
+        flags = seg[13]
+        seq, ack = struct.unpack_from("!II", seg, 4)
+        if from_legacy:
+            flow.legacy_last_ack = ack if flags & TCP_ACK else flow.legacy_last_ack
+        if flags & TCP_RST:
+            self.stats["tcp_resets_seen"] += 1
+            if flow.sal.state != State.RESET:
+                flow.sal.state = State.RESET
+                flow.sal.outstanding = None
+            self._finish(flow, now, "reset")
+            return
+        if flags & TCP_FIN and from_legacy:
+            flow.legacy_fin_end = (seq + len(seg) - (seg[12] >> 4) * 4 + 1) & 0xFFFFFFFF
+        if flags & TCP_ACK:
+            # our legacy side's FIN is acknowledged by the remote side: our SAL FIN
+            if not from_legacy and flow.legacy_fin_end is not None and _seq_geq(ack, flow.legacy_fin_end):
+                hdr = flow.sal.close(now)
+                if hdr is not None:
+                    self._emit_sal(flow, hdr.encode())
+                    self._track_retransmit(flow)
+
+    def _refuse(self, ip: IPv4, seg: bytes) -> None:
+        """Answer a legacy segment that matches nothing with a TCP RST (never a RST)."""
+        flags = seg[13]
+        if flags & TCP_RST:
+            return
+        sport, dport, seq, ack = struct.unpack_from("!HHII", seg)
+        if flags & TCP_ACK:
+            rst = struct.pack("!HHIIBBHHH", dport, sport, ack, 0, 0x50, TCP_RST, 0, 0, 0)
+        else:
+            length = len(seg) - (seg[12] >> 4) * 4 + (1 if flags & 0x02 else 0) + (1 if flags & TCP_FIN else 0)
+            rst = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + length) & 0xFFFFFFFF, 0x50,
+                              TCP_RST | TCP_ACK, 0, 0, 0)
+        csum = transport_checksum(ip.dst, ip.src, 6, rst, 16)
+        self.outbox.append(ip_header(ip.dst, ip.src, 6, 40, 0, 64, 0, 0) + rst[:16] + _U16.pack(csum) + rst[18:])
+        self.stats["legacy_resets_sent"] += 1
+
+    def _reset_legacy(self, flow: Flow) -> None:
+        """Tell the legacy host its connection is gone (a RST in its window)."""
+        if flow.legacy_key is None:
+            return
+        seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, flow.legacy_last_ack,
+                          0, 0x50, TCP_RST, 0, 0, 0)
+        csum = transport_checksum(flow.legacy_dst, flow.legacy_src, 6, seg, 16)
+        seg = seg[:16] + _U16.pack(csum) + seg[18:]
+        self.outbox.append(ip_header(flow.legacy_dst, flow.legacy_src, 6, 40, 0, 64, 0, 0) + seg)
+        self.stats["legacy_resets_sent"] += 1
+
+    # --- views ---------------------------------------------------------------------
+    def flow_rows(self, now: float) -> list[dict]:
+        rows = []
+        for flow in self.flows.values():
+            rows.append({
+                "legacy": f"{ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
+                if flow.legacy_key is not None else "-",
+                "local_flow": f"{flow.sal.local_flow:08x}",
+                "remote_flow": f"{flow.sal.remote_flow:08x}",
+                "peer": ntoa(flow.peer_addr) + (f":{flow.peer_port}" if flow.peer_port else ""),
+                "state": flow.sal.state.value if flow.sal.state else "-",
+                "bytes_out": flow.bytes_out, "bytes_in": flow.bytes_in,
+                "age": round(now - flow.created, 1),
+            })
+        return rows
+
+
+def _seq_geq(a: int, b: int) -> bool:
+    return ((a - b) & 0xFFFFFFFF) < 0x80000000

@@ -1,0 +1,163 @@
+"""The client side: legacy TCP toward virtual service addresses becomes SAL flows."""
+from dataclasses import dataclass
+from typing import Callable
+
+from sal.flow import Event, State
+from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, aton
+from sal.service_table import Action, ServiceTable
+from sal.wire import MalformedPacket
+
+from .base import PASS, Flow, Translator, _TCP_PORTS, _U32
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """A virtual address:port that stands for a serviceID."""
+    address: bytes
+    port: int
+    service_id: bytes
+    name: str = ""
+
+
+class ClientTranslator(Translator):
+    role = "client"
+
+    def __init__(self, sal_address: bytes, resolve: Callable[[bytes, int], bytes | None],
+                 table: ServiceTable, carriage, **kwargs):
+        """``resolve(virtual_address, port)`` gives the serviceID a virtual address stands
+        for (the seam for the resolver); ``table`` picks the next hop for a serviceID."""
+        super().__init__(carriage, **kwargs)
+        self.sal_address = sal_address
+        self.resolve = resolve
+        self.table = table
+        self.by_legacy: dict[tuple, Flow] = {}
+
+    # --- legacy side ---------------------------------------------------------------
+    def from_legacy(self, pkt: bytes, now: float):
+        try:
+            ip = IPv4(pkt)
+        except MalformedPacket as exc:
+            self.stats["malformed"] += 1
+            self.stats[f"dropped_{exc.reason}"] += 1
+            return None
+        if ip.protocol != 6:
+            return PASS
+        if len(pkt) != ip.total_length:
+            self.stats["dropped_truncated_copy"] += 1
+            return None
+        if ip.is_fragment:
+            self.stats["dropped_fragment"] += 1
+            return None
+        seg = pkt[ip.ihl:]
+        if len(seg) < 20 or (seg[12] >> 4) * 4 < 20 or (seg[12] >> 4) * 4 > len(seg):
+            self.stats["malformed"] += 1
+            self.stats["dropped_tcp_truncated"] += 1
+            return None
+        sport, dport = _TCP_PORTS.unpack_from(seg)
+        flags = seg[13]
+        flow = self.by_legacy.get((ip.src, sport, ip.dst, dport))
+        if flags & TCP_SYN and not flags & TCP_ACK:
+            if flow is not None:
+                if flow.sal.state == State.SYN_SENT and _U32.unpack_from(seg, 4)[0] == flow.syn_seq:
+                    return self._resend_syn(flow, now)
+                self._replace(flow, now)
+            return self._open(ip, seg, sport, dport, now)
+        if flow is None:
+            self.stats["dropped_no_flow"] += 1
+            self._refuse(ip, seg)
+            return None
+        if flow.sal.state == State.SYN_SENT:
+            self.stats["dropped_before_established"] += 1
+            return None
+        header = flow.out_hdr
+        if flow.send_handshake_ack:
+            header = flow.sal.handshake_ack().encode()
+            flow.send_handshake_ack = False
+        self._track_tcp(flow, seg, True, now)
+        self.stats["to_sal"] += 1
+        return self._to_sal(flow, ip, seg, now, header)
+
+    def _open(self, ip: IPv4, seg: bytes, sport: int, dport: int, now: float):
+        service_id = self.resolve(ip.dst, dport)
+        if service_id is None:
+            self.stats["dropped_no_service"] += 1
+            self._refuse(ip, seg)
+            return None
+        target = self.table.resolve(service_id)
+        if target is None or target.action == Action.DROP:
+            self.stats["dropped_no_route" if target is None else "dropped_rule_drop"] += 1
+            self._refuse(ip, seg)
+            return None
+        if target.action != Action.FORWARD:
+            # DELAY: nothing is held here; the legacy client's SYN retransmission asks again
+            self.stats[f"dropped_rule_{target.action.value}"] += 1
+            return None
+        flow = self._new_flow(now)
+        flow.set_legacy(ip.src, ip.dst, sport, dport)
+        flow.legacy_key = (ip.src, sport, ip.dst, dport)
+        flow.local_addr = self.sal_address
+        flow.peer_addr = aton(target.target)
+        flow.peer_port = getattr(self.carriage, "peer_port", 0)
+        flow.syn_seq = _U32.unpack_from(seg, 4)[0]
+        flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+        self.by_legacy[flow.legacy_key] = flow
+        seg, csum_delta = self._clamp(seg, flow.out_delta)
+        tseg = self._sal_segment(flow, seg, csum_delta)
+        header = flow.sal.connect(service_id, tseg, now)
+        self._track_retransmit(flow)
+        self.stats["to_sal"] += 1
+        flow.packets_out += 1
+        return self.carriage.wrap(flow.local_addr, flow.peer_addr, header.encode() + tseg,
+                                  flow.peer_port, ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+
+    def _resend_syn(self, flow: Flow, now: float):
+        out = flow.sal.outstanding
+        if out is None:
+            return None
+        self.stats["syn_repeated"] += 1
+        return self.carriage.wrap(flow.local_addr, flow.peer_addr, out.header.encode() + out.transport,
+                                  flow.peer_port)
+
+    def _replace(self, flow: Flow, now: float) -> None:
+        """A new SYN on the 4-tuple of a flow we still hold: the old one is over."""
+        if flow.closed_at is None and flow.sal.remote_flow:
+            self._emit_sal(flow, flow.sal.reset().encode())
+            self.stats["sal_resets_sent"] += 1
+        self._forget(flow)
+
+    def _forget(self, flow: Flow) -> None:
+        super()._forget(flow)
+        if self.by_legacy.get(flow.legacy_key) is flow:
+            del self.by_legacy[flow.legacy_key]
+
+    # --- SAL side ------------------------------------------------------------------
+    def from_sal(self, pkt: bytes, now: float):
+        parsed = self._parse_sal(pkt)
+        if parsed is None or parsed is PASS:
+            return parsed
+        ip, hdr, off, peer_port, body = parsed
+        flow = self.flows.get(hdr.dst_flow)
+        if flow is None:
+            self._answer_unknown(ip, hdr, peer_port)
+            return None
+        if hdr.control is None:
+            if ip.src != flow.peer_addr or hdr.src_flow != flow.sal.remote_flow:
+                self.stats["dropped_wrong_peer"] += 1
+                return None
+        else:
+            events = self._sal_control(flow, hdr, now, off < len(body))
+            if events is None:
+                return None
+            if Event.ESTABLISHED in events:
+                # late binding: the instance that accepted answers from its own address
+                flow.peer_addr = ip.src
+                flow.peer_port = peer_port or flow.peer_port
+                flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+                flow.send_handshake_ack = True
+                self.stats["flows_established"] += 1
+        if off >= len(body):
+            return None          # control only: consumed here
+        seg = body[off:]
+        self._track_tcp(flow, seg, False, now)
+        self.stats["from_sal"] += 1
+        return self._to_legacy(flow, ip, seg, now)

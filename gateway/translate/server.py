@@ -1,0 +1,184 @@
+"""The server side: SAL flows become legacy TCP toward unmodified backends."""
+from collections import deque
+from dataclasses import dataclass
+
+from sal.flow import Rejected, State
+from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, ntoa
+from sal.service_table import Action, ServiceTable
+from sal.wire import MalformedPacket, SYN
+
+from .base import PASS, Flow, Translator, _TCP_PORTS
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A legacy server: where DEMUX sends a service. ``source`` is our address facing it."""
+    address: bytes
+    port: int
+    source: bytes
+    name: str = ""
+
+    def __str__(self):
+        return f"{ntoa(self.address)}:{self.port}"
+
+
+class PortPool:
+    """Local ports toward one backend; freed ports go to the back, so that a port is
+    reused as late as possible (the backend may still hold it in TIME_WAIT)."""
+
+    def __init__(self, low: int, high: int):
+        self.free = deque(range(low, high + 1))
+
+    def take(self) -> int | None:
+        return self.free.popleft() if self.free else None
+
+    def give_back(self, port: int) -> None:
+        self.free.append(port)
+
+
+class ServerTranslator(Translator):
+    role = "server"
+
+    def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (61000, 64999),
+                 keep_client_address: bool = False, **kwargs):
+        """``table`` maps serviceIDs to DEMUX targets whose target is a ``Backend``.
+        With ``keep_client_address`` the backend sees the SAL peer's (client gateway's)
+        address instead of ours, and must route it back through this gateway."""
+        super().__init__(carriage, **kwargs)
+        self.table = table
+        self.port_range = port_range
+        self.keep_client_address = keep_client_address
+        self.by_peer: dict[tuple, Flow] = {}      # (peer address, peer flowID)
+        self.by_backend: dict[tuple, Flow] = {}   # (backend address, port, our port)
+        self.pools: dict[tuple, PortPool] = {}
+
+    # --- SAL side ------------------------------------------------------------------
+    def from_sal(self, pkt: bytes, now: float):
+        parsed = self._parse_sal(pkt)
+        if parsed is None or parsed is PASS:
+            return parsed
+        ip, hdr, off, peer_port, body = parsed
+        if hdr.dst_flow == 0:
+            return self._on_syn(ip, hdr, off, peer_port, body, now)
+        flow = self.flows.get(hdr.dst_flow)
+        if flow is None:
+            self._answer_unknown(ip, hdr, peer_port)
+            return None
+        if hdr.control is None:
+            if ip.src != flow.peer_addr or hdr.src_flow != flow.sal.remote_flow:
+                self.stats["dropped_wrong_peer"] += 1
+                return None
+            if flow.sal.state == State.SYN_RECEIVED:
+                flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
+                self._track_retransmit(flow)
+        elif self._sal_control(flow, hdr, now, off < len(body)) is None:
+            return None
+        if off >= len(body):
+            return None
+        seg = body[off:]
+        self._track_tcp(flow, seg, False, now)
+        self.stats["from_sal"] += 1
+        return self._to_legacy(flow, ip, seg, now)
+
+    def _on_syn(self, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
+        ctl = hdr.control
+        if ctl is None or not ctl.flags & SYN or off >= len(body):
+            self.stats["dropped_no_flow"] += 1
+            return None
+        seg = body[off:]
+        flow = self.by_peer.get((ip.src, hdr.src_flow))
+        if flow is not None:
+            if flow.sal.state not in (State.SYN_SEEN, State.SYN_RECEIVED):
+                self.stats["dropped_unexpected_syn"] += 1
+                return None
+            self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
+            return self._syn_to_backend(flow, ip, seg, now)
+        service = hdr.service
+        target = self.table.resolve(service.service_id) if service else None
+        if target is None or target.action != Action.DEMUX:
+            # as the reference: a SYN that matches nothing is dropped, not reset
+            self.stats["dropped_no_service"] += 1
+            return None
+        backend: Backend = target.target
+        pool = self.pools.get((backend.address, backend.port))
+        if pool is None:
+            pool = self.pools[(backend.address, backend.port)] = PortPool(*self.port_range)
+        port = pool.take()
+        if port is None:
+            self.stats["dropped_ports_exhausted"] += 1
+            return None
+        flow = self._new_flow(now)
+        try:
+            flow.sal.accept(hdr)
+        except Rejected as exc:  # pragma: no cover - guarded above
+            self.stats[f"dropped_{exc.reason}"] += 1
+            self._forget(flow)
+            return None
+        flow.local_addr = ip.dst
+        source = hdr.source
+        flow.peer_addr = source.addresses[0] if source and source.addresses else ip.src
+        flow.peer_port = peer_port
+        flow.extra = (backend, pool, port, (ip.src, hdr.src_flow))
+        ours = ip.src if self.keep_client_address else backend.source
+        flow.set_legacy(backend.address, ours, backend.port, port)
+        flow.legacy_key = (backend.address, backend.port, port)
+        flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+        self.by_peer[flow.extra[3]] = flow
+        self.by_backend[flow.legacy_key] = flow
+        return self._syn_to_backend(flow, ip, seg, now)
+
+    def _syn_to_backend(self, flow: Flow, ip: IPv4, seg: bytes, now: float) -> bytes:
+        seg, csum_delta = self._clamp(seg, flow.in_delta)
+        self.stats["from_sal"] += 1
+        return self._to_legacy(flow, ip, seg, now, csum_delta)
+
+    # --- backend side --------------------------------------------------------------
+    def from_backend(self, pkt: bytes, now: float):
+        try:
+            ip = IPv4(pkt)
+        except MalformedPacket as exc:
+            self.stats["malformed"] += 1
+            self.stats[f"dropped_{exc.reason}"] += 1
+            return None
+        if ip.protocol != 6 or len(pkt) != ip.total_length or ip.is_fragment:
+            return PASS
+        seg = pkt[ip.ihl:]
+        if len(seg) < 20:
+            return PASS
+        sport, dport = _TCP_PORTS.unpack_from(seg)
+        flow = self.by_backend.get((ip.src, sport, dport))
+        if flow is None:
+            return PASS          # not a translated connection: the kernel answers it
+        flags = seg[13]
+        state = flow.sal.state
+        if state in (State.SYN_SEEN, State.SYN_RECEIVED):
+            if flags & TCP_SYN and flags & TCP_ACK:
+                seg, csum_delta = self._clamp(seg, flow.out_delta)
+                tseg = self._sal_segment(flow, seg, csum_delta)
+                header = flow.sal.syn_ack(tseg, now)
+                self._track_retransmit(flow)
+                self.stats["to_sal"] += 1
+                flow.packets_out += 1
+                flow.last_seen = now
+                return self.carriage.wrap(flow.local_addr, flow.peer_addr, header.encode() + tseg,
+                                          flow.peer_port, ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+            if flags & TCP_RST and state == State.SYN_SEEN:
+                # the backend refused: a SAL RST carrying the TCP RST, so the client is refused too
+                header = flow.sal.reset().encode()
+                self._finish(flow, now, "refused")
+                self.stats["to_sal"] += 1
+                return self._to_sal(flow, ip, seg, now, header)
+        self._track_tcp(flow, seg, True, now)
+        self.stats["to_sal"] += 1
+        return self._to_sal(flow, ip, seg, now, flow.out_hdr)
+
+    def _forget(self, flow: Flow) -> None:
+        super()._forget(flow)
+        if flow.extra is None:
+            return
+        backend, pool, port, peer_key = flow.extra
+        if self.by_backend.get(flow.legacy_key) is flow:
+            del self.by_backend[flow.legacy_key]
+            pool.give_back(port)
+        if self.by_peer.get(peer_key) is flow:
+            del self.by_peer[peer_key]

@@ -1,0 +1,258 @@
+"""The per-flow SAL state machine: handshake, close, reset and control retransmission.
+
+Sans-IO: methods take the time ``now`` and return SAL headers to send or events; the
+caller owns sockets and clocks. Numbering follows the reference (see docs/protocol.md):
+SYN and FIN (and RSYN) consume one control number, ACKs and RSYN|ACK do not; ``ackno``
+always names the next number expected from the peer.
+
+One control packet is outstanding at a time; it is retransmitted with an RTO that starts
+at 3 s, doubles up to 120 s, and gives up after 15 tries. A control packet that carries a
+transport segment (the handshake) keeps that segment, so a retransmission is complete.
+"""
+from dataclasses import dataclass
+from enum import Enum
+
+from .wire import ACK, FIN, RST, RSYN, SYN, Control, SalHeader, Service
+
+RTO_INITIAL, RTO_MIN, RTO_MAX, MAX_TRIES = 3.0, 0.2, 120.0, 15
+MASK32 = 0xFFFFFFFF
+
+
+class State(Enum):
+    SYN_SENT = "syn-sent"          # we sent SYN, waiting for SYN|ACK
+    SYN_SEEN = "syn-seen"          # we got a SYN, our SYN|ACK is not out yet
+    SYN_RECEIVED = "syn-received"  # we sent SYN|ACK, waiting for ACK
+    ESTABLISHED = "established"
+    CLOSED = "closed"              # both directions finished
+    RESET = "reset"
+    FAILED = "failed"              # a control packet was never answered
+
+
+# Events returned by ``receive`` and ``handle_timer``
+class Event(Enum):
+    ESTABLISHED = "established"
+    PEER_FIN = "peer-fin"          # the peer finished sending
+    FIN_ACKED = "fin-acked"        # our FIN was acknowledged
+    CLOSED = "closed"
+    RESET = "reset"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Outstanding:
+    header: SalHeader
+    transport: bytes       # segment carried with it (b"" for control-only)
+    deadline: float
+    rto: float
+    tries: int = 1
+
+
+class Rejected(Exception):
+    """A control packet that fails validation (wrong nonce or numbers); ``reason`` counts."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SalFlow:
+    __slots__ = ("local_flow", "remote_flow", "local_nonce", "remote_nonce", "snd_nxt",
+                 "rcv_nxt", "state", "fin_pending", "fin_sent", "fin_acked", "peer_fin",
+                 "outstanding", "service_id", "rto_initial")
+
+    def __init__(self, local_flow: int, local_nonce: bytes, initial_verno: int,
+                 rto_initial: float = RTO_INITIAL):
+        self.local_flow = local_flow
+        self.remote_flow = 0
+        self.local_nonce = local_nonce
+        self.remote_nonce: bytes | None = None
+        self.snd_nxt = initial_verno & MASK32
+        self.rcv_nxt = 0
+        self.state: State | None = None
+        self.fin_pending = self.fin_sent = self.fin_acked = self.peer_fin = False
+        self.outstanding: Outstanding | None = None
+        self.service_id: bytes | None = None
+        self.rto_initial = rto_initial
+
+    # --- opening -------------------------------------------------------------------
+    def connect(self, service_id: bytes, transport: bytes, now: float) -> SalHeader:
+        """Client: the SYN (CONTROL + SERVICE), carrying the legacy SYN segment."""
+        self.service_id = service_id
+        self.state = State.SYN_SENT
+        hdr = self._control(SYN, ackno=0, service=True)
+        self.snd_nxt = (self.snd_nxt + 1) & MASK32
+        self._send(hdr, transport, now)
+        return hdr
+
+    def accept(self, syn: SalHeader) -> None:
+        """Server: take the peer's SYN; the SYN|ACK goes out with the backend's SYN-ACK."""
+        ctl = syn.control
+        if ctl is None or not ctl.flags & SYN:
+            raise Rejected("not_a_syn")
+        self.remote_flow = syn.src_flow
+        self.remote_nonce = ctl.nonce
+        self.rcv_nxt = (ctl.verno + 1) & MASK32
+        self.service_id = syn.service.service_id if syn.service else None
+        self.state = State.SYN_SEEN
+
+    def syn_ack(self, transport: bytes, now: float) -> SalHeader:
+        """Server: the SYN|ACK (or its repetition), carrying the backend's SYN-ACK."""
+        if self.state == State.SYN_SEEN:
+            hdr = self._control(SYN | ACK)
+            self.snd_nxt = (self.snd_nxt + 1) & MASK32
+            self.state = State.SYN_RECEIVED
+            self._send(hdr, transport, now)
+            return hdr
+        # a repeated backend SYN-ACK: same numbers as the first
+        hdr = self._control(SYN | ACK, verno=(self.snd_nxt - 1) & MASK32)
+        if self.outstanding is not None:
+            self.outstanding.transport = transport
+        return hdr
+
+    def handshake_ack(self) -> SalHeader:
+        """Client: the ACK that completes the handshake (CONTROL + SERVICE)."""
+        return self._control(ACK, service=True)
+
+    # --- closing -------------------------------------------------------------------
+    def close(self, now: float) -> SalHeader | None:
+        """Our side has finished sending: a SAL FIN, now or once the outstanding
+        control packet is answered (then ``take_pending`` returns it)."""
+        if self.fin_pending or self.fin_sent or self.state in (State.CLOSED, State.RESET, State.FAILED):
+            return None
+        self.fin_pending = True
+        return self.take_pending(now)
+
+    def take_pending(self, now: float) -> SalHeader | None:
+        """The FIN that waited for the outstanding control packet, if it is now due."""
+        if not self.fin_pending or self.outstanding is not None or self.state not in (
+                State.ESTABLISHED, State.CLOSED):
+            return None
+        self.fin_pending, self.fin_sent = False, True
+        hdr = self._control(FIN)
+        self.snd_nxt = (self.snd_nxt + 1) & MASK32
+        self._send(hdr, b"", now)
+        return hdr
+
+    def reset(self) -> SalHeader:
+        self.state = State.RESET
+        self.outstanding = None
+        self.fin_pending = False
+        return self._control(RST)
+
+    # --- input ---------------------------------------------------------------------
+    def receive(self, hdr: SalHeader, now: float) -> tuple[list, list]:
+        """Process a packet's CONTROL extension. Returns (events, headers to send).
+
+        Raises Rejected for a control packet that must be dropped."""
+        ctl = hdr.control
+        if ctl is None:
+            # plain data: in SYN_RECEIVED it stands in for a lost handshake ACK
+            if self.state == State.SYN_RECEIVED:
+                return self._established(), []
+            return [], []
+        flags = ctl.flags
+        if flags & RST:
+            return self._on_reset(ctl)
+        if self.state == State.SYN_SENT and flags & SYN and flags & ACK:
+            return self._on_syn_ack(hdr, ctl)
+        if self.remote_nonce is not None and ctl.nonce != self.remote_nonce:
+            raise Rejected("bad_nonce")
+        events, out = [], []
+        if flags & SYN:
+            if self.state in (State.SYN_SEEN, State.SYN_RECEIVED):
+                return [], []            # a retransmitted SYN: the caller re-offers it
+            if self.state == State.ESTABLISHED and flags & ACK:
+                return [], [self.handshake_ack()]   # our ACK was lost: repeat it
+            raise Rejected("unexpected_syn")
+        if flags & ACK:
+            events += self._on_ack(ctl)
+        if flags & FIN:
+            if ctl.verno == (self.rcv_nxt - 1) & MASK32 and self.peer_fin:
+                out.append(self._control(ACK))          # repeated FIN: re-acknowledge
+            elif ctl.verno != self.rcv_nxt:
+                raise Rejected("bad_verno")
+            else:
+                self.peer_fin = True
+                self.rcv_nxt = (self.rcv_nxt + 1) & MASK32
+                out.append(self._control(ACK))
+                events.append(Event.PEER_FIN)
+        events += self._maybe_closed()
+        return events, out
+
+    def _on_syn_ack(self, hdr: SalHeader, ctl: Control):
+        if ctl.ackno != self.snd_nxt:
+            raise Rejected("bad_ackno")
+        self.remote_flow = hdr.src_flow
+        self.remote_nonce = ctl.nonce
+        self.rcv_nxt = (ctl.verno + 1) & MASK32
+        self.outstanding = None
+        self.state = State.ESTABLISHED
+        return [Event.ESTABLISHED], []
+
+    def _on_ack(self, ctl: Control) -> list:
+        if ctl.ackno != self.snd_nxt:
+            raise Rejected("bad_ackno")
+        events = []
+        if self.state == State.SYN_RECEIVED:
+            events += self._established()
+        out = self.outstanding
+        if out is not None and out.header.flags & FIN:
+            self.fin_acked = True
+            events.append(Event.FIN_ACKED)
+        self.outstanding = None
+        return events
+
+    def _on_reset(self, ctl: Control):
+        # Stricter than the reference: a RST must carry the peer's nonce once we know it.
+        if self.remote_nonce is not None and ctl.nonce != self.remote_nonce:
+            raise Rejected("bad_nonce")
+        if self.remote_nonce is None and ctl.ackno != self.snd_nxt:
+            raise Rejected("bad_ackno")
+        self.state = State.RESET
+        self.outstanding = None
+        self.fin_pending = False
+        return [Event.RESET], []
+
+    def _established(self) -> list:
+        self.state = State.ESTABLISHED
+        self.outstanding = None
+        return [Event.ESTABLISHED]
+
+    def _maybe_closed(self) -> list:
+        if self.fin_acked and self.peer_fin and self.state != State.CLOSED:
+            self.state = State.CLOSED
+            return [Event.CLOSED]
+        return []
+
+    # --- timers --------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        return self.outstanding.deadline if self.outstanding else None
+
+    def handle_timer(self, now: float) -> tuple[list, list]:
+        """Returns (events, [(header, transport)] to retransmit)."""
+        out = self.outstanding
+        if out is None or now < out.deadline:
+            return [], []
+        if out.tries >= MAX_TRIES:
+            self.state = State.FAILED
+            self.outstanding = None
+            self.fin_pending = False
+            return [Event.FAILED], []
+        out.tries += 1
+        out.rto = min(max(out.rto * 2, RTO_MIN), RTO_MAX)
+        out.deadline = now + out.rto
+        return [], [(out.header, out.transport)]
+
+    # --- helpers -------------------------------------------------------------------
+    def _control(self, flags: int, ackno: int | None = None, verno: int | None = None,
+                 service: bool = False) -> SalHeader:
+        ctl = Control(flags, self.snd_nxt if verno is None else verno,
+                      self.rcv_nxt if ackno is None else ackno, self.local_nonce)
+        exts = [ctl]
+        if service and self.service_id is not None:
+            exts.append(Service(self.service_id))
+        return SalHeader(self.local_flow, self.remote_flow, 6, exts)
+
+    def _send(self, hdr: SalHeader, transport: bytes, now: float) -> None:
+        rto = max(self.rto_initial, RTO_MIN)
+        self.outstanding = Outstanding(hdr, transport, now + rto, rto)

@@ -1,0 +1,219 @@
+"""The gateway pair in memory: a legacy connection through ClientTranslator and
+ServerTranslator, checking every packet that comes out (checksums included)."""
+import struct
+
+import pytest
+
+from gateway.translate import PASS, Backend, ClientTranslator, ServerTranslator, Timeouts
+from gateway.translate.carriage import make_carriage
+from sal import wire
+from sal.flow import State
+from sal.ip import IPv4, TCP, aton, ntoa, transport_checksum_ok
+from sal.serviceid import ServicePrefix, service_id_for
+from sal.service_table import Action, ServiceTable
+from tests.unit.packets import ACK, FIN, PSH, RST, SYN, tcp_packet
+
+CLIENT, VIP, CGW, SGW, SGW_LAN, SERVER = "198.19.1.2", "198.18.0.10", "198.19.2.1", "198.19.2.2", "198.19.3.1", "198.19.3.2"
+SID = service_id_for("web.svc.example", 80)
+
+
+def make_pair(carriage="ip", keep_client_address=False):
+    ctable = ServiceTable()
+    ctable.add(ServicePrefix(SID, 224), Action.FORWARD, SGW)
+    client = ClientTranslator(aton(CGW), lambda a, p: SID if (a, p) == (aton(VIP), 80) else None,
+                              ctable, make_carriage(carriage, "client"))
+    stable = ServiceTable()
+    stable.add(ServicePrefix(SID), Action.DEMUX, Backend(aton(SERVER), 8080, aton(SGW_LAN)))
+    server = ServerTranslator(stable, make_carriage(carriage, "server"), keep_client_address=keep_client_address)
+    return client, server
+
+
+def check_tcp(pkt: bytes, src: str, dst: str) -> TCP:
+    ip = IPv4(pkt)
+    assert ip.protocol == 6 and ntoa(ip.src) == src and ntoa(ip.dst) == dst
+    assert len(pkt) == ip.total_length
+    seg = pkt[ip.ihl:]
+    assert transport_checksum_ok(ip.src, ip.dst, 6, seg), "legacy TCP checksum"
+    return TCP(seg)
+
+
+def check_sal(pkt: bytes, carriage="ip"):
+    ip = IPv4(pkt)
+    body = pkt[20:] if carriage == "ip" else pkt[28:]
+    assert ip.protocol == (144 if carriage == "ip" else 17)
+    hdr, off = wire.decode(body)
+    assert hdr.checksum_ok
+    seg = body[off:]
+    if seg:
+        assert seg[:4] == b"\0\0\0\0", "ports are zero on the wire"
+        pseudo = (ip.src, ip.dst) if carriage == "ip" else (bytes(4), bytes(4))
+        assert transport_checksum_ok(*pseudo, 6, seg), "SAL transport checksum"
+    return ip, hdr, seg
+
+
+def handshake(client, server, now=0.0, carriage="ip", cport=40000):
+    syn = tcp_packet(CLIENT, cport, VIP, 80, 1000, flags=SYN, mss=1460)
+    sal_syn = client.from_legacy(syn, now)
+    ip, hdr, seg = check_sal(sal_syn, carriage)
+    assert ntoa(ip.src) == CGW and ntoa(ip.dst) == SGW
+    assert hdr.flags == wire.SYN and hdr.service.service_id == SID and hdr.dst_flow == 0
+    to_backend = server.from_sal(sal_syn, now)
+    t = check_tcp(to_backend, SGW_LAN, SERVER)
+    assert t.dport == 8080 and t.flags == SYN and t.seq == 1000
+    mss = struct.unpack_from("!H", to_backend, 40 + 2)[0]
+    assert mss == 1500 - 40 - 12 - (8 if carriage == "udp" else 0)
+    lport = t.sport
+    synack = tcp_packet(SERVER, 8080, SGW_LAN, lport, 5000, 1001, SYN | ACK, mss=1460)
+    sal_synack = server.from_backend(synack, now)
+    ip, hdr, _ = check_sal(sal_synack, carriage)
+    assert hdr.flags == wire.SYN | wire.ACK and hdr.service is None
+    to_client = client.from_sal(sal_synack, now)
+    t = check_tcp(to_client, VIP, CLIENT)
+    assert (t.sport, t.dport, t.flags, t.ack) == (80, cport, SYN | ACK, 1001)
+    ack = tcp_packet(CLIENT, cport, VIP, 80, 1001, 5001, ACK)
+    sal_ack = client.from_legacy(ack, now)
+    ip, hdr, _ = check_sal(sal_ack, carriage)
+    assert hdr.flags == wire.ACK and hdr.service.service_id == SID
+    check_tcp(server.from_sal(sal_ack, now), SGW_LAN, SERVER)
+    return lport
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_connection_through_the_pair(carriage):
+    client, server = make_pair(carriage)
+    lport = handshake(client, server, carriage=carriage)
+    assert all(f.state == State.ESTABLISHED for f in client.flows.values())
+    assert all(f.state == State.ESTABLISHED for f in server.flows.values())
+    # data both ways: base header only, payload untouched
+    data = tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK | PSH, b"GET / HTTP/1.0\r\n\r\n")
+    sal = client.from_legacy(data, 1.0)
+    ip, hdr, seg = check_sal(sal, carriage)
+    assert hdr.extensions == [] and seg.endswith(b"GET / HTTP/1.0\r\n\r\n")
+    check_tcp(server.from_sal(sal, 1.0), SGW_LAN, SERVER)
+    reply = tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1019, ACK | PSH, b"x" * 1400)
+    back = client.from_sal(server.from_backend(reply, 1.0), 1.0)
+    assert check_tcp(back, VIP, CLIENT).seq == 5001 and back.endswith(b"x" * 1400)
+    # close: client FIN, acked; server FIN, acked; then SAL FIN/ACK each way
+    fin = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1019, 6401, FIN | ACK), 2.0)
+    server.from_sal(fin, 2.0)
+    ack_fin = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 6401, 1020, FIN | ACK), 2.0)
+    assert client.outbox == []
+    client.from_sal(ack_fin, 2.0)          # acknowledges the client's FIN: client SAL FIN
+    (sal_fin,) = client.outbox
+    client.outbox.clear()
+    _, hdr, seg = check_sal(sal_fin, carriage)
+    assert hdr.flags == wire.FIN and seg == b""
+    assert server.from_sal(sal_fin, 2.0) is None      # consumed; answered with a SAL ACK
+    (sal_finack,) = server.outbox
+    server.outbox.clear()
+    client.from_sal(sal_finack, 2.0)
+    last = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1020, 6402, ACK), 2.0)
+    server.from_sal(last, 2.0)              # acknowledges the server's FIN: server SAL FIN
+    (sal_fin2,) = server.outbox
+    server.outbox.clear()
+    client.from_sal(sal_fin2, 2.0)
+    (sal_ack2,) = client.outbox
+    server.from_sal(sal_ack2, 2.0)
+    assert [f.state for f in client.flows.values()] == [State.CLOSED]
+    assert [f.state for f in server.flows.values()] == [State.CLOSED]
+    # both forget the flow after the linger
+    client.handle_timer(2.0 + Timeouts().linger + 0.1)
+    server.handle_timer(2.0 + Timeouts().linger + 0.1)
+    assert client.flows == {} and client.by_legacy == {}
+    assert server.flows == {} and server.by_backend == {}
+    assert lport in server.pools[(aton(SERVER), 8080)].free
+
+
+def test_numbering_matches_the_reference():
+    client, server = make_pair()
+    handshake(client, server)
+    cflow = next(iter(client.flows.values())).sal
+    sflow = next(iter(server.flows.values())).sal
+    assert cflow.snd_nxt == sflow.rcv_nxt and sflow.snd_nxt == cflow.rcv_nxt
+
+
+def test_unknown_service_is_refused_with_rst():
+    client, _ = make_pair()
+    out = client.from_legacy(tcp_packet(CLIENT, 40001, "198.18.0.99", 80, 7, flags=SYN), 0.0)
+    assert out is None and client.stats["dropped_no_service"] == 1
+    (rst,) = client.outbox
+    t = check_tcp(rst, "198.18.0.99", CLIENT)
+    assert t.flags == RST | ACK and t.ack == 8
+
+
+def test_non_sal_traffic_passes():
+    client, server = make_pair()
+    udp = tcp_packet(CLIENT, 1, SGW, 2, 0)
+    assert server.from_backend(udp, 0.0) is PASS     # not a translated connection
+
+
+@pytest.mark.parametrize("mangle", ["checksum", "truncate", "garbage", "bad_length"])
+def test_bad_sal_packets_are_dropped_and_counted(mangle):
+    client, server = make_pair()
+    handshake(client, server)
+    good = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK, b"data"), 1.0)
+    pkt = bytearray(good)
+    if mangle == "checksum":
+        pkt[30] ^= 0xFF
+    elif mangle == "truncate":
+        pkt = pkt[:26]
+        pkt[2:4] = len(pkt).to_bytes(2, "big")
+    elif mangle == "garbage":
+        pkt[20:] = bytes(range(len(pkt) - 20))
+    else:
+        pkt[28] = 200
+    before = dict(server.stats)
+    assert server.from_sal(bytes(pkt), 1.0) is None
+    dropped = {k: v for k, v in server.stats.items() if k.startswith("dropped_") and v != before.get(k, 0)}
+    assert dropped, server.stats
+    # the flow still works afterwards
+    assert server.from_sal(good, 1.0) is not None
+
+
+def test_syn_retransmission_and_give_up():
+    client, server = make_pair()
+    syn = tcp_packet(CLIENT, 40002, VIP, 80, 1, flags=SYN)
+    first = client.from_legacy(syn, 0.0)
+    # the legacy client retries: the same SAL SYN again
+    assert client.from_legacy(syn, 1.0)[20:] == first[20:]
+    # the gateway's own control timer: 3 s, doubling
+    assert client.next_deadline() == pytest.approx(3.0)
+    client.handle_timer(3.0)
+    assert client.outbox[-1].endswith(first[20:]) and client.stats["control_retransmits"] == 1
+    t = 3.0
+    for _ in range(20):
+        t = client.next_deadline()
+        client.handle_timer(t)
+    assert client.stats["flows_failed_control_timeout"] == 1
+
+
+def test_sal_rst_for_unknown_flow():
+    client, server = make_pair()
+    handshake(client, server)
+    data = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK, b"x"), 1.0)
+    fresh = make_pair()[1]       # a server gateway that lost its state
+    assert fresh.from_sal(data, 1.0) is None
+    (rst,) = fresh.outbox
+    _, hdr, _ = check_sal(rst)
+    assert hdr.flags == wire.RST
+    # the client gateway resets the legacy client
+    client.outbox.clear()
+    assert client.from_sal(rst, 1.0) is None
+    assert client.stats["sal_resets_received"] == 1
+    (legacy_rst,) = client.outbox
+    assert check_tcp(legacy_rst, VIP, CLIENT).flags & RST
+
+
+def test_backend_refusal_reaches_the_client():
+    client, server = make_pair()
+    sal_syn = client.from_legacy(tcp_packet(CLIENT, 40003, VIP, 80, 1, flags=SYN), 0.0)
+    lport = TCP(server.from_sal(sal_syn, 0.0)[20:]).sport
+    refused = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 0, 2, RST | ACK), 0.0)
+    out = client.from_sal(refused, 0.0)
+    assert check_tcp(out, VIP, CLIENT).flags == RST | ACK
+
+
+def test_keep_client_address_mode():
+    client, server = make_pair(keep_client_address=True)
+    sal_syn = client.from_legacy(tcp_packet(CLIENT, 40004, VIP, 80, 1, flags=SYN), 0.0)
+    check_tcp(server.from_sal(sal_syn, 0.0), CGW, SERVER)
