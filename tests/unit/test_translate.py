@@ -172,6 +172,7 @@ def test_bad_sal_packets_are_dropped_and_counted(mangle):
 
 def test_syn_retransmission_and_give_up():
     client, server = make_pair()
+    client.timeouts = Timeouts(handshake=1e6)   # let the control timer run out first
     syn = tcp_packet(CLIENT, 40002, VIP, 80, 1, flags=SYN)
     first = client.from_legacy(syn, 0.0)
     # the legacy client retries: the same SAL SYN again
@@ -185,6 +186,7 @@ def test_syn_retransmission_and_give_up():
         t = client.next_deadline()
         client.handle_timer(t)
     assert client.stats["flows_failed_control_timeout"] == 1
+    assert client.stats["control_retransmits"] == 14      # 15 tries in all
 
 
 def test_sal_rst_for_unknown_flow():
