@@ -140,10 +140,12 @@ class SalFlow:
         return self._control(RST)
 
     # --- input ---------------------------------------------------------------------
-    def receive(self, hdr: SalHeader, now: float) -> tuple[list, list]:
+    def receive(self, hdr: SalHeader, now: float, on_path: bool = False) -> tuple[list, list]:
         """Process a packet's CONTROL extension. Returns (events, headers to send).
 
-        Raises Rejected for a control packet that must be dropped."""
+        ``on_path`` says the packet came from the peer's current address naming both
+        flowIDs: enough to accept a RST without our nonce (a peer that lost its state
+        cannot know it). Raises Rejected for a control packet that must be dropped."""
         ctl = hdr.control
         if ctl is None:
             # plain data: in SYN_RECEIVED it stands in for a lost handshake ACK
@@ -152,7 +154,7 @@ class SalFlow:
             return [], []
         flags = ctl.flags
         if flags & RST:
-            return self._on_reset(ctl)
+            return self._on_reset(ctl, on_path and hdr.src_flow == self.remote_flow)
         if self.state == State.SYN_SENT and flags & SYN and flags & ACK:
             return self._on_syn_ack(hdr, ctl)
         if self.remote_nonce is not None and ctl.nonce != self.remote_nonce:
@@ -202,9 +204,11 @@ class SalFlow:
         self.outstanding = None
         return events
 
-    def _on_reset(self, ctl: Control):
-        # Stricter than the reference: a RST must carry the peer's nonce once we know it.
-        if self.remote_nonce is not None and ctl.nonce != self.remote_nonce:
+    def _on_reset(self, ctl: Control, on_path: bool):
+        # Stricter than the reference, which checks nothing: a RST must carry the peer's
+        # nonce, come from its path naming both flowIDs, or (before we know the nonce)
+        # acknowledge our SYN.
+        if self.remote_nonce is not None and ctl.nonce != self.remote_nonce and not on_path:
             raise Rejected("bad_nonce")
         if self.remote_nonce is None and ctl.ackno != self.snd_nxt:
             raise Rejected("bad_ackno")

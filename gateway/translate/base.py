@@ -197,12 +197,13 @@ class Translator:
             return None
         return ip, hdr, off, peer_port, body
 
-    def _sal_control(self, flow: Flow, hdr: SalHeader, now: float, carries_segment: bool) -> list | None:
+    def _sal_control(self, flow: Flow, ip: IPv4, hdr: SalHeader, now: float,
+                     carries_segment: bool) -> list | None:
         """Feed a packet's control part to the flow. Returns events, or None if rejected.
         A reset is passed on to the legacy host here unless the packet carries the
         TCP RST itself."""
         try:
-            events, replies = flow.sal.receive(hdr, now)
+            events, replies = flow.sal.receive(hdr, now, on_path=ip.src == flow.peer_addr)
         except Rejected as exc:
             self.stats[f"dropped_{exc.reason}"] += 1
             return None

@@ -145,7 +145,7 @@ class ClientTranslator(Translator):
                 self.stats["dropped_wrong_peer"] += 1
                 return None
         else:
-            events = self._sal_control(flow, hdr, now, off < len(body))
+            events = self._sal_control(flow, ip, hdr, now, off < len(body))
             if events is None:
                 return None
             if Event.ESTABLISHED in events:

@@ -71,7 +71,7 @@ class ServerTranslator(Translator):
             if flow.sal.state == State.SYN_RECEIVED:
                 flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
                 self._track_retransmit(flow)
-        elif self._sal_control(flow, hdr, now, off < len(body)) is None:
+        elif self._sal_control(flow, ip, hdr, now, off < len(body)) is None:
             return None
         if off >= len(body):
             return None

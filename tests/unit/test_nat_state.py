@@ -91,7 +91,9 @@ def test_sysctls_restore_skips_vanished_device(tmp_path, proc):
 
 # --- routes against a fake pyroute2 IPRoute ------------------------------------------
 
-pyroute2 = pytest.importorskip('pyroute2')
+def netlink_error(code, text):
+    from pyroute2 import NetlinkError
+    return NetlinkError(code, text)
 
 
 class FakeIPRoute:
@@ -120,11 +122,11 @@ class FakeIPRoute:
         key = lambda m: (m['dst'], m['dst_len'], m['table'])
         if cmd == 'add':
             if any(key(m) == key(msg) for m in self.table):
-                raise pyroute2.NetlinkError(errno.EEXIST, 'File exists')
+                raise netlink_error(errno.EEXIST, 'File exists')
             self.table.append(msg)
         elif cmd == 'del':
             if msg not in self.table:
-                raise pyroute2.NetlinkError(errno.ESRCH, 'No such process')
+                raise netlink_error(errno.ESRCH, 'No such process')
             self.table.remove(msg)
         return []
 
@@ -136,6 +138,7 @@ def kernel():
 
 @pytest.fixture
 def routes(tmp_path, kernel):
+    pytest.importorskip('pyroute2')
     return OwnedRoutes('c', tmp_path, iproute=lambda: FakeIPRoute(kernel))
 
 
