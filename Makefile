@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := iptables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
+APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
                 iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps
 
 .PHONY: all deps venv test unit demo bench clean distclean
@@ -14,7 +14,7 @@ build/.deps:
 	@mkdir -p build
 	@if ! command -v iptables >/dev/null || ! command -v tcpdump >/dev/null \
 	    || ! command -v iperf3 >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
-	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null; then \
+	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null || ! command -v nft >/dev/null; then \
 	  echo "installing system packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi

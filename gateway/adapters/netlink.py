@@ -1,0 +1,36 @@
+"""Addresses and routes from the kernel (pyroute2): which source address reaches a peer."""
+from pyroute2 import IPRoute
+
+
+def source_for(destination: str) -> tuple[str, str]:
+    """(source address, interface name) the kernel would use to reach ``destination``."""
+    with IPRoute() as ipr:
+        routes = ipr.route("get", dst=destination)
+        if not routes:
+            raise LookupError(f"no route to {destination}")
+        route = routes[0]
+        src = route.get_attr("RTA_PREFSRC")
+        oif = route.get_attr("RTA_OIF")
+        links = ipr.get_links(oif)
+        dev = links[0].get_attr("IFLA_IFNAME") if links else "?"
+        if not src:
+            raise LookupError(f"the route to {destination} has no source address")
+        return src, dev
+
+
+def has_route(destination: str) -> bool:
+    try:
+        with IPRoute() as ipr:
+            return bool(ipr.route("get", dst=destination))
+    except Exception:
+        return False
+
+
+def ipv4_interfaces() -> list[str]:
+    """Names of the interfaces that carry an IPv4 address (not loopback)."""
+    with IPRoute() as ipr:
+        names = {}
+        for link in ipr.get_links():
+            names[link["index"]] = link.get_attr("IFLA_IFNAME")
+        return sorted({names[a["index"]] for a in ipr.get_addr(family=2)
+                       if a["index"] in names and names[a["index"]] != "lo"})

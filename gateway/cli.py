@@ -1,0 +1,45 @@
+"""``serval gateway client|server --config FILE``: run one gateway in the foreground."""
+import logging
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("role", choices=["client", "server"],
+                   help="client: in front of legacy clients (grabs TCP toward virtual service "
+                        "addresses); server: in front of legacy servers (DEMUX to backends)")
+    p.add_argument("--config", "-c", required=True, help="the gateway's TOML config file")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, print what would be served, and exit")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override the config's log_level")
+
+
+def run(args) -> int:
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.config, args.role)
+    except ConfigError as exc:
+        print(f"serval gateway: bad config: {exc}", file=sys.stderr)
+        return 2
+    # our own loggers at the chosen level; libraries (pyroute2 is chatty) at warning
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("serval").setLevel((args.log_level or cfg.log_level).upper())
+    if args.check:
+        print(f"{cfg.path}: ok ({cfg.role} gateway, {len(cfg.services)} service(s), "
+              f"{len(cfg.rules)} route(s), carriage {cfg.carriage}, queue {cfg.queue})")
+        return 0
+    from twisted.internet import reactor
+
+    from .daemon import Gateway
+
+    gateway = Gateway(cfg, reactor)
+    try:
+        gateway.start()
+    except Exception as exc:
+        logging.getLogger("serval.gateway").error("could not start: %s", exc)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", gateway.stop)
+    reactor.run()
+    return 0

@@ -1,0 +1,263 @@
+"""Gateway configuration: a TOML file, checked completely before anything starts.
+
+Every mistake is reported as ``ConfigError`` naming the file and the line at fault, so
+a bad config is refused at start instead of half-applied.
+"""
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from sal.serviceid import ServiceIDError, ServicePrefix, parse_service_id, service_id_for
+from sal.service_table import Action
+
+from .translate.base import Timeouts
+
+DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
+
+
+class ConfigError(ValueError):
+    def __init__(self, path: str, line: int | None, message: str):
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class ServiceConfig:
+    name: str
+    port: int
+    service_id: bytes
+    address: str | None = None         # client: the virtual address
+    backend: tuple[str, int] | None = None   # server: legacy backend host:port
+    weight: int = 1
+    priority: int = 1
+
+
+@dataclass
+class RuleConfig:
+    prefix: ServicePrefix
+    action: Action
+    next_hop: str | None
+    priority: int = 1
+    weight: int = 1
+
+
+@dataclass
+class GatewayConfig:
+    role: str
+    path: str
+    instance: str
+    queue: int
+    carriage: str = "ip"
+    sal_address: str | None = None
+    virtual_network: str = DEFAULT_VIRTUAL_NETWORK
+    intercept_local: bool = True
+    intercept_forwarded: bool = True
+    client_address: str = "gateway"
+    port_range: tuple[int, int] = (61000, 64999)
+    mtu: int = 1500
+    queue_bypass: bool = True
+    control_socket: str = ""
+    state_dir: str = "/run/serval"
+    log_level: str = "info"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    services: list = field(default_factory=list)
+    rules: list = field(default_factory=list)
+
+
+_GATEWAY_KEYS = {
+    "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
+    "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
+    "control_socket", "state_dir", "log_level",
+}
+
+
+class _Locator:
+    """Finds the line of a key in the raw text, for error messages."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+
+    def line(self, table: str, index: int | None, key: str | None) -> int | None:
+        header = re.compile(r"^\s*\[\[\s*%s\s*\]\]" % re.escape(table) if index is not None
+                            else r"^\s*\[\s*%s\s*\]" % re.escape(table))
+        seen, start = -1, None
+        for n, text in enumerate(self.lines, 1):
+            if header.match(text):
+                seen += 1
+                if index is None or seen == index:
+                    start = n
+                    break
+        if start is None:
+            return None
+        if key is None:
+            return start
+        keyre = re.compile(r"^\s*%s\s*=" % re.escape(key))
+        for n in range(start + 1, len(self.lines) + 1):
+            text = self.lines[n - 1]
+            if text.lstrip().startswith("["):
+                break
+            if keyre.match(text):
+                return n
+        return start
+
+
+def load(path: str, role: str) -> GatewayConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    text = raw.decode("utf-8", "replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(path, int(m.group(1)) if m else None, f"not valid TOML: {exc}") from None
+    return parse(data, path, role, _Locator(text))
+
+
+def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> GatewayConfig:
+    loc = loc or _Locator("")
+
+    def fail(table, index, key, message):
+        raise ConfigError(path, loc.line(table, index, key), message)
+
+    unknown = set(data) - {"gateway", "timeouts", "service", "route"}
+    if unknown:
+        fail(sorted(unknown)[0], None, None, f"unknown section [{sorted(unknown)[0]}]")
+    gw = data.get("gateway", {})
+    for key in gw:
+        if key not in _GATEWAY_KEYS:
+            fail("gateway", None, key, f"unknown key {key!r} in [gateway]")
+    cfg = GatewayConfig(role=role, path=path, instance=str(gw.get("instance", role)),
+                        queue=_int(gw.get("queue", 0 if role == "client" else 1), 0, 65535,
+                                   lambda m: fail("gateway", None, "queue", m)))
+    cfg.carriage = gw.get("carriage", "ip")
+    if cfg.carriage not in ("ip", "udp"):
+        fail("gateway", None, "carriage", f"carriage must be 'ip' or 'udp', not {cfg.carriage!r}")
+    if "sal_address" in gw:
+        cfg.sal_address = _ipv4(gw["sal_address"], lambda m: fail("gateway", None, "sal_address", m))
+    try:
+        cfg.virtual_network = str(ipaddress.IPv4Network(gw.get("virtual_network", DEFAULT_VIRTUAL_NETWORK)))
+    except ValueError as exc:
+        fail("gateway", None, "virtual_network", f"virtual_network: {exc}")
+    for key in ("intercept_local", "intercept_forwarded", "queue_bypass"):
+        if key in gw:
+            if not isinstance(gw[key], bool):
+                fail("gateway", None, key, f"{key} must be true or false")
+            setattr(cfg, key, gw[key])
+    cfg.client_address = gw.get("client_address", "gateway")
+    if cfg.client_address not in ("gateway", "peer"):
+        fail("gateway", None, "client_address", "client_address must be 'gateway' or 'peer'")
+    if "port_range" in gw:
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", str(gw["port_range"]))
+        if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
+            fail("gateway", None, "port_range", "port_range must look like '61000-64999' (1024..65535)")
+        cfg.port_range = (int(m.group(1)), int(m.group(2)))
+    cfg.mtu = _int(gw.get("mtu", 1500), 576, 65535, lambda m: fail("gateway", None, "mtu", m))
+    cfg.control_socket = str(gw.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
+    cfg.state_dir = str(gw.get("state_dir", "/run/serval"))
+    cfg.log_level = str(gw.get("log_level", "info")).lower()
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        fail("gateway", None, "log_level", "log_level must be debug, info, warning or error")
+    timeouts = data.get("timeouts", {})
+    for key, value in timeouts.items():
+        if not hasattr(cfg.timeouts, key):
+            fail("timeouts", None, key, f"unknown timeout {key!r} (idle, handshake, linger, reset_linger)")
+        if not isinstance(value, (int, float)) or value <= 0:
+            fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds")
+        setattr(cfg.timeouts, key, float(value))
+    for i, svc in enumerate(_table_list(data, "service", fail)):
+        cfg.services.append(_service(svc, role, lambda k, m, i=i: fail("service", i, k, m)))
+    for i, rule in enumerate(_table_list(data, "route", fail)):
+        cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
+    if not cfg.services:
+        fail("gateway", None, None, "no [[service]] configured: the gateway would have nothing to do")
+    if role == "client" and not cfg.rules:
+        fail("gateway", None, None, "no [[route]] configured: a client gateway needs a next hop")
+    return cfg
+
+
+def _table_list(data, name, fail):
+    items = data.get(name, [])
+    if not isinstance(items, list):
+        fail(name, None, None, f"write [[{name}]] (an array of tables), not [{name}]")
+    return items
+
+
+def _service(svc: dict, role: str, fail) -> ServiceConfig:
+    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority"}
+    for key in svc:
+        if key not in allowed:
+            fail(key, f"unknown key {key!r} in [[service]]")
+    name = svc.get("name")
+    if not isinstance(name, str) or not name:
+        fail("name", "every [[service]] needs a name")
+    port = _int(svc.get("port", 0), 0, 65535, lambda m: fail("port", m))
+    try:
+        sid = parse_service_id(svc["service_id"]) if "service_id" in svc else service_id_for(name, port)
+    except ServiceIDError as exc:
+        fail("service_id", str(exc))
+    out = ServiceConfig(name, port, sid, weight=_int(svc.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)),
+                        priority=_int(svc.get("priority", 1), 0, 1 << 16, lambda m: fail("priority", m)))
+    if role == "client":
+        if "address" not in svc:
+            fail(None, f"service {name}: a client gateway needs its virtual 'address'")
+        out.address = _ipv4(svc["address"], lambda m: fail("address", m))
+        if port == 0:
+            fail("port", f"service {name}: a client gateway needs the service 'port'")
+    else:
+        if "backend" not in svc:
+            fail(None, f"service {name}: a server gateway needs its 'backend' (host:port)")
+        host, _, bport = str(svc["backend"]).rpartition(":")
+        if not bport.isdigit() or not 0 < int(bport) < 65536:
+            fail("backend", f"backend must be host:port, not {svc['backend']!r}")
+        out.backend = (_ipv4(host, lambda m: fail("backend", m)), int(bport))
+    return out
+
+
+def _rule(rule: dict, services: list, fail) -> RuleConfig:
+    allowed = {"service", "prefix", "action", "next_hop", "priority", "weight"}
+    for key in rule:
+        if key not in allowed:
+            fail(key, f"unknown key {key!r} in [[route]]")
+    if ("service" in rule) == ("prefix" in rule):
+        fail(None, "a [[route]] names either a 'service' (by name) or a serviceID 'prefix'")
+    if "service" in rule:
+        matches = [s for s in services if s.name == rule["service"]]
+        if not matches:
+            fail("service", f"no [[service]] named {rule['service']!r}")
+        # one rule covers every port of the name (the 224-bit name prefix), or the exact ID
+        sid = matches[0].service_id
+        prefix = ServicePrefix(sid, 224 if all(s.service_id[:28] == sid[:28] for s in matches) else 256)
+    else:
+        try:
+            prefix = ServicePrefix.parse(str(rule["prefix"]))
+        except ServiceIDError as exc:
+            fail("prefix", str(exc))
+    try:
+        action = Action(rule.get("action", "forward"))
+    except ValueError:
+        fail("action", f"action must be one of {', '.join(a.value for a in Action)}")
+    next_hop = None
+    if action == Action.FORWARD:
+        if "next_hop" not in rule:
+            fail(None, "a forward [[route]] needs a 'next_hop' address")
+        next_hop = _ipv4(rule["next_hop"], lambda m: fail("next_hop", m))
+    return RuleConfig(prefix, action, next_hop,
+                      _int(rule.get("priority", 1), 0, 1 << 16, lambda m: fail("priority", m)),
+                      _int(rule.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)))
+
+
+def _int(value, low, high, fail) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        fail(f"expected a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _ipv4(value, fail) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        fail(f"not an IPv4 address: {value!r}")

@@ -1,0 +1,221 @@
+"""A gateway process: config → translator, interception rules, queue reader, injector,
+control socket and timers, wired to the Twisted reactor; and undone again on stop."""
+import logging
+import time
+
+from sal.ip import aton
+from sal.serviceid import ServicePrefix, short
+from sal.service_table import Action, ServiceTable
+
+from .config import GatewayConfig
+from .translate import Backend, ClientTranslator, ServerTranslator
+from .translate.carriage import make_carriage
+
+log = logging.getLogger("serval.gateway")
+MARK = 0x5E7A1
+
+
+def build_translator(cfg: GatewayConfig, source_for):
+    """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``."""
+    carriage = make_carriage(cfg.carriage, cfg.role)
+    common = dict(mtu=cfg.mtu, timeouts=cfg.timeouts)
+    table = ServiceTable()
+    if cfg.role == "client":
+        for rule in cfg.rules:
+            table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
+        first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
+        sal_address = cfg.sal_address or source_for(first_hop)[0]
+        virtual = {(aton(s.address), s.port): s.service_id for s in cfg.services}
+        return ClientTranslator(aton(sal_address), lambda addr, port: virtual.get((addr, port)),
+                                table, carriage, **common)
+    for svc in cfg.services:
+        host, port = svc.backend
+        backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
+        table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
+    return ServerTranslator(table, carriage, port_range=cfg.port_range,
+                            keep_client_address=cfg.client_address == "peer", **common)
+
+
+def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], need_route) -> dict:
+    """The rules, sysctls and routes a gateway installs (keyword arguments for
+    ``nat.Interception.install``)."""
+    if cfg.carriage == "ip":
+        sal_in = ["-p", "144"]
+    else:
+        sal_in = ["-p", "udp", "--dport", str(translator.carriage.local_port)]
+    pre, out, routes = [], [], []
+    if cfg.role == "client":
+        sal_address = _ntoa(translator.sal_address)
+        pre.append(sal_in + ["-d", sal_address])
+        if cfg.intercept_forwarded:
+            pre.append(["-p", "tcp", "-d", cfg.virtual_network])
+        if cfg.intercept_local:
+            out.append(["-p", "tcp", "-d", cfg.virtual_network])
+            route = need_route(cfg)
+            if route:
+                routes.append(route)
+    else:
+        pre.append(sal_in + (["-d", cfg.sal_address] if cfg.sal_address else
+                             ["-m", "addrtype", "--dst-type", "LOCAL"]))
+        low, high = cfg.port_range
+        for svc in cfg.services:
+            host, port = svc.backend
+            match = ["-p", "tcp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"]
+            pre.append(match)
+            out.append(match)    # a backend on this very host (a sidecar) replies via OUTPUT
+    # Rewritten packets carry one of our own addresses as source on input
+    # (accept_local), may arrive where the reverse path differs (rp_filter), and are
+    # forwarded on (ip_forward).
+    sysctls = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.accept_local": "1",
+               "net.ipv4.conf.all.rp_filter": "0"}
+    for name in interfaces:
+        sysctls[f"net.ipv4.conf.{name.replace('.', '/')}.rp_filter"] = "0"
+    return {"prerouting": pre, "output": out, "sysctls": sysctls, "routes": routes}
+
+
+def _ntoa(addr: bytes) -> str:
+    import socket
+    return socket.inet_ntoa(addr)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, reactor):
+        self.cfg = cfg
+        self.reactor = reactor
+        self.translator = None
+        self.interception = None
+        self.reader = self.injector = self.port = self.ticker = None
+        self.started = time.monotonic()
+        self.stats = None
+
+    # --- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        from nat import Interception
+        from twisted.internet.task import LoopingCall
+        from .adapters import control, netlink
+        from .adapters.inject import Injector
+        from .adapters.nfqueue import QueueReader
+
+        cfg = self.cfg
+        self.translator = build_translator(cfg, netlink.source_for)
+        self.stats = self.translator.stats
+        plan = interception_plan(cfg, self.translator, netlink.ipv4_interfaces(),
+                                 lambda c: self._virtual_route(c, netlink))
+        self.interception = Interception(cfg.instance, cfg.queue, cfg.state_dir,
+                                         bypass=cfg.queue_bypass, mark=MARK)
+        self.interception.install(**plan)
+        try:
+            self.injector = Injector(MARK, self.stats)
+            self.reader = QueueReader(cfg.queue, self._handle, self._flush, self.stats)
+            self.reactor.addReader(self.reader)
+            self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
+            self.ticker = LoopingCall(self._tick)
+            self.ticker.start(0.05, now=False)
+        except BaseException:
+            self.stop()
+            raise
+        self._log_started(plan)
+
+    def stop(self) -> None:
+        """Undo everything start did; safe to call twice and after a partial start."""
+        if self.ticker is not None and self.ticker.running:
+            self.ticker.stop()
+        if self.reader is not None:
+            self.reactor.removeReader(self.reader)
+            self.reader.close()
+            self.reader = None
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+        if self.injector is not None:
+            self.injector.close()
+            self.injector = None
+        if self.interception is not None:
+            self.interception.remove()
+            self.interception = None
+            log.info("stopped: rules, routes and sysctls restored; %s", self._summary())
+
+    # --- data path -----------------------------------------------------------------
+    def _handle(self, payload: bytes):
+        now = time.monotonic()
+        t = self.translator
+        if payload[9] == 6:
+            return t.from_legacy(payload, now) if t.role == "client" else t.from_backend(payload, now)
+        return t.from_sal(payload, now)
+
+    def _flush(self) -> None:
+        box = self.translator.outbox
+        if box:
+            for packet in box:
+                self.injector.send(packet)
+            box.clear()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        deadline = self.translator.next_deadline()
+        if deadline is not None and deadline <= now:
+            self.translator.handle_timer(now)
+            self._flush()
+
+    # --- control -------------------------------------------------------------------
+    def commands(self) -> dict:
+        return {"flows": self._flows, "stats": self._stats, "config": self._config}
+
+    def _flows(self):
+        return self.translator.flow_rows(time.monotonic())
+
+    def _stats(self):
+        stats = dict(self.stats)
+        stats["flows_live"] = len(self.translator.flows)
+        stats["uptime_s"] = round(time.monotonic() - self.started, 1)
+        stats.update(kernel_queue_stats(self.cfg.queue))
+        return stats
+
+    def _config(self):
+        cfg = self.cfg
+        return {"role": cfg.role, "path": cfg.path, "instance": cfg.instance, "queue": cfg.queue,
+                "carriage": cfg.carriage, "services": [
+                    {"name": s.name, "port": s.port, "service_id": s.service_id.hex(),
+                     "address": s.address, "backend": "%s:%d" % s.backend if s.backend else None}
+                    for s in cfg.services]}
+
+    # --- helpers -------------------------------------------------------------------
+    def _virtual_route(self, cfg, netlink):
+        """Local processes need a route to the virtual range; add one toward the first
+        next hop when the host has none (a host with a default route needs nothing)."""
+        probe = cfg.services[0].address
+        if netlink.has_route(probe):
+            return None
+        hop = next(r.next_hop for r in cfg.rules if r.next_hop)
+        src, dev = netlink.source_for(hop)
+        return {"dst": cfg.virtual_network, "dev": dev, "prefsrc": src}
+
+    def _log_started(self, plan) -> None:
+        cfg, t = self.cfg, self.translator
+        log.info("%s gateway up: queue %d, carriage %s, %d rule(s) installed, control socket %s",
+                 cfg.role, cfg.queue, cfg.carriage, len(plan["prerouting"]) + len(plan["output"]),
+                 cfg.control_socket)
+        for svc in cfg.services:
+            where = f"virtual {svc.address}:{svc.port}" if cfg.role == "client" else "backend %s:%d" % svc.backend
+            log.info("service %s:%d (serviceID %s) at %s", svc.name, svc.port, short(svc.service_id), where)
+        if cfg.role == "client":
+            log.info("SAL address %s", _ntoa(t.sal_address))
+
+    def _summary(self) -> str:
+        keys = ("flows_opened", "to_sal", "from_sal", "malformed", "internal_errors")
+        dropped = sum(v for k, v in self.stats.items() if k.startswith("dropped_"))
+        return ", ".join(f"{k}={self.stats.get(k, 0)}" for k in keys) + f", dropped={dropped}"
+
+
+def kernel_queue_stats(queue: int) -> dict:
+    """The kernel's own counters for our queue (/proc/net/netfilter/nfnetlink_queue)."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                fields = line.split()
+                if fields and int(fields[0]) == queue:
+                    return {"kernel_queue_waiting": int(fields[2]), "kernel_queue_dropped": int(fields[5]),
+                            "kernel_user_dropped": int(fields[6])}
+    except (OSError, ValueError, IndexError):
+        pass
+    return {}

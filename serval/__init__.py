@@ -1,0 +1,1 @@
+"""The ``serval`` command: one entry point for every daemon and tool."""

@@ -1,0 +1,40 @@
+"""``serval``: gateways, control and tools behind one command.
+
+Each subcommand lives in its own module and registers itself through ``add_parser``;
+imports are deferred so that ``serval decode`` does not need Twisted or root.
+"""
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "gateway": ("gateway.cli", "run a client or server gateway"),
+    "ctl": ("serval.ctl", "talk to a running gateway over its control socket"),
+    "decode": ("serval.decode", "decode SAL packets in a pcap file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serval",
+        description="Serval service-centric networking for unmodified hosts and applications.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
