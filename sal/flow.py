@@ -12,7 +12,7 @@ transport segment (the handshake) keeps that segment, so a retransmission is com
 from dataclasses import dataclass
 from enum import Enum
 
-from .wire import ACK, FIN, RST, RSYN, SYN, Control, SalHeader, Service
+from .wire import ACK, FIN, RST, SYN, Control, SalHeader, Service
 
 RTO_INITIAL, RTO_MIN, RTO_MAX, MAX_TRIES = 3.0, 0.2, 120.0, 15
 MASK32 = 0xFFFFFFFF

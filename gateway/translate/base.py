@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sal import wire
-from sal.checksum import apply_delta, delta, fold, ones_sum
+from sal.checksum import apply_delta, delta, fold
 from sal.flow import Event, Rejected, SalFlow, State
 from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_checksum
 from sal.wire import MalformedPacket, SalHeader

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sal.flow import Event, State
-from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, aton
+from sal.ip import IPv4, TCP_ACK, TCP_SYN, aton
 from sal.service_table import Action, ServiceTable
 from sal.wire import MalformedPacket
 

@@ -6,7 +6,6 @@ The server has no route beyond its own subnet: it needs no change at all.
 """
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
