@@ -51,6 +51,16 @@ def running(request, lab, www):
     stop_and_check(pair, gws, before)
 
 
+def wait_stat(gws, role, key, value, timeout=5.0) -> dict:
+    """The gateway's counters once ``key`` reaches ``value`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = gws.stats(role)
+        if stats.get(key, 0) >= value or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
 def curl(host, url, *args, timeout=30):
     return host.run(["curl", "-sS", "--fail", "-m", str(timeout), *args, url], check=False,
                     timeout=timeout + 10)
@@ -119,9 +129,9 @@ def test_half_close(lab):
     got, expected = r.stdout.strip().splitlines()
     assert got == expected
     # both directions closed: SAL FIN exchanged each way, flows closed at both gateways
-    time.sleep(0.5)
-    assert gws.stats("client")["flows_closed"] == 1
-    assert gws.stats("server")["flows_closed"] == 1
+    for role in ("client", "server"):
+        stats = wait_stat(gws, role, "flows_closed", 1)
+        assert stats.get("flows_closed") == 1, (role, stats)
     stop_and_check(pair, gws, before)
 
 
@@ -133,9 +143,9 @@ def test_reset_from_server(lab):
             "try:\n  print(repr(s.recv(10)))\nexcept ConnectionResetError:\n  print('reset')\n")
     r = pair.client.run([sys.executable, "-c", code], check=False, timeout=20)
     assert r.stdout.strip() == "reset", r.stdout + r.stderr
-    time.sleep(0.3)
-    assert gws.stats("client")["flows_reset"] == 1
-    assert gws.stats("server")["flows_reset"] == 1
+    for role in ("client", "server"):
+        stats = wait_stat(gws, role, "flows_reset", 1)
+        assert stats.get("flows_reset") == 1, (role, stats)
     stop_and_check(pair, gws, before)
 
 
@@ -154,7 +164,8 @@ def test_client_aborts_mid_transfer(lab):
     while time.time() < deadline and "peer gone" not in line:
         line = server.stdout.readline()
     assert "peer gone" in line          # the server learnt of the abort
-    assert gws.stats("server")["flows_reset"] == 1
+    stats = wait_stat(gws, "server", "flows_reset", 1)
+    assert stats.get("flows_reset") == 1, stats
     # and the gateways serve the next connection
     r = pair.client.run([sys.executable, "-c", code], check=False, timeout=30)
     assert r.returncode == 0, r.stderr
