@@ -13,13 +13,14 @@ from sal.flow import Event, Rejected, SalFlow, State
 from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_checksum
 from sal.wire import MalformedPacket, SalHeader
 
-from .carriage import ip_header
+from .carriage import header_sum, ip_header
 
 PASS = object()  # verdict: accept the packet unchanged
 
 _TCP_PORTS = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_IDENT_FRAG = struct.Struct("!HH")
 IPV4_TCP_HEADERS = 40
 
 
@@ -36,7 +37,7 @@ class Flow:
 
     __slots__ = ("sal", "peer_addr", "peer_port", "local_addr", "legacy_key",
                  "legacy_src", "legacy_dst", "legacy_sport", "legacy_dport",
-                 "out_hdr", "out_delta", "in_delta", "pseudo_local", "pseudo_peer",
+                 "out_hdr", "in_hdr", "out_delta", "in_delta", "out_ip_sum", "in_ip_sum",
                  "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra")
@@ -61,15 +62,19 @@ class Flow:
         self.legacy_src, self.legacy_dst = src, dst
         self.legacy_sport, self.legacy_dport = sport, dport
 
-    def rebuild(self, pseudo_local: bytes, pseudo_peer: bytes) -> None:
-        """Precompute the checksum deltas and the data header, once per path change."""
-        self.pseudo_local, self.pseudo_peer = pseudo_local, pseudo_peer
+    def rebuild(self, carriage) -> None:
+        """Precompute what every packet of the flow shares (checksum deltas, the data
+        headers each way, constant parts of IP header checksums), once per path change."""
+        pseudo_local, pseudo_peer = carriage.pseudo(self.local_addr, self.peer_addr)
         legacy = self.legacy_src + self.legacy_dst + _TCP_PORTS.pack(self.legacy_sport, self.legacy_dport)
         sal_side = pseudo_local + pseudo_peer + b"\0\0\0\0"
         self.out_delta = delta(legacy, sal_side)
         back_legacy = self.legacy_dst + self.legacy_src + _TCP_PORTS.pack(self.legacy_dport, self.legacy_sport)
         self.in_delta = delta(pseudo_peer + pseudo_local + b"\0\0\0\0", back_legacy)
         self.out_hdr = wire.base_header(self.sal.local_flow, self.sal.remote_flow)
+        self.in_hdr = wire.base_header(self.sal.remote_flow, self.sal.local_flow)
+        self.out_ip_sum = header_sum(self.local_addr, self.peer_addr, carriage.protocol)
+        self.in_ip_sum = header_sum(self.legacy_dst, self.legacy_src, 6)
 
     @property
     def state(self) -> State:
@@ -88,6 +93,7 @@ class Translator:
         self.mss_limit = mtu - IPV4_TCP_HEADERS - wire.BASE_LEN - carriage.overhead
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.rto_initial = rto_initial
+        self._body_at = 20 + carriage.overhead    # SAL header offset in a plain packet
         self.flows: dict[int, Flow] = {}          # by our flowID
         self.outbox: list[bytes] = []
         self.stats: Counter = Counter()
@@ -166,6 +172,19 @@ class Translator:
                 self._forget(flow)
 
     # --- SAL input -----------------------------------------------------------------
+    def _data_flow(self, pkt: bytes) -> Flow | None:
+        """The fast path: the flow of a plain data packet whose SAL header is byte for
+        byte the one its flow expects (flowIDs, length, protocol and so the checksum),
+        from the flow's peer, unfragmented. Anything else takes the full path."""
+        at = self._body_at
+        if pkt[0] != 0x45 or len(pkt) < at + 32 or not self.carriage.is_ours(pkt):
+            return None
+        flow = self.flows.get(_U32.unpack_from(pkt, at + 4)[0])
+        if (flow is None or pkt[at:at + 12] != flow.in_hdr or pkt[12:16] != flow.peer_addr
+                or _U16.unpack_from(pkt, 2)[0] != len(pkt) or pkt[6] & 0x3F or pkt[7]):
+            return None
+        return flow
+
     def _parse_sal(self, pkt: bytes):
         """(ip, SalHeader, transport offset, peer port, body) or None (dropped, counted)."""
         try:
@@ -243,7 +262,7 @@ class Translator:
     def _emit_sal(self, flow: Flow, body: bytes) -> None:
         self.outbox.append(self.carriage.wrap(flow.local_addr, flow.peer_addr, body, flow.peer_port))
 
-    def _to_sal(self, flow: Flow, ip: IPv4, seg: bytes, now: float, sal_header: bytes,
+    def _to_sal(self, flow: Flow, pkt: bytes, seg: bytes, now: float, sal_header: bytes,
                 csum_delta: int | None = None) -> bytes:
         """A legacy TCP segment as a SAL packet toward the peer (the hot path)."""
         csum = apply_delta(_U16.unpack_from(seg, 16)[0], flow.out_delta if csum_delta is None else csum_delta)
@@ -251,15 +270,16 @@ class Translator:
         flow.packets_out += 1
         flow.bytes_out += len(seg)
         flow.last_seen = now
+        ident, frag = _IDENT_FRAG.unpack_from(pkt, 4)
         return self.carriage.wrap(flow.local_addr, flow.peer_addr, body, flow.peer_port,
-                                  ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+                                  ident, pkt[8], pkt[1], frag & 0x4000, flow.out_ip_sum)
 
     def _sal_segment(self, flow: Flow, seg: bytes, csum_delta: int) -> bytes:
         """A legacy segment as the SAL transport (ports zeroed), for control packets."""
         csum = apply_delta(_U16.unpack_from(seg, 16)[0], csum_delta)
         return b"\0\0\0\0" + seg[4:16] + _U16.pack(csum) + seg[18:]
 
-    def _to_legacy(self, flow: Flow, ip: IPv4, seg: bytes, now: float,
+    def _to_legacy(self, flow: Flow, pkt: bytes, seg: bytes, now: float,
                    csum_delta: int | None = None) -> bytes:
         """A SAL packet's TCP segment as a legacy packet toward the legacy host."""
         csum = apply_delta(_U16.unpack_from(seg, 16)[0], flow.in_delta if csum_delta is None else csum_delta)
@@ -267,8 +287,9 @@ class Translator:
         flow.packets_in += 1
         flow.bytes_in += len(seg)
         flow.last_seen = now
-        return ip_header(flow.legacy_dst, flow.legacy_src, 6, 20 + len(seg), ip.ident, ip.ttl,
-                         ip.tos, ip.frag & 0x4000) + seg
+        ident, frag = _IDENT_FRAG.unpack_from(pkt, 4)
+        return ip_header(flow.legacy_dst, flow.legacy_src, 6, 20 + len(seg), ident, pkt[8],
+                         pkt[1], frag & 0x4000, flow.in_ip_sum) + seg
 
     def _clamp(self, seg: bytes, csum_delta: int) -> tuple[bytes, int]:
         """Clamp the MSS of a SYN segment; returns the segment and an extra checksum delta."""
@@ -284,25 +305,24 @@ class Translator:
         """Follow TCP FINs and the ACKs that cover them: once a side's FIN is acknowledged,
         that side's SAL direction is finished (FIN, then SAL FIN, as the reference does)."""
         flags = seg[13]
-        seq, ack = struct.unpack_from("!II", seg, 4)
         if from_legacy:
-            flow.legacy_last_ack = ack if flags & TCP_ACK else flow.legacy_last_ack
+            if flags & TCP_ACK:
+                flow.legacy_last_ack = _U32.unpack_from(seg, 8)[0]   # for a RST we may owe it
+            if flags & TCP_FIN:
+                flow.legacy_fin_end = (_U32.unpack_from(seg, 4)[0] + len(seg) - (seg[12] >> 4) * 4 + 1) & 0xFFFFFFFF
+        elif flow.legacy_fin_end is not None and flags & TCP_ACK \
+                and _seq_geq(_U32.unpack_from(seg, 8)[0], flow.legacy_fin_end):
+            # the remote side acknowledged our legacy side's FIN: our SAL FIN
+            hdr = flow.sal.close(now)
+            if hdr is not None:
+                self._emit_sal(flow, hdr.encode())
+                self._track_retransmit(flow)
         if flags & TCP_RST:
             self.stats["tcp_resets_seen"] += 1
             if flow.sal.state != State.RESET:
                 flow.sal.state = State.RESET
                 flow.sal.outstanding = None
             self._finish(flow, now, "reset")
-            return
-        if flags & TCP_FIN and from_legacy:
-            flow.legacy_fin_end = (seq + len(seg) - (seg[12] >> 4) * 4 + 1) & 0xFFFFFFFF
-        if flags & TCP_ACK:
-            # our legacy side's FIN is acknowledged by the remote side: our SAL FIN
-            if not from_legacy and flow.legacy_fin_end is not None and _seq_geq(ack, flow.legacy_fin_end):
-                hdr = flow.sal.close(now)
-                if hdr is not None:
-                    self._emit_sal(flow, hdr.encode())
-                    self._track_retransmit(flow)
 
     def _refuse(self, ip: IPv4, seg: bytes) -> None:
         """Answer a legacy segment that matches nothing with a TCP RST (never a RST)."""

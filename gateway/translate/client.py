@@ -7,7 +7,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_SYN, aton
 from sal.service_table import Action, ServiceTable
 from sal.wire import MalformedPacket
 
-from .base import PASS, Flow, Translator, _TCP_PORTS, _U32
+from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,41 @@ class ClientTranslator(Translator):
 
     # --- legacy side ---------------------------------------------------------------
     def from_legacy(self, pkt: bytes, now: float):
+        if pkt[0] == 0x45 and pkt[9] == 6 and len(pkt) >= 40 and _U16.unpack_from(pkt, 2)[0] == len(pkt) \
+                and not (pkt[6] & 0x3F or pkt[7]) and 20 <= (pkt[32] >> 4) * 4 <= len(pkt) - 20:
+            ip, seg = None, pkt[20:]          # the common case, without a full parse
+        else:
+            checked = self._check_legacy(pkt)
+            if checked is None or checked is PASS:
+                return checked
+            ip, seg = checked
+        sport, dport = _TCP_PORTS.unpack_from(seg)
+        flags = seg[13]
+        flow = self.by_legacy.get((pkt[12:16], sport, pkt[16:20], dport))
+        if flags & TCP_SYN and not flags & TCP_ACK:
+            if flow is not None:
+                if flow.sal.state == State.SYN_SENT and _U32.unpack_from(seg, 4)[0] == flow.syn_seq:
+                    return self._resend_syn(flow, now)
+                self._replace(flow, now)
+            return self._open(ip or IPv4(pkt), pkt, seg, sport, dport, now)
+        if flow is None:
+            self.stats["dropped_no_flow"] += 1
+            self._refuse(ip or IPv4(pkt), seg)
+            return None
+        if flow.sal.state == State.SYN_SENT:
+            self.stats["dropped_before_established"] += 1
+            return None
+        header = flow.out_hdr
+        if flow.send_handshake_ack:
+            header = flow.sal.handshake_ack().encode()
+            flow.send_handshake_ack = False
+        self._track_tcp(flow, seg, True, now)
+        self.stats["to_sal"] += 1
+        return self._to_sal(flow, pkt, seg, now, header)
+
+    def _check_legacy(self, pkt: bytes):
+        """The full checks, for what the fast test in from_legacy did not accept:
+        (IPv4, segment), or None (dropped, counted), or PASS."""
         try:
             ip = IPv4(pkt)
         except MalformedPacket as exc:
@@ -49,35 +84,13 @@ class ClientTranslator(Translator):
             self.stats["dropped_fragment"] += 1
             return None
         seg = pkt[ip.ihl:]
-        if len(seg) < 20 or (seg[12] >> 4) * 4 < 20 or (seg[12] >> 4) * 4 > len(seg):
+        if len(seg) < 20 or not 20 <= (seg[12] >> 4) * 4 <= len(seg):
             self.stats["malformed"] += 1
             self.stats["dropped_tcp_truncated"] += 1
             return None
-        sport, dport = _TCP_PORTS.unpack_from(seg)
-        flags = seg[13]
-        flow = self.by_legacy.get((ip.src, sport, ip.dst, dport))
-        if flags & TCP_SYN and not flags & TCP_ACK:
-            if flow is not None:
-                if flow.sal.state == State.SYN_SENT and _U32.unpack_from(seg, 4)[0] == flow.syn_seq:
-                    return self._resend_syn(flow, now)
-                self._replace(flow, now)
-            return self._open(ip, seg, sport, dport, now)
-        if flow is None:
-            self.stats["dropped_no_flow"] += 1
-            self._refuse(ip, seg)
-            return None
-        if flow.sal.state == State.SYN_SENT:
-            self.stats["dropped_before_established"] += 1
-            return None
-        header = flow.out_hdr
-        if flow.send_handshake_ack:
-            header = flow.sal.handshake_ack().encode()
-            flow.send_handshake_ack = False
-        self._track_tcp(flow, seg, True, now)
-        self.stats["to_sal"] += 1
-        return self._to_sal(flow, ip, seg, now, header)
+        return ip, seg
 
-    def _open(self, ip: IPv4, seg: bytes, sport: int, dport: int, now: float):
+    def _open(self, ip: IPv4, pkt: bytes, seg: bytes, sport: int, dport: int, now: float):
         service_id = self.resolve(ip.dst, dport)
         if service_id is None:
             self.stats["dropped_no_service"] += 1
@@ -99,7 +112,7 @@ class ClientTranslator(Translator):
         flow.peer_addr = aton(target.target)
         flow.peer_port = getattr(self.carriage, "peer_port", 0)
         flow.syn_seq = _U32.unpack_from(seg, 4)[0]
-        flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+        flow.rebuild(self.carriage)
         self.by_legacy[flow.legacy_key] = flow
         seg, csum_delta = self._clamp(seg, flow.out_delta)
         tseg = self._sal_segment(flow, seg, csum_delta)
@@ -132,6 +145,12 @@ class ClientTranslator(Translator):
 
     # --- SAL side ------------------------------------------------------------------
     def from_sal(self, pkt: bytes, now: float):
+        flow = self._data_flow(pkt)
+        if flow is not None:
+            seg = pkt[self._body_at + 12:]
+            self._track_tcp(flow, seg, False, now)
+            self.stats["from_sal"] += 1
+            return self._to_legacy(flow, pkt, seg, now)
         parsed = self._parse_sal(pkt)
         if parsed is None or parsed is PASS:
             return parsed
@@ -152,7 +171,7 @@ class ClientTranslator(Translator):
                 # late binding: the instance that accepted answers from its own address
                 flow.peer_addr = ip.src
                 flow.peer_port = peer_port or flow.peer_port
-                flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+                flow.rebuild(self.carriage)
                 flow.send_handshake_ack = True
                 self.stats["flows_established"] += 1
         if off >= len(body):
@@ -160,4 +179,4 @@ class ClientTranslator(Translator):
         seg = body[off:]
         self._track_tcp(flow, seg, False, now)
         self.stats["from_sal"] += 1
-        return self._to_legacy(flow, ip, seg, now)
+        return self._to_legacy(flow, pkt, seg, now)

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from sal.flow import Rejected, State
 from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, ntoa
 from sal.service_table import Action, ServiceTable
-from sal.wire import MalformedPacket, SYN
+from sal.wire import SYN
 
-from .base import PASS, Flow, Translator, _TCP_PORTS
+from .base import PASS, Flow, Translator, _TCP_PORTS, _U16
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,18 @@ class ServerTranslator(Translator):
 
     # --- SAL side ------------------------------------------------------------------
     def from_sal(self, pkt: bytes, now: float):
+        flow = self._data_flow(pkt)
+        if flow is not None and flow.sal.state != State.SYN_RECEIVED:
+            seg = pkt[self._body_at + 12:]
+            self._track_tcp(flow, seg, False, now)
+            self.stats["from_sal"] += 1
+            return self._to_legacy(flow, pkt, seg, now)
         parsed = self._parse_sal(pkt)
         if parsed is None or parsed is PASS:
             return parsed
         ip, hdr, off, peer_port, body = parsed
         if hdr.dst_flow == 0:
-            return self._on_syn(ip, hdr, off, peer_port, body, now)
+            return self._on_syn(pkt, ip, hdr, off, peer_port, body, now)
         flow = self.flows.get(hdr.dst_flow)
         if flow is None:
             self._answer_unknown(ip, hdr, peer_port)
@@ -78,9 +84,9 @@ class ServerTranslator(Translator):
         seg = body[off:]
         self._track_tcp(flow, seg, False, now)
         self.stats["from_sal"] += 1
-        return self._to_legacy(flow, ip, seg, now)
+        return self._to_legacy(flow, pkt, seg, now)
 
-    def _on_syn(self, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
+    def _on_syn(self, pkt: bytes, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
         ctl = hdr.control
         if ctl is None or not ctl.flags & SYN or off >= len(body):
             self.stats["dropped_no_flow"] += 1
@@ -92,7 +98,7 @@ class ServerTranslator(Translator):
                 self.stats["dropped_unexpected_syn"] += 1
                 return None
             self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
-            return self._syn_to_backend(flow, ip, seg, now)
+            return self._syn_to_backend(flow, pkt, seg, now)
         service = hdr.service
         target = self.table.resolve(service.service_id) if service else None
         if target is None or target.action != Action.DEMUX:
@@ -122,31 +128,27 @@ class ServerTranslator(Translator):
         ours = ip.src if self.keep_client_address else backend.source
         flow.set_legacy(backend.address, ours, backend.port, port)
         flow.legacy_key = (backend.address, backend.port, port)
-        flow.rebuild(*self.carriage.pseudo(flow.local_addr, flow.peer_addr))
+        flow.rebuild(self.carriage)
         self.by_peer[flow.extra[3]] = flow
         self.by_backend[flow.legacy_key] = flow
-        return self._syn_to_backend(flow, ip, seg, now)
+        return self._syn_to_backend(flow, pkt, seg, now)
 
-    def _syn_to_backend(self, flow: Flow, ip: IPv4, seg: bytes, now: float) -> bytes:
+    def _syn_to_backend(self, flow: Flow, pkt: bytes, seg: bytes, now: float) -> bytes:
         seg, csum_delta = self._clamp(seg, flow.in_delta)
         self.stats["from_sal"] += 1
-        return self._to_legacy(flow, ip, seg, now, csum_delta)
+        return self._to_legacy(flow, pkt, seg, now, csum_delta)
 
     # --- backend side --------------------------------------------------------------
     def from_backend(self, pkt: bytes, now: float):
-        try:
-            ip = IPv4(pkt)
-        except MalformedPacket as exc:
-            self.stats["malformed"] += 1
-            self.stats[f"dropped_{exc.reason}"] += 1
-            return None
-        if ip.protocol != 6 or len(pkt) != ip.total_length or ip.is_fragment:
+        # only whole, unfragmented TCP is ours; anything else passes untouched
+        if pkt[0] >> 4 != 4 or pkt[9] != 6 or len(pkt) < 40 or _U16.unpack_from(pkt, 2)[0] != len(pkt) \
+                or pkt[6] & 0x3F or pkt[7]:
             return PASS
-        seg = pkt[ip.ihl:]
+        seg = pkt[(pkt[0] & 15) * 4:]
         if len(seg) < 20:
             return PASS
         sport, dport = _TCP_PORTS.unpack_from(seg)
-        flow = self.by_backend.get((ip.src, sport, dport))
+        flow = self.by_backend.get((pkt[12:16], sport, dport))
         if flow is None:
             return PASS          # not a translated connection: the kernel answers it
         flags = seg[13]
@@ -161,16 +163,16 @@ class ServerTranslator(Translator):
                 flow.packets_out += 1
                 flow.last_seen = now
                 return self.carriage.wrap(flow.local_addr, flow.peer_addr, header.encode() + tseg,
-                                          flow.peer_port, ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+                                          flow.peer_port, _U16.unpack_from(pkt, 4)[0], pkt[8], pkt[1])
             if flags & TCP_RST and state == State.SYN_SEEN:
                 # the backend refused: a SAL RST carrying the TCP RST, so the client is refused too
                 header = flow.sal.reset().encode()
                 self._finish(flow, now, "refused")
                 self.stats["to_sal"] += 1
-                return self._to_sal(flow, ip, seg, now, header)
+                return self._to_sal(flow, pkt, seg, now, header)
         self._track_tcp(flow, seg, True, now)
         self.stats["to_sal"] += 1
-        return self._to_sal(flow, ip, seg, now, flow.out_hdr)
+        return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
 
     def _forget(self, flow: Flow) -> None:
         super()._forget(flow)
