@@ -58,6 +58,7 @@ class GatewayConfig:
     mtu: int = 1500
     queue_bypass: bool = True
     control_socket: str = ""
+    mappings: str | None = None        # the resolver's mappings file (client gateway)
     state_dir: str = "/run/serval"
     log_level: str = "info"
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -68,7 +69,7 @@ class GatewayConfig:
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
-    "control_socket", "state_dir", "log_level",
+    "control_socket", "state_dir", "log_level", "mappings",
 }
 
 
@@ -158,6 +159,8 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     cfg.mtu = _int(gw.get("mtu", 1500), 576, 65535, lambda m: fail("gateway", None, "mtu", m))
     cfg.control_socket = str(gw.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
     cfg.state_dir = str(gw.get("state_dir", "/run/serval"))
+    if "mappings" in gw:
+        cfg.mappings = str(gw["mappings"])
     cfg.log_level = str(gw.get("log_level", "info")).lower()
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail("gateway", None, "log_level", "log_level must be debug, info, warning or error")
@@ -172,8 +175,9 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
         cfg.services.append(_service(svc, role, lambda k, m, i=i: fail("service", i, k, m)))
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
-    if not cfg.services:
-        fail("gateway", None, None, "no [[service]] configured: the gateway would have nothing to do")
+    if not cfg.services and not (role == "client" and cfg.mappings):
+        fail("gateway", None, None, "no [[service]] configured (nor a resolver 'mappings' file): "
+             "the gateway would have nothing to do")
     if role == "client" and not cfg.rules:
         fail("gateway", None, None, "no [[route]] configured: a client gateway needs a next hop")
     return cfg
@@ -233,7 +237,8 @@ def _rule(rule: dict, services: list, fail) -> RuleConfig:
         prefix = ServicePrefix(sid, 224 if all(s.service_id[:28] == sid[:28] for s in matches) else 256)
     else:
         try:
-            prefix = ServicePrefix.parse(str(rule["prefix"]))
+            text = str(rule["prefix"])
+            prefix = ServicePrefix(bytes(32), 0) if text == "default" else ServicePrefix.parse(text)
         except ServiceIDError as exc:
             fail("prefix", str(exc))
     try:

@@ -10,6 +10,7 @@ from sal.service_table import Action, ServiceTable
 from .config import GatewayConfig
 from .translate import Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
+from .virtual_map import VirtualMap
 
 log = logging.getLogger("serval.gateway")
 MARK = 0x5E7A1
@@ -25,9 +26,8 @@ def build_translator(cfg: GatewayConfig, source_for):
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
-        virtual = {(aton(s.address), s.port): s.service_id for s in cfg.services}
-        return ClientTranslator(aton(sal_address), lambda addr, port: virtual.get((addr, port)),
-                                table, carriage, **common)
+        virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)
+        return ClientTranslator(aton(sal_address), virtual, table, carriage, **common)
     for svc in cfg.services:
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
@@ -183,7 +183,7 @@ class Gateway:
     def _virtual_route(self, cfg, netlink):
         """Local processes need a route to the virtual range; add one toward the first
         next hop when the host has none (a host with a default route needs nothing)."""
-        probe = cfg.services[0].address
+        probe = cfg.services[0].address if cfg.services else cfg.virtual_network.split("/")[0]
         if netlink.has_route(probe):
             return None
         hop = next(r.next_hop for r in cfg.rules if r.next_hop)

@@ -1,0 +1,97 @@
+"""Gateway config: good files load, bad ones are refused naming the line at fault."""
+import json
+import socket
+import textwrap
+
+import pytest
+
+from gateway.config import ConfigError, load
+from gateway.virtual_map import VirtualMap
+from sal.serviceid import service_id_for
+
+CLIENT = """
+[gateway]
+queue = 3
+carriage = "udp"
+
+[[service]]
+name = "web.svc.example"
+address = "198.18.0.10"
+port = 80
+
+[[route]]
+service = "web.svc.example"
+next_hop = "198.19.2.2"
+weight = 2
+"""
+
+
+def write(tmp_path, text, name="gw.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_client_config_loads(tmp_path):
+    cfg = load(write(tmp_path, CLIENT), "client")
+    assert (cfg.queue, cfg.carriage) == (3, "udp")
+    (svc,) = cfg.services
+    assert svc.service_id == service_id_for("web.svc.example", 80)
+    (rule,) = cfg.rules
+    assert rule.prefix.bits == 224 and rule.weight == 2 and rule.next_hop == "198.19.2.2"
+
+
+def test_the_shipped_examples_load():
+    from pathlib import Path
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    assert load(str(deploy / "client.toml"), "client").services
+    assert load(str(deploy / "server.toml"), "server").services[0].backend == ("198.19.3.2", 8080)
+
+
+@pytest.mark.parametrize("text, role, line, words", [
+    ("[gateway]\nqueue = \n", "client", 2, "not valid TOML"),
+    (CLIENT.replace("queue = 3", "queue = 3\nqeueu = 4"), "client", 4, "unknown key 'qeueu'"),
+    (CLIENT.replace('address = "198.18.0.10"', 'address = "198.18.0.300"'), "client", 8, "not an IPv4 address"),
+    (CLIENT.replace('service = "web.svc.example"\nnext_hop', 'service = "nope"\nnext_hop'), "client", 12, "no [[service]] named 'nope'"),
+    (CLIENT.replace('carriage = "udp"', 'carriage = "tcp"'), "client", 4, "carriage must be"),
+    ('[[service]]\nname = "web"\nport = 80\nbackend = "198.19.3.2"\n', "server", 4, "backend must be host:port"),
+    ('[[service]]\nname = "web"\nport = 80\n', "server", 1, "needs its 'backend'"),
+    ("[gateway]\nqueue = 1\n", "server", 1, "no [[service]] configured"),
+    ("[timeouts]\nidle = -1\n", "server", 2, "positive number"),
+])
+def test_bad_config_names_the_line(tmp_path, text, role, line, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, role)
+    assert f"{path}:{line}:" in str(err.value) and words in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "absent.toml"), "client")
+
+
+def test_default_route_and_mappings_file_only(tmp_path):
+    cfg = load(write(tmp_path, """
+        [gateway]
+        mappings = "/run/serval/mappings.json"
+        [[route]]
+        prefix = "default"
+        next_hop = "198.19.2.2"
+        """), "client")
+    assert cfg.services == [] and cfg.rules[0].prefix.bits == 0
+
+
+def test_virtual_map_follows_the_mappings_file(tmp_path):
+    path = tmp_path / "mappings.json"
+    fixed = {(socket.inet_aton("198.18.0.10"), 80): b"\1" * 32}
+    vmap = VirtualMap(fixed, str(path))
+    addr = socket.inet_aton("198.18.0.11")
+    assert vmap(socket.inet_aton("198.18.0.10"), 80) == b"\1" * 32
+    assert vmap(addr, 80) is None                       # no file yet
+    path.write_text(json.dumps({"version": 1, "mappings": [{"address": "198.18.0.11", "name": "db.svc.example"}]}))
+    assert vmap(addr, 5432) == service_id_for("db.svc.example", 5432)
+    assert vmap(addr, 80) == service_id_for("db.svc.example", 80)
+    path.write_text("{broken")                          # a bad write keeps the last good map
+    assert vmap(socket.inet_aton("198.18.0.12"), 80) is None
+    assert vmap(addr, 80) == service_id_for("db.svc.example", 80)
