@@ -159,7 +159,15 @@ class Gateway:
 
     # --- control -------------------------------------------------------------------
     def commands(self) -> dict:
-        return {"flows": self._flows, "stats": self._stats, "config": self._config}
+        return {"flows": self._flows, "stats": self._stats, "config": self._config,
+                "virtual_in_use": self._virtual_in_use}
+
+    def _virtual_in_use(self):
+        """Virtual addresses with a live flow (the resolver reclaims none of them)."""
+        if self.cfg.role != "client":
+            return []
+        return sorted({_ntoa(f.legacy_dst) for f in self.translator.flows.values()
+                       if f.closed_at is None and f.legacy_key is not None})
 
     def _flows(self):
         return self.translator.flow_rows(time.monotonic())
