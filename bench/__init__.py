@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway pair in lab namespaces: ``python -m bench.run``."""
