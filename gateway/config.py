@@ -54,7 +54,7 @@ class GatewayConfig:
     intercept_local: bool = True
     intercept_forwarded: bool = True
     client_address: str = "gateway"
-    port_range: tuple[int, int] = (61000, 64999)
+    port_range: tuple[int, int] = (10000, 32767)
     mtu: int = 1500
     queue_bypass: bool = True
     control_socket: str = ""
@@ -154,7 +154,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     if "port_range" in gw:
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", str(gw["port_range"]))
         if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
-            fail("gateway", None, "port_range", "port_range must look like '61000-64999' (1024..65535)")
+            fail("gateway", None, "port_range", "port_range must look like '10000-32767' (1024..65535)")
         cfg.port_range = (int(m.group(1)), int(m.group(2)))
     cfg.mtu = _int(gw.get("mtu", 1500), 576, 65535, lambda m: fail("gateway", None, "mtu", m))
     cfg.control_socket = str(gw.get("control_socket", f"/run/serval/{cfg.instance}.sock"))

@@ -28,7 +28,7 @@ IPV4_TCP_HEADERS = 40
 class Timeouts:
     idle: float = 7200.0        # an established flow with no packets
     handshake: float = 60.0     # a flow whose handshake never completed
-    linger: float = 10.0        # after both directions closed: late retransmissions
+    linger: float = 5.0         # after both directions closed: late retransmissions
     reset_linger: float = 2.0   # after a reset
 
 

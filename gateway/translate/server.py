@@ -39,7 +39,7 @@ class PortPool:
 class ServerTranslator(Translator):
     role = "server"
 
-    def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (61000, 64999),
+    def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (10000, 32767),
                  keep_client_address: bool = False, **kwargs):
         """``table`` maps serviceIDs to DEMUX targets whose target is a ``Backend``.
         With ``keep_client_address`` the backend sees the SAL peer's (client gateway's)
