@@ -12,7 +12,7 @@ transport segment (the handshake) keeps that segment, so a retransmission is com
 from dataclasses import dataclass
 from enum import Enum
 
-from .wire import ACK, FIN, RST, SYN, Control, SalHeader, Service
+from .wire import ACK, FIN, RSYN, RST, SYN, Control, SalHeader, Service
 
 RTO_INITIAL, RTO_MIN, RTO_MAX, MAX_TRIES = 3.0, 0.2, 120.0, 15
 MASK32 = 0xFFFFFFFF
@@ -36,6 +36,9 @@ class Event(Enum):
     CLOSED = "closed"
     RESET = "reset"
     FAILED = "failed"
+    MIGRATED = "migrated"          # our RSYN was answered: the new path is confirmed
+    PEER_MOVING = "peer-moving"    # the peer sent an RSYN from a new address
+    PEER_MOVED = "peer-moved"      # ... and acknowledged our RSYN|ACK: switch to it
 
 
 @dataclass(slots=True)
@@ -58,7 +61,7 @@ class Rejected(Exception):
 class SalFlow:
     __slots__ = ("local_flow", "remote_flow", "local_nonce", "remote_nonce", "snd_nxt",
                  "rcv_nxt", "state", "fin_pending", "fin_sent", "fin_acked", "peer_fin",
-                 "outstanding", "service_id", "rto_initial")
+                 "outstanding", "service_id", "rto_initial", "migrate_pending", "peer_moving")
 
     def __init__(self, local_flow: int, local_nonce: bytes, initial_verno: int,
                  rto_initial: float = RTO_INITIAL):
@@ -70,6 +73,7 @@ class SalFlow:
         self.rcv_nxt = 0
         self.state: State | None = None
         self.fin_pending = self.fin_sent = self.fin_acked = self.peer_fin = False
+        self.migrate_pending = self.peer_moving = False
         self.outstanding: Outstanding | None = None
         self.service_id: bytes | None = None
         self.rto_initial = rto_initial
@@ -123,20 +127,51 @@ class SalFlow:
         return self.take_pending(now)
 
     def take_pending(self, now: float) -> SalHeader | None:
-        """The FIN that waited for the outstanding control packet, if it is now due."""
-        if not self.fin_pending or self.outstanding is not None or self.state not in (
-                State.ESTABLISHED, State.CLOSED):
+        """A control packet that waited for the outstanding one (an RSYN before a FIN),
+        if it is now due."""
+        if self.outstanding is not None or self.state not in (State.ESTABLISHED, State.CLOSED):
             return None
-        self.fin_pending, self.fin_sent = False, True
-        hdr = self._control(FIN)
+        if self.migrate_pending:
+            self.migrate_pending = False
+            flags = RSYN
+        elif self.fin_pending:
+            self.fin_pending, self.fin_sent = False, True
+            flags = FIN
+        else:
+            return None
+        hdr = self._control(flags)
         self.snd_nxt = (self.snd_nxt + 1) & MASK32
         self._send(hdr, b"", now)
         return hdr
 
+    # --- migration -----------------------------------------------------------------
+    @property
+    def migrating(self) -> bool:
+        """Our RSYN is out (or waiting to go out) and not yet answered."""
+        out = self.outstanding
+        return self.migrate_pending or (out is not None and bool(out.header.flags & RSYN))
+
+    def migrate(self, now: float) -> SalHeader | None:
+        """Our address changed: an RSYN, to be sent from the new address (now, or once
+        the outstanding control packet is answered). Moving again before the first move
+        is confirmed repeats the same RSYN from the newest address."""
+        if self.state != State.ESTABLISHED:
+            return None
+        out = self.outstanding
+        if out is not None and out.header.flags & RSYN:
+            out.rto = max(self.rto_initial, RTO_MIN)
+            out.deadline = now + out.rto
+            return out.header
+        if out is not None:
+            self.migrate_pending = True
+            return None
+        self.migrate_pending = True
+        return self.take_pending(now)
+
     def reset(self) -> SalHeader:
         self.state = State.RESET
         self.outstanding = None
-        self.fin_pending = False
+        self.fin_pending = self.migrate_pending = False
         return self._control(RST)
 
     # --- input ---------------------------------------------------------------------
@@ -160,6 +195,8 @@ class SalFlow:
         if self.remote_nonce is not None and ctl.nonce != self.remote_nonce:
             raise Rejected("bad_nonce")
         events, out = [], []
+        if flags & RSYN:
+            return self._on_rsyn_ack(ctl) if flags & ACK else self._on_rsyn(ctl)
         if flags & SYN:
             if self.state in (State.SYN_SEEN, State.SYN_RECEIVED):
                 return [], []            # a retransmitted SYN: the caller re-offers it
@@ -191,10 +228,32 @@ class SalFlow:
         self.state = State.ESTABLISHED
         return [Event.ESTABLISHED], []
 
+    def _on_rsyn(self, ctl: Control):
+        if ctl.verno == self.rcv_nxt:
+            self.rcv_nxt = (self.rcv_nxt + 1) & MASK32
+        elif not (self.peer_moving and ctl.verno == (self.rcv_nxt - 1) & MASK32):
+            raise Rejected("bad_verno")       # (a repeated RSYN is answered again)
+        if self.state not in (State.ESTABLISHED, State.CLOSED):
+            raise Rejected("unexpected_rsyn")
+        self.peer_moving = True
+        return [Event.PEER_MOVING], [self._control(RSYN | ACK)]
+
+    def _on_rsyn_ack(self, ctl: Control):
+        if ctl.ackno != self.snd_nxt:
+            raise Rejected("bad_ackno")
+        out = self.outstanding
+        if out is not None and out.header.flags & RSYN:
+            self.outstanding = None
+            return [Event.MIGRATED], [self._control(ACK)]
+        return [], [self._control(ACK)]       # a repeated RSYN|ACK: our ACK was lost
+
     def _on_ack(self, ctl: Control) -> list:
         if ctl.ackno != self.snd_nxt:
             raise Rejected("bad_ackno")
         events = []
+        if self.peer_moving:
+            self.peer_moving = False
+            events.append(Event.PEER_MOVED)
         if self.state == State.SYN_RECEIVED:
             events += self._established()
         out = self.outstanding
@@ -214,7 +273,7 @@ class SalFlow:
             raise Rejected("bad_ackno")
         self.state = State.RESET
         self.outstanding = None
-        self.fin_pending = False
+        self.fin_pending = self.migrate_pending = False
         return [Event.RESET], []
 
     def _established(self) -> list:
@@ -240,7 +299,7 @@ class SalFlow:
         if out.tries >= MAX_TRIES:
             self.state = State.FAILED
             self.outstanding = None
-            self.fin_pending = False
+            self.fin_pending = self.migrate_pending = False
             return [Event.FAILED], []
         out.tries += 1
         out.rto = min(max(out.rto * 2, RTO_MIN), RTO_MAX)

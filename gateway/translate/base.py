@@ -14,6 +14,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_c
 from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
+from .migration import MigrationMixin
 
 PASS = object()  # verdict: accept the packet unchanged
 
@@ -40,7 +41,8 @@ class Flow:
                  "out_hdr", "in_hdr", "out_delta", "in_delta", "out_ip_sum", "in_ip_sum",
                  "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
-                 "closed_at", "syn_seq", "extra")
+                 "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
+                 "migration_started")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -55,6 +57,10 @@ class Flow:
         self.closed_at = None
         self.syn_seq = None
         self.extra = None
+        self.held = None                # legacy packets held while a move is unconfirmed
+        self.hold_deadline = 0.0
+        self.moving_peer = None         # (address, port) the peer is moving to
+        self.migration_started = None
 
     def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
         """The legacy side's view: ``src``:``sport`` is the legacy host, ``dst``:``dport``
@@ -81,7 +87,7 @@ class Flow:
         return self.sal.state
 
 
-class Translator:
+class Translator(MigrationMixin):
     """The shared machinery; ``ClientTranslator`` and ``ServerTranslator`` add each side."""
 
     role = "?"
@@ -99,6 +105,8 @@ class Translator:
         self.stats: Counter = Counter()
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
+        self._holding: set[int] = set()           # flows holding packets during a move
+        self.migration_times: list[float] = []    # seconds from move to confirmed path
 
     # --- flows ---------------------------------------------------------------------
     def _new_flow(self, now: float) -> Flow:
@@ -138,11 +146,13 @@ class Translator:
     def next_deadline(self) -> float | None:
         times = [self.flows[f].sal.next_deadline() for f in self._retransmitting if f in self.flows]
         times = [t for t in times if t is not None]
+        times += [self.flows[f].hold_deadline for f in self._holding if f in self.flows]
         if self._expiry:
             times.append(self._expiry[0][0])
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._expire_holds(now)
         for fid in list(self._retransmitting):
             flow = self.flows.get(fid)
             if flow is None or flow.sal.outstanding is None:
@@ -181,6 +191,7 @@ class Translator:
             return None
         flow = self.flows.get(_U32.unpack_from(pkt, at + 4)[0])
         if (flow is None or pkt[at:at + 12] != flow.in_hdr or pkt[12:16] != flow.peer_addr
+                or pkt[16:20] != flow.local_addr
                 or _U16.unpack_from(pkt, 2)[0] != len(pkt) or pkt[6] & 0x3F or pkt[7]):
             return None
         return flow
@@ -216,8 +227,40 @@ class Translator:
             return None
         return ip, hdr, off, peer_port, body
 
+    def _from_sal_flow(self, flow: Flow, pkt: bytes, ip: IPv4, hdr: SalHeader, off: int,
+                       peer_port: int, body: bytes, now: float):
+        """The full path for a SAL packet of a known flow: checks, control, translation."""
+        if hdr.control is None:
+            if hdr.src_flow != flow.sal.remote_flow:
+                self.stats["dropped_wrong_peer"] += 1
+                return None
+            if ip.src != flow.peer_addr:
+                if flow.moving_peer is None or flow.moving_peer[0] != ip.src:
+                    self.stats["dropped_wrong_peer"] += 1
+                    return None
+                # data from where the peer is moving: its ACK was lost, the data confirms it
+                flow.sal.peer_moving = False
+                self._on_peer_moved(flow, ip.src, peer_port, now)
+            if flow.sal.state == State.SYN_RECEIVED:
+                flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
+                self._track_retransmit(flow)
+        else:
+            events = self._sal_control(flow, ip, hdr, now, off < len(body), peer_port)
+            if events is None:
+                return None
+            self._after_control(flow, ip, peer_port, events)
+        if off >= len(body):
+            return None          # control only: consumed here
+        seg = body[off:]
+        self._track_tcp(flow, seg, False, now)
+        self.stats["from_sal"] += 1
+        return self._to_legacy(flow, pkt, seg, now, self._in_delta_for(flow, ip))
+
+    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
+        """What a side does on a flow's events besides the shared handling."""
+
     def _sal_control(self, flow: Flow, ip: IPv4, hdr: SalHeader, now: float,
-                     carries_segment: bool) -> list | None:
+                     carries_segment: bool, peer_port: int = 0) -> list | None:
         """Feed a packet's control part to the flow. Returns events, or None if rejected.
         A reset is passed on to the legacy host here unless the packet carries the
         TCP RST itself."""
@@ -226,8 +269,19 @@ class Translator:
         except Rejected as exc:
             self.stats[f"dropped_{exc.reason}"] += 1
             return None
+        if Event.PEER_MOVING in events:
+            # answer where the RSYN came from; switch only when its ACK arrives
+            self._on_peer_moving(flow, ip.src, peer_port, now)
+            for reply in replies:
+                self.outbox.append(self.carriage.wrap(flow.local_addr, ip.src, reply.encode(),
+                                                      peer_port or flow.peer_port))
+            replies = []
         for reply in replies:
             self._emit_sal(flow, reply.encode())
+        if Event.MIGRATED in events:
+            self._on_migrated(flow, now)
+        if Event.PEER_MOVED in events:
+            self._on_peer_moved(flow, ip.src, peer_port, now)
         pending = flow.sal.take_pending(now)
         if pending is not None:
             self._emit_sal(flow, pending.encode())
@@ -290,6 +344,15 @@ class Translator:
         ident, frag = _IDENT_FRAG.unpack_from(pkt, 4)
         return ip_header(flow.legacy_dst, flow.legacy_src, 6, 20 + len(seg), ident, pkt[8],
                          pkt[1], frag & 0x4000, flow.in_ip_sum) + seg
+
+    def _in_delta_for(self, flow: Flow, ip: IPv4) -> int | None:
+        """The inbound checksum delta for a packet whose addresses are not the flow's
+        current ones (sent to our old address during a move); None when they are."""
+        if ip.src == flow.peer_addr and ip.dst == flow.local_addr:
+            return None
+        pseudo_peer, pseudo_local = self.carriage.pseudo(ip.src, ip.dst)
+        back_legacy = flow.legacy_dst + flow.legacy_src + _TCP_PORTS.pack(flow.legacy_dport, flow.legacy_sport)
+        return delta(pseudo_peer + pseudo_local + b"\0\0\0\0", back_legacy)
 
     def _clamp(self, seg: bytes, csum_delta: int) -> tuple[bytes, int]:
         """Clamp the MSS of a SYN segment; returns the segment and an extra checksum delta."""

@@ -63,6 +63,9 @@ class ClientTranslator(Translator):
             header = flow.sal.handshake_ack().encode()
             flow.send_handshake_ack = False
         self._track_tcp(flow, seg, True, now)
+        if flow.held is not None:
+            self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
+            return None
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, header)
 
@@ -159,24 +162,13 @@ class ClientTranslator(Translator):
         if flow is None:
             self._answer_unknown(ip, hdr, peer_port)
             return None
-        if hdr.control is None:
-            if ip.src != flow.peer_addr or hdr.src_flow != flow.sal.remote_flow:
-                self.stats["dropped_wrong_peer"] += 1
-                return None
-        else:
-            events = self._sal_control(flow, ip, hdr, now, off < len(body))
-            if events is None:
-                return None
-            if Event.ESTABLISHED in events:
-                # late binding: the instance that accepted answers from its own address
-                flow.peer_addr = ip.src
-                flow.peer_port = peer_port or flow.peer_port
-                flow.rebuild(self.carriage)
-                flow.send_handshake_ack = True
-                self.stats["flows_established"] += 1
-        if off >= len(body):
-            return None          # control only: consumed here
-        seg = body[off:]
-        self._track_tcp(flow, seg, False, now)
-        self.stats["from_sal"] += 1
-        return self._to_legacy(flow, pkt, seg, now)
+        return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
+
+    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
+        if Event.ESTABLISHED in events:
+            # late binding: the instance that accepted answers from its own address
+            flow.peer_addr = ip.src
+            flow.peer_port = peer_port or flow.peer_port
+            flow.rebuild(self.carriage)
+            flow.send_handshake_ack = True
+            self.stats["flows_established"] += 1

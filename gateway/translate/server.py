@@ -70,21 +70,7 @@ class ServerTranslator(Translator):
         if flow is None:
             self._answer_unknown(ip, hdr, peer_port)
             return None
-        if hdr.control is None:
-            if ip.src != flow.peer_addr or hdr.src_flow != flow.sal.remote_flow:
-                self.stats["dropped_wrong_peer"] += 1
-                return None
-            if flow.sal.state == State.SYN_RECEIVED:
-                flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
-                self._track_retransmit(flow)
-        elif self._sal_control(flow, ip, hdr, now, off < len(body)) is None:
-            return None
-        if off >= len(body):
-            return None
-        seg = body[off:]
-        self._track_tcp(flow, seg, False, now)
-        self.stats["from_sal"] += 1
-        return self._to_legacy(flow, pkt, seg, now)
+        return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
 
     def _on_syn(self, pkt: bytes, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
         ctl = hdr.control
@@ -171,6 +157,9 @@ class ServerTranslator(Translator):
                 self.stats["to_sal"] += 1
                 return self._to_sal(flow, pkt, seg, now, header)
         self._track_tcp(flow, seg, True, now)
+        if flow.held is not None:
+            self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
+            return None
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
 

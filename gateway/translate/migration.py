@@ -1,0 +1,86 @@
+"""Moving live flows to a new address (RSYN, RSYN|ACK, ACK), for either translator.
+
+The side whose address changed sends an RSYN from the new address; the peer answers
+RSYN|ACK to where the RSYN came from and switches when the ACK arrives. While a move is
+unconfirmed, legacy packets toward the peer are held (bounded, counted) and translated
+when the new path is known, so the legacy TCP does not have to time out.
+"""
+from sal.flow import State
+
+MAX_HELD_PER_FLOW = 256     # ~370 KB of 1448-byte segments: more than a window in flight
+HOLD_TIMEOUT = 1.0          # seconds; then held packets go to the current address anyway
+
+
+class MigrationMixin:
+    def migrate(self, now: float, new_local: bytes, peer: bytes | None = None) -> int:
+        """Move the live flows (those toward ``peer``, or all) to our address ``new_local``.
+        Returns how many started moving."""
+        moved = 0
+        for flow in list(self.flows.values()):
+            if (flow.closed_at is not None or flow.sal.state != State.ESTABLISHED
+                    or flow.local_addr == new_local or (peer is not None and flow.peer_addr != peer)):
+                continue
+            flow.local_addr = new_local
+            flow.rebuild(self.carriage)
+            self._start_holding(flow, now)
+            flow.migration_started = now
+            rsyn = flow.sal.migrate(now)
+            if rsyn is not None:
+                self._emit_sal(flow, rsyn.encode())
+            self._track_retransmit(flow)
+            self.stats["migrations_started"] += 1
+            moved += 1
+        return moved
+
+    def _start_holding(self, flow, now: float) -> None:
+        if flow.held is None:
+            flow.held = []
+        flow.hold_deadline = now + HOLD_TIMEOUT
+        self._holding.add(flow.sal.local_flow)
+
+    def _hold(self, flow, pkt: bytes) -> None:
+        """Keep a legacy packet until the flow's path is confirmed (drop when full: TCP
+        will retransmit it)."""
+        if len(flow.held) < MAX_HELD_PER_FLOW:
+            flow.held.append(pkt)
+            self.stats["packets_held"] += 1
+        else:
+            self.stats["dropped_hold_full"] += 1
+
+    def _release(self, flow, now: float) -> None:
+        """Send what was held, translated toward the flow's current address."""
+        held, flow.held = flow.held or [], None
+        self._holding.discard(flow.sal.local_flow)
+        for pkt in held:
+            self.outbox.append(self._to_sal(flow, pkt, pkt[(pkt[0] & 15) * 4:], now, flow.out_hdr))
+        self.stats["packets_released"] += len(held)
+
+    def _on_migrated(self, flow, now: float) -> None:
+        """Our RSYN was answered (the ACK is already out): the new path is confirmed."""
+        self.stats["migrations_completed"] += 1
+        started = getattr(flow, "migration_started", None)
+        if started is not None:
+            self.migration_times.append(now - started)
+            del self.migration_times[:-1000]
+        self._release(flow, now)
+
+    def _on_peer_moving(self, flow, addr: bytes, port: int, now: float) -> None:
+        flow.moving_peer = (addr, port)
+        self._start_holding(flow, now)
+        self.stats["peer_migrations_seen"] += 1
+
+    def _on_peer_moved(self, flow, addr: bytes, port: int, now: float) -> None:
+        flow.peer_addr, flow.peer_port = addr, port or flow.peer_port
+        flow.moving_peer = None
+        flow.rebuild(self.carriage)
+        self.stats["peer_migrations_completed"] += 1
+        self._release(flow, now)
+
+    def _expire_holds(self, now: float) -> None:
+        for fid in list(self._holding):
+            flow = self.flows.get(fid)
+            if flow is None:
+                self._holding.discard(fid)
+            elif flow.hold_deadline <= now and not flow.sal.migrating:
+                self.stats["holds_timed_out"] += 1
+                self._release(flow, now)
