@@ -1,0 +1,186 @@
+"""Router configuration: a TOML file, checked completely before anything starts.
+
+    [router]                 instance, address, queue, registration_port, control_socket, ...
+    [[key]]                  id, key | key_file, names (shell patterns it may register)
+    [[rule]]                 service | prefix, action (forward|drop|delay), next_hop, priority, weight
+
+See deploy/router.toml for every key with its default.
+"""
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+
+from sal import registration as reg
+from sal.serviceid import ServiceIDError, ServicePrefix, service_id_for
+from sal.service_table import Action
+
+from .core import SAL_UDP_PORT, RouterOptions
+
+
+class RouterConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RuleConfig:
+    prefix: ServicePrefix
+    action: Action
+    next_hop: str | None = None
+    priority: int = 1
+    weight: int = 1
+    name: str = ""
+
+
+@dataclass
+class RouterConfig:
+    path: str
+    instance: str = "router"
+    address: str | None = None            # SYNs to this address are forwarded (default: any local)
+    queue: int = 2
+    registration_port: int = reg.DEFAULT_PORT
+    sal_udp_port: int = SAL_UDP_PORT
+    control_socket: str = "/run/serval/router.sock"
+    state_dir: str = "/run/serval"
+    log_level: str = "info"
+    queue_bypass: bool = True
+    options: RouterOptions = field(default_factory=RouterOptions)
+    keys: list = field(default_factory=list)
+    rules: list = field(default_factory=list)
+
+
+_ROUTER_KEYS = {"instance", "address", "queue", "registration_port", "sal_udp_port", "control_socket",
+                "state_dir", "log_level", "queue_bypass", "affinity", "delay_hold", "warmup",
+                "min_hold", "max_hold", "replay_window", "max_held"}
+
+
+def load(path: str) -> RouterConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise RouterConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RouterConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, path)
+
+
+def parse(data: dict, path: str) -> RouterConfig:
+    def fail(where: str, message: str):
+        raise RouterConfigError(f"{path}: [{where}] {message}")
+
+    unknown = set(data) - {"router", "key", "rule"}
+    if unknown:
+        fail(sorted(unknown)[0], "unknown section")
+    top = data.get("router", {})
+    for k in top:
+        if k not in _ROUTER_KEYS:
+            fail("router", f"unknown key {k!r}")
+    cfg = RouterConfig(path)
+    cfg.instance = str(top.get("instance", cfg.instance))
+    if "address" in top:
+        cfg.address = _ipv4(top["address"], lambda m: fail("router", m))
+    cfg.queue = _int(top, "queue", cfg.queue, 0, 65535, fail)
+    cfg.registration_port = _int(top, "registration_port", cfg.registration_port, 1, 65535, fail)
+    cfg.sal_udp_port = _int(top, "sal_udp_port", cfg.sal_udp_port, 1, 65535, fail)
+    cfg.control_socket = str(top.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
+    cfg.state_dir = str(top.get("state_dir", cfg.state_dir))
+    cfg.log_level = str(top.get("log_level", "info")).lower()
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        fail("router", "log_level must be debug, info, warning or error")
+    cfg.queue_bypass = bool(top.get("queue_bypass", True))
+    opts = cfg.options
+    for name in ("affinity", "delay_hold", "warmup", "min_hold", "max_hold", "replay_window"):
+        if name in top:
+            value = top[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                fail("router", f"{name} must be a number of seconds >= 0")
+            setattr(opts, name, float(value))
+    opts.max_held = _int(top, "max_held", opts.max_held, 0, 1 << 20, fail)
+    opts.udp_port = cfg.sal_udp_port
+    if cfg.address:
+        opts.address = ipaddress.IPv4Address(cfg.address).packed
+    for i, k in enumerate(_list(data, "key", fail)):
+        cfg.keys.append(key_from(k, lambda m, i=i: fail(f"key {i + 1}", m)))
+    if not cfg.keys:
+        fail("key", "no [[key]]: a router accepts only authenticated registrations")
+    for i, r in enumerate(_list(data, "rule", fail)):
+        cfg.rules.append(_rule(r, lambda m, i=i: fail(f"rule {i + 1}", m)))
+    return cfg
+
+
+def key_from(table: dict, fail) -> reg.Key:
+    """A [[key]] (or a gateway's [routing] key): id, key or key_file, names."""
+    key_id = str(table.get("id", table.get("key_id", "deployment")))
+    if ("key" in table) == ("key_file" in table):
+        fail("give exactly one of 'key' (hex) or 'key_file'")
+    try:
+        if "key_file" in table:
+            with open(table["key_file"]) as f:
+                text = f.read()
+        else:
+            text = str(table["key"])
+        secret = reg.parse_key(text)
+    except OSError as exc:
+        fail(f"cannot read key_file: {exc.strerror}")
+    except ValueError as exc:
+        fail(str(exc))
+    names = table.get("names", ["*"])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        fail("names must be a list of service name patterns")
+    return reg.Key(key_id, secret, tuple(names))
+
+
+def _rule(rule: dict, fail) -> RuleConfig:
+    for k in rule:
+        if k not in {"service", "prefix", "action", "next_hop", "priority", "weight"}:
+            fail(f"unknown key {k!r}")
+    if ("service" in rule) == ("prefix" in rule):
+        fail("a rule names either a 'service' (name or name:port) or a serviceID 'prefix'")
+    try:
+        if "service" in rule:
+            text = str(rule["service"])
+            name, _, port = text.rpartition(":")
+            if port.isdigit() and name:
+                prefix, label = ServicePrefix(service_id_for(name, int(port))), text
+            else:   # every port of a name: its 224-bit prefix
+                prefix, label = ServicePrefix(service_id_for(text), 224), text
+        else:
+            text = str(rule["prefix"])
+            prefix = ServicePrefix(bytes(32), 0) if text == "default" else ServicePrefix.parse(text)
+            label = ""
+    except ServiceIDError as exc:
+        fail(str(exc))
+    try:
+        action = Action(rule.get("action", "forward"))
+    except ValueError:
+        fail("action must be forward, drop or delay")
+    if action == Action.DEMUX:
+        fail("a router has no local listeners: action must be forward, drop or delay")
+    next_hop = None
+    if action == Action.FORWARD:
+        if "next_hop" not in rule:
+            fail("a forward rule needs a 'next_hop'")
+        next_hop = _ipv4(rule["next_hop"], fail)
+    return RuleConfig(prefix, action, next_hop, _int(rule, "priority", 1, 0, 1 << 16, lambda w, m: fail(m)),
+                      _int(rule, "weight", 1, 1, 1 << 16, lambda w, m: fail(m)), label)
+
+
+def _list(data, name, fail):
+    items = data.get(name, [])
+    if not isinstance(items, list):
+        fail(name, f"write [[{name}]] (an array of tables)")
+    return items
+
+
+def _int(table, key, default, low, high, fail):
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        fail("router", f"{key} must be a whole number from {low} to {high}, not {value!r}")
+    return value
+
+
+def _ipv4(value, fail) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        fail(f"not an IPv4 address: {value!r}")
