@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from sal.serviceid import ServiceIDError, ServicePrefix, parse_service_id, service_id_for
 from sal.service_table import Action
 
+from .routing_config import parse as parse_routing
 from .translate.base import Timeouts
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
@@ -64,6 +65,7 @@ class GatewayConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     services: list = field(default_factory=list)
     rules: list = field(default_factory=list)
+    routing: object = None             # [routing]: service routers (gateway/routing_config.py)
 
 
 _GATEWAY_KEYS = {
@@ -124,7 +126,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     def fail(table, index, key, message):
         raise ConfigError(path, loc.line(table, index, key), message)
 
-    unknown = set(data) - {"gateway", "timeouts", "service", "route"}
+    unknown = set(data) - {"gateway", "timeouts", "service", "route", "routing"}
     if unknown:
         fail(sorted(unknown)[0], None, None, f"unknown section [{sorted(unknown)[0]}]")
     gw = data.get("gateway", {})
@@ -175,6 +177,8 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
         cfg.services.append(_service(svc, role, lambda k, m, i=i: fail("service", i, k, m)))
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
+    # a client gets a default rule to each of its routers
+    cfg.routing = parse_routing(data.get("routing"), cfg, lambda k, m: fail("routing", None, k, m))
     if not cfg.services and not (role == "client" and cfg.mappings):
         fail("gateway", None, None, "no [[service]] configured (nor a resolver 'mappings' file): "
              "the gateway would have nothing to do")

@@ -1,0 +1,133 @@
+"""A client gateway's view of its routers, sans-IO, and the default rule that follows it.
+
+Each router is probed every ``interval`` (PROBE, answered by an authenticated PROBE_ACK
+echoing our seq, so neither a forged nor a replayed answer counts). A router is live
+while its last "ready" answer is younger than ``misses`` intervals; a router that just
+started answers "not ready" until it has heard the registrations' refreshes, and counts
+as down meanwhile. At start every router is given the benefit of the doubt for the same
+time.
+
+The default rule (prefix /0, FORWARD) holds the live routers, weighted equally; when
+none is live it holds them all (sending somewhere beats sending nowhere). SYNs already
+sent to a router that went down are sent again to a live one (:func:`redirect_pending`).
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from sal import registration as reg
+from sal.checksum import apply_delta, delta
+from sal.flow import State
+from sal.ip import aton
+from sal.service_table import Action, ServiceTable
+
+
+@dataclass
+class RouterState:
+    address: str
+    port: int
+    alive_until: float
+    next_probe: float = 0.0
+    ready: bool = False
+    rtt: float | None = None
+    answers: int = 0
+    sent: OrderedDict = field(default_factory=OrderedDict)    # seq -> send time
+
+
+class RouterHealth:
+    def __init__(self, signer: reg.Signer, routers: list, interval: float, misses: int, now: float):
+        self.signer = signer
+        self.interval, self.misses = interval, misses
+        self.routers = {(a, p): RouterState(a, p, now + interval * misses) for a, p in routers}
+
+    def tick(self, now: float, wall_ns: int) -> list:
+        """Probes due now: ``(datagram, (address, port))`` pairs."""
+        out = []
+        for key, r in self.routers.items():
+            if now >= r.next_probe:
+                data, msg = self.signer.message(reg.PROBE, wall_ns)
+                r.sent[msg.seq] = now
+                while len(r.sent) > 2 * self.misses + 2:
+                    r.sent.popitem(last=False)
+                r.next_probe = now + self.interval
+                out.append((data, key))
+        return out
+
+    def on_reply(self, data: bytes, router: tuple, now: float) -> bool:
+        """A PROBE_ACK; True if it was a valid answer to one of our recent probes."""
+        r = self.routers.get(router)
+        try:
+            msg = self.signer.check_reply(data)
+        except reg.Refused:
+            return False
+        if r is None or msg.type != reg.PROBE_ACK or msg.acked_seq not in r.sent:
+            return False
+        r.rtt = now - r.sent.pop(msg.acked_seq)
+        r.answers += 1
+        r.ready = bool(msg.status)
+        r.alive_until = now + self.interval * self.misses if r.ready else now
+        return True
+
+    def live(self, now: float) -> list[str]:
+        return [r.address for r in self.routers.values() if r.alive_until > now]
+
+    def rows(self, now: float) -> list[dict]:
+        return [{"router": f"{r.address}:{r.port}",
+                 "state": "live" if r.alive_until > now else "warming" if r.answers and not r.ready else "down",
+                 "rtt_ms": round(r.rtt * 1000, 2) if r.rtt is not None else None,
+                 "answers": r.answers} for r in self.routers.values()]
+
+
+class DefaultRule:
+    """The /0 FORWARD rule of a client's table, kept equal to the live routers."""
+
+    def __init__(self, table: ServiceTable, prefix, routers: list[str]):
+        self.table, self.prefix = table, prefix
+        self.all = list(routers)
+        self.current = list(routers)           # what the config put in the table
+
+    def update(self, live: list[str]) -> tuple[list, list]:
+        """Make the rule hold ``live`` (or every router when none is); returns
+        (removed, added) addresses."""
+        want = [a for a in self.all if a in live] or self.all
+        removed = [a for a in self.current if a not in want]
+        added = [a for a in want if a not in self.current]
+        for a in removed:
+            self.table.remove(self.prefix, a)
+        for a in added:
+            self.table.add(self.prefix, Action.FORWARD, a)
+        self.current = want
+        return removed, added
+
+    def hits(self) -> dict:
+        for entry in self.table.entries():
+            if entry.prefix == self.prefix:
+                return {t.target: t.hits for t in entry.targets}
+        return {}
+
+
+def redirect_pending(translator, dead: list[str], now: float) -> int:
+    """Send the SYNs of handshakes still waiting on a dead router to a live one.
+
+    Works on the client translator's flows from outside (peer address, the outstanding
+    SYN's transport checksum, whose pseudo-header names the router over IP carriage);
+    docs/routing.md asks for a translator method doing the same."""
+    gone = {aton(a) for a in dead}
+    moved = 0
+    for flow in list(translator.flows.values()):
+        out = flow.sal.outstanding
+        if flow.sal.state != State.SYN_SENT or flow.peer_addr not in gone or out is None:
+            continue
+        target = translator.table.resolve(flow.sal.service_id)
+        if target is None or target.action != Action.FORWARD or aton(target.target) in gone:
+            continue
+        new = aton(target.target)
+        if translator.carriage.pseudo(flow.local_addr, new)[1] == new and len(out.transport) >= 18:
+            d = delta(flow.peer_addr, new)
+            old_csum = int.from_bytes(out.transport[16:18], "big")
+            out.transport = out.transport[:16] + apply_delta(old_csum, d).to_bytes(2, "big") + out.transport[18:]
+        flow.peer_addr = new
+        flow.rebuild(translator.carriage)
+        translator.outbox.append(translator.carriage.wrap(flow.local_addr, new, out.header.encode() + out.transport,
+                                                          flow.peer_port))
+        moved += 1
+    return moved

@@ -1,0 +1,118 @@
+"""The ``[routing]`` section of a gateway config: its service routers and how it talks
+to them (docs/routing.md).
+
+    [routing]
+    routers = ["198.19.20.1", "198.19.21.1:54326"]
+    key_file = "/etc/serval/deployment.key"      # or key = "<hex>"; key_id = "deployment"
+    refresh_interval = 0.1     # server: REGISTER this often ...
+    hold_time = 0.3            # ... and routers forget us this long after the last one
+    probe_interval = 0.1       # client: probe each router this often ...
+    probe_misses = 3           # ... and fail over after this many go unanswered
+    [routing.health]           # server: TCP connect checks of each backend
+    interval = 0.5
+    timeout = 1.0
+    rise = 2
+    fall = 2
+
+A client gateway gets a default rule (prefix /0, FORWARD) to each router, so it needs
+no [[route]] of its own; a server gateway registers its [[service]]s with every router.
+"""
+import ipaddress
+from dataclasses import dataclass, field
+
+from sal import registration as reg
+from sal.serviceid import ServicePrefix
+from sal.service_table import Action
+
+DEFAULT_PREFIX = ServicePrefix(bytes(32), 0)
+
+
+@dataclass
+class HealthConfig:
+    interval: float = 0.5
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+
+@dataclass
+class RoutingConfig:
+    routers: list                     # (address, port)
+    key: reg.Key
+    sender: str
+    refresh_interval: float = 0.1
+    hold_time: float = 0.3
+    probe_interval: float = 0.1
+    probe_misses: int = 3
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+_KEYS = {"routers", "key", "key_file", "key_id", "sender", "refresh_interval", "hold_time",
+         "probe_interval", "probe_misses", "health"}
+
+
+def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
+    """``fail(key, message)`` raises. For a client, adds the default rule to ``cfg.rules``."""
+    if section is None:
+        return None
+    from router.config import key_from
+    from .config import RuleConfig
+
+    def fail(key, message, _fail=fail):
+        _fail(key, f"[routing] {message}")
+
+    for k in section:
+        if k not in _KEYS:
+            fail(k, f"unknown key {k!r}")
+    routers = section.get("routers")
+    if not isinstance(routers, list) or not routers:
+        fail("routers", "routers must be a non-empty list of \"address\" or \"address:port\"")
+    out = RoutingConfig([_router(r, fail) for r in routers],
+                        key_from({k: section[k] for k in ("key", "key_file", "key_id") if k in section},
+                                 lambda m: fail("key", m)),
+                        str(section.get("sender", cfg.instance)))
+    for name in ("refresh_interval", "hold_time", "probe_interval"):
+        if name in section:
+            setattr(out, name, _seconds(section[name], name, fail))
+    if "hold_time" not in section:
+        out.hold_time = 3 * out.refresh_interval
+    if out.hold_time <= out.refresh_interval:
+        fail("hold_time", "hold_time must be longer than refresh_interval (a lost refresh must not withdraw)")
+    out.probe_misses = _count(section.get("probe_misses", 3), "probe_misses", fail)
+    health = section.get("health", {})
+    for k, v in health.items():
+        if k in ("interval", "timeout"):
+            setattr(out.health, k, _seconds(v, f"health.{k}", fail))
+        elif k in ("rise", "fall"):
+            setattr(out.health, k, _count(v, f"health.{k}", fail))
+        else:
+            fail("health", f"unknown key {k!r} in health (interval, timeout, rise, fall)")
+    if cfg.role == "client":
+        for address, _ in out.routers:
+            cfg.rules.append(RuleConfig(DEFAULT_PREFIX, Action.FORWARD, address))
+    return out
+
+
+def _router(text, fail) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep:
+        host, port = str(text), str(reg.DEFAULT_PORT)
+    try:
+        address = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        fail("routers", f"not an IPv4 address: {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        fail("routers", f"bad port in {text!r}")
+    return address, int(port)
+
+
+def _seconds(value, name, fail) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        fail(name, f"{name} must be a positive number of seconds")
+    return float(value)
+
+
+def _count(value, name, fail) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+        fail(name, f"{name} must be a whole number from 1 to 100")
+    return value
