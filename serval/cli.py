@@ -12,6 +12,7 @@ COMMANDS = {
     "gateway": ("gateway.cli", "run a client or server gateway"),
     "ctl": ("serval.ctl", "talk to a running gateway over its control socket"),
     "decode": ("serval.decode", "decode SAL packets in a pcap file"),
+    "dns": ("serval.dns", "run the DNS resolver"),
 }
 
 

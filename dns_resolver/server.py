@@ -1,0 +1,95 @@
+"""UDP and TCP listeners (Twisted adapters): bytes to the core and replies back.
+
+Each received message goes to ``Resolver.handle`` with a reply token: ``(transport,
+address)`` for UDP, the connection for TCP. The daemon carries out the actions.
+
+TCP (RFC 7766): two-byte length framing, several queries per connection, replies in
+the order they are ready, an idle timeout, a limit on connections (beyond it a new
+connection is closed at once) and on queries waiting upstream per connection.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+log = logging.getLogger("serval.dns.server")
+
+UDP_RCVBUF = 4 << 20
+MAX_UDP_QUERY = 4096        # larger datagrams are no query of ours: dropped unread (wire.MAX_QUERY)
+
+
+class UDPServer(DatagramProtocol):
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def startProtocol(self):
+        try:
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        except (OSError, AttributeError):
+            pass
+
+    def datagramReceived(self, data: bytes, addr):
+        if len(data) > MAX_UDP_QUERY:
+            self.daemon.core.stats["dropped"] += 1
+            return
+        self.daemon.received(data, addr[0], False, (self.transport, addr))
+
+
+class TCPConnection(Int16StringReceiver, TimeoutMixin):
+    MAX_LENGTH = 65535
+    MAX_WAITING = 32
+
+    def connectionMade(self):
+        self.waiting = 0
+        self.peer = self.transport.getPeer().host
+        self.setTimeout(self.factory.daemon.cfg.tcp_timeout)
+
+    def stringReceived(self, data: bytes):
+        self.resetTimeout()
+        if self.waiting >= self.MAX_WAITING:
+            self.factory.daemon.core.stats["dropped"] += 1
+            return
+        self.waiting += 1
+        self.factory.daemon.received(data, self.peer, True, self)
+
+    def send(self, data: bytes) -> None:
+        self.waiting = max(0, self.waiting - 1)
+        if self.transport is not None and self.connected:
+            self.sendString(data)
+            self.resetTimeout()
+
+    def lengthLimitExceeded(self, length):
+        self.transport.loseConnection()
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        self.factory.open.discard(self)
+
+
+class TCPServer(Factory):
+    protocol = TCPConnection
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.open: set = set()
+        self.refused = 0
+
+    def buildProtocol(self, addr):
+        if len(self.open) >= self.daemon.cfg.tcp_connections:
+            self.refused += 1
+            return None                     # Twisted closes the connection
+        proto = super().buildProtocol(addr)
+        self.open.add(proto)
+        return proto
+
+    def close_all(self) -> None:
+        for proto in list(self.open):
+            if proto.transport is not None:
+                proto.transport.abortConnection()
