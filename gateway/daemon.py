@@ -85,6 +85,7 @@ class Gateway:
         self.translator = None
         self.interception = None
         self.reader = self.injector = self.port = self.ticker = None
+        self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.started = time.monotonic()
         self.stats = None
 
@@ -95,10 +96,12 @@ class Gateway:
         from .adapters import control, netlink
         from .adapters.inject import Injector
         from .adapters.nfqueue import QueueReader
+        from .routing import routing_agent
 
         cfg = self.cfg
         self.translator = build_translator(cfg, netlink.source_for)
         self.stats = self.translator.stats
+        self.routing = routing_agent(self)
         plan = interception_plan(cfg, self.translator, netlink.ipv4_interfaces(),
                                  lambda c: self._virtual_route(c, netlink))
         self.interception = Interception(cfg.instance, cfg.queue, cfg.state_dir,
@@ -111,6 +114,7 @@ class Gateway:
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
             self.ticker = LoopingCall(self._tick)
             self.ticker.start(0.05, now=False)
+            self.routing.start()
         except BaseException:
             self.stop()
             raise
@@ -118,6 +122,9 @@ class Gateway:
 
     def stop(self) -> None:
         """Undo everything start did; safe to call twice and after a partial start."""
+        if self.routing is not None:     # first: unregister while we still serve
+            self.routing.stop()
+            self.routing = None
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
         if self.reader is not None:
@@ -160,7 +167,8 @@ class Gateway:
     # --- control -------------------------------------------------------------------
     def commands(self) -> dict:
         return {"flows": self._flows, "stats": self._stats, "config": self._config,
-                "virtual_in_use": self._virtual_in_use}
+                "virtual_in_use": self._virtual_in_use,
+                **(self.routing.commands() if self.routing else {})}
 
     def _virtual_in_use(self):
         """Virtual addresses with a live flow (the resolver reclaims none of them)."""

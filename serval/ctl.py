@@ -9,7 +9,11 @@ def add_arguments(p):
                    help="the gateway's control socket (default: %(default)s; a server "
                         "gateway's is /run/serval/server.sock)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    p.add_argument("what", choices=["flows", "stats", "config"], help="what to show")
+    p.add_argument("what", choices=["flows", "stats", "config", "services", "drain", "names"],
+                   help="what to show, or 'drain' to stop new connections to a service")
+    p.add_argument("drain_service", nargs="?", metavar="SERVICE",
+                   help="drain: the service (name, or name:port) to take out of the routers")
+    p.add_argument("--cancel", action="store_true", help="drain: offer the service again")
 
 
 def request(path: str, cmd: str, timeout: float = 5.0, **args):
@@ -28,7 +32,13 @@ def request(path: str, cmd: str, timeout: float = 5.0, **args):
 
 def run(args) -> int:
     try:
-        reply = request(args.socket, args.what)
+        extra = {}
+        if args.what == "drain":
+            if not args.drain_service:
+                print("serval ctl: drain needs a SERVICE", file=sys.stderr)
+                return 2
+            extra = {"service": args.drain_service, "cancel": args.cancel}
+        reply = request(args.socket, args.what, **extra)
     except (OSError, ValueError) as exc:
         print(f"serval ctl: cannot reach {args.socket}: {exc}", file=sys.stderr)
         return 2
@@ -40,6 +50,8 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
     elif args.what == "flows":
         print_flows(result)
+    elif isinstance(result, list):      # services, drain, names: one row per item
+        print_rows(result)
     else:
         for key, value in sorted(result.items()):
             print(f"{key:32} {value}")
@@ -53,3 +65,12 @@ def print_flows(rows: list) -> None:
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
     print(f"{len(rows)} flow(s)")
+
+
+def print_rows(rows: list) -> None:
+    cols = list(rows[0]) if rows else []
+    widths = {c: max([len(c)] + [len(str(r.get(c))) for r in rows]) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c)).ljust(widths[c]) for c in cols))
+    print(f"{len(rows)} row(s)")
