@@ -44,9 +44,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     else:
         sal_in = ["-p", "udp", "--dport", str(translator.carriage.local_port)]
     pre, out, routes = [], [], []
+    # SAL arrives at whichever address is ours now: addresses change under live flows
+    local = ["-m", "addrtype", "--dst-type", "LOCAL"]
     if cfg.role == "client":
-        sal_address = _ntoa(translator.sal_address)
-        pre.append(sal_in + ["-d", sal_address])
+        pre.append(sal_in + local)
         if cfg.intercept_forwarded:
             pre.append(["-p", "tcp", "-d", cfg.virtual_network])
         if cfg.intercept_local:
@@ -55,8 +56,7 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
             if route:
                 routes.append(route)
     else:
-        pre.append(sal_in + (["-d", cfg.sal_address] if cfg.sal_address else
-                             ["-m", "addrtype", "--dst-type", "LOCAL"]))
+        pre.append(sal_in + local)
         low, high = cfg.port_range
         for svc in cfg.services:
             host, port = svc.backend
@@ -84,7 +84,8 @@ class Gateway:
         self.reactor = reactor
         self.translator = None
         self.interception = None
-        self.reader = self.injector = self.port = self.ticker = None
+        self.reader = self.injector = self.port = self.ticker = self.watcher = None
+        self._path_check = None
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.started = time.monotonic()
         self.stats = None
@@ -95,6 +96,7 @@ class Gateway:
         from twisted.internet.task import LoopingCall
         from .adapters import control, netlink
         from .adapters.inject import Injector
+        from .adapters.netwatch import NetlinkWatcher
         from .adapters.nfqueue import QueueReader
         from .routing import routing_agent
 
@@ -114,6 +116,8 @@ class Gateway:
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
             self.ticker = LoopingCall(self._tick)
             self.ticker.start(0.05, now=False)
+            self.watcher = NetlinkWatcher(self._on_netlink)
+            self.reactor.addReader(self.watcher)
             self.routing.start()
         except BaseException:
             self.stop()
@@ -127,6 +131,12 @@ class Gateway:
             self.routing = None
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
+        if self.watcher is not None:
+            self.reactor.removeReader(self.watcher)
+            self.watcher.close()
+            self.watcher = None
+        if self._path_check is not None and self._path_check.active():
+            self._path_check.cancel()
         if self.reader is not None:
             self.reactor.removeReader(self.reader)
             self.reader.close()
@@ -164,10 +174,70 @@ class Gateway:
             self.translator.handle_timer(now)
             self._flush()
 
+    # --- mobility ------------------------------------------------------------------
+    def _on_netlink(self, events) -> None:
+        # a change comes as a burst of messages: look once it has settled
+        if self._path_check is None or not self._path_check.active():
+            self._path_check = self.reactor.callLater(0.02, self.check_paths)
+
+    def check_paths(self, peer_filter=None, force_address: bytes | None = None) -> int:
+        """Move live flows whose path broke: our address is gone, or the route to the
+        peer now leaves by another interface. A new address beside a working one moves
+        nothing (no churn, and a move made by hand stays). With ``force_address``, move
+        the flows ``peer_filter`` accepts to that address. Returns how many moved."""
+        from .adapters import netlink
+
+        t = self.translator
+        now = time.monotonic()
+        moved = 0
+        peers = {}
+        for flow in t.flows.values():
+            if flow.closed_at is None and (peer_filter is None or peer_filter(flow)):
+                peers.setdefault(flow.peer_addr, set()).add(flow.local_addr)
+        ours = netlink.address_interfaces() if peers and force_address is None else {}
+        for peer, locals_ in peers.items():
+            new = force_address
+            if new is None:
+                try:
+                    src, dev = netlink.source_for(_ntoa(peer))
+                except (LookupError, OSError) as exc:
+                    log.info("no path to %s for now (%s): its flows wait", _ntoa(peer), exc)
+                    continue
+                new = aton(src)
+                if all(ours.get(_ntoa(addr)) == dev for addr in locals_):
+                    continue                      # every flow's address still works there
+            n = t.migrate(now, new, peer, peer_filter)
+            moved += n
+            if n:
+                log.info("moving %d flow(s) toward %s to our address %s", n, _ntoa(peer), _ntoa(new))
+        if t.role == "client" and force_address is None:
+            hop = next((r.next_hop for r in self.cfg.rules if r.next_hop), None)
+            try:
+                src = aton(netlink.source_for(hop)[0]) if hop else t.sal_address
+                if src != t.sal_address:
+                    log.info("new flows now leave from %s (was %s)", _ntoa(src), _ntoa(t.sal_address))
+                    t.sal_address = src
+            except (LookupError, OSError):
+                pass
+        self._flush()
+        return moved
+
+    def _migrate(self, flow: str | None = None, service: str | None = None, address: str | None = None):
+        """``serval ctl migrate``: move flows by hand (one flow, one service's, or all),
+        to ``address`` or to wherever the routes now say."""
+        wanted = None
+        if flow is not None:
+            fid = int(flow, 16)
+            wanted = lambda f: f.sal.local_flow == fid
+        elif service is not None:
+            ids = {s.service_id for s in self.cfg.services if s.name == service}
+            wanted = lambda f: f.sal.service_id in ids
+        return {"moved": self.check_paths(wanted, aton(address) if address else None)}
+
     # --- control -------------------------------------------------------------------
     def commands(self) -> dict:
         return {"flows": self._flows, "stats": self._stats, "config": self._config,
-                "virtual_in_use": self._virtual_in_use,
+                "virtual_in_use": self._virtual_in_use, "migrate": self._migrate,
                 **(self.routing.commands() if self.routing else {})}
 
     def _virtual_in_use(self):
@@ -185,6 +255,11 @@ class Gateway:
         stats["flows_live"] = len(self.translator.flows)
         stats["uptime_s"] = round(time.monotonic() - self.started, 1)
         stats.update(kernel_queue_stats(self.cfg.queue))
+        times = sorted(self.translator.migration_times)
+        if times:
+            stats["migration_ms_last"] = round(self.translator.migration_times[-1] * 1000, 2)
+            stats["migration_ms_p50"] = round(times[len(times) // 2] * 1000, 2)
+            stats["migration_ms_p99"] = round(times[min(len(times) - 1, len(times) * 99 // 100)] * 1000, 2)
         return stats
 
     def _config(self):

@@ -9,8 +9,12 @@ def add_arguments(p):
                    help="the gateway's control socket (default: %(default)s; a server "
                         "gateway's is /run/serval/server.sock)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    p.add_argument("what", choices=["flows", "stats", "config", "services", "drain", "names"],
-                   help="what to show, or 'drain' to stop new connections to a service")
+    p.add_argument("what", choices=["flows", "stats", "config", "migrate", "services", "drain", "names"],
+                   help="what to show, or 'migrate' to move live flows by hand")
+    p.add_argument("--flow", help="migrate: only this flow (our flowID, hex as in 'flows')")
+    p.add_argument("--service", help="migrate: only the flows of this service name")
+    p.add_argument("--address", help="migrate: move to this local address (default: "
+                                     "wherever the routes now say)")
     p.add_argument("drain_service", nargs="?", metavar="SERVICE",
                    help="drain: the service (name, or name:port) to take out of the routers")
     p.add_argument("--cancel", action="store_true", help="drain: offer the service again")
@@ -32,7 +36,8 @@ def request(path: str, cmd: str, timeout: float = 5.0, **args):
 
 def run(args) -> int:
     try:
-        extra = {}
+        extra = {k: getattr(args, k) for k in ("flow", "service", "address")
+                 if args.what == "migrate" and getattr(args, k, None)}
         if args.what == "drain":
             if not args.drain_service:
                 print("serval ctl: drain needs a SERVICE", file=sys.stderr)

@@ -34,3 +34,11 @@ def ipv4_interfaces() -> list[str]:
             names[link["index"]] = link.get_attr("IFLA_IFNAME")
         return sorted({names[a["index"]] for a in ipr.get_addr(family=2)
                        if a["index"] in names and names[a["index"]] != "lo"})
+
+
+def address_interfaces() -> dict[str, str]:
+    """Our IPv4 addresses and the interface each is on."""
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"): names.get(a["index"], "?")
+                for a in ipr.get_addr(family=2)}

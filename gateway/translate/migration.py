@@ -12,13 +12,14 @@ HOLD_TIMEOUT = 1.0          # seconds; then held packets go to the current addre
 
 
 class MigrationMixin:
-    def migrate(self, now: float, new_local: bytes, peer: bytes | None = None) -> int:
-        """Move the live flows (those toward ``peer``, or all) to our address ``new_local``.
-        Returns how many started moving."""
+    def migrate(self, now: float, new_local: bytes, peer: bytes | None = None, only=None) -> int:
+        """Move the live flows (those toward ``peer``, or all; those ``only(flow)`` accepts)
+        to our address ``new_local``. Returns how many started moving."""
         moved = 0
         for flow in list(self.flows.values()):
             if (flow.closed_at is not None or flow.sal.state != State.ESTABLISHED
-                    or flow.local_addr == new_local or (peer is not None and flow.peer_addr != peer)):
+                    or flow.local_addr == new_local or (peer is not None and flow.peer_addr != peer)
+                    or (only is not None and not only(flow))):
                 continue
             flow.local_addr = new_local
             flow.rebuild(self.carriage)
