@@ -1,0 +1,276 @@
+"""A gateway's control plane on the reactor: one UDP socket toward the routers, TCP
+health checks, a 10 ms timer, and the ``services`` and ``drain`` control commands.
+
+* Server gateway: a :class:`~gateway.registration.Registrar` (register, refresh,
+  withdraw, unregister on stop) fed by :class:`~gateway.health.HealthCheck` per backend.
+  A service that is down or drained also leaves the gateway's own table, so a SYN that
+  was already on its way is dropped (the client's retransmission goes through a router
+  again, to a live instance) instead of reaching a dead backend; flows already set up
+  never consult the table and finish undisturbed.
+* Client gateway: a :class:`~gateway.router_health.RouterHealth` keeping the default
+  rule on the live routers.
+
+Without a [routing] section only ``services`` (a view) and ``drain`` (local) work.
+"""
+import logging
+import time
+
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
+
+from sal import registration as reg
+from sal.ip import aton, ntoa
+from sal.serviceid import ServicePrefix, short
+from sal.service_table import Action
+
+from .health import HealthCheck
+from .registration import Registrar
+from .router_health import DefaultRule, RouterHealth, redirect_pending
+from .routing_config import DEFAULT_PREFIX
+
+log = logging.getLogger("serval.routing")
+TICK = 0.01
+
+
+def routing_agent(gateway):
+    return (ServerAgent if gateway.cfg.role == "server" else ClientAgent)(gateway)
+
+
+class _Datagrams(DatagramProtocol):
+    def __init__(self, on_reply):
+        self.on_reply = on_reply
+
+    def datagramReceived(self, data, addr):
+        try:
+            self.on_reply(data, addr)
+        except Exception:   # a bad datagram must never hurt the gateway
+            log.exception("reply from %s", addr)
+
+
+class _Agent:
+    def __init__(self, gateway):
+        self.gw = gateway
+        self.routing = gateway.cfg.routing
+        self.udp = self.ticker = None
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+        if self.routing is None:
+            return
+        self.udp = self.gw.reactor.listenUDP(0, _Datagrams(self._on_reply), interface=self.bind_address())
+        self.ticker = LoopingCall(self._tick)
+        self.ticker.start(TICK, now=True)
+
+    def stop(self) -> None:
+        if self.ticker is not None and self.ticker.running:
+            self.ticker.stop()
+        if self.udp is not None:
+            self.udp.stopListening()
+            self.udp = None
+
+    def bind_address(self) -> str:
+        return ""
+
+    def _send(self, datagrams) -> None:
+        for data, router in datagrams:
+            try:
+                self.udp.write(data, router)
+            except OSError as exc:
+                self.gw.stats[f"control_send_failed_{exc.errno}"] += 1
+
+    def _tick(self) -> None:
+        try:
+            self.tick(time.monotonic(), time.time_ns())
+        except Exception:
+            log.exception("control plane tick")
+
+
+class ServerAgent(_Agent):
+    def __init__(self, gateway):
+        super().__init__(gateway)
+        cfg, table = gateway.cfg, gateway.translator.table
+        self.local: dict[str, tuple] = {}      # service key -> (prefix, backend, priority, weight, in table)
+        self.by_backend: dict[tuple, list] = {}
+        for svc in cfg.services:
+            key, prefix = f"{svc.name}:{svc.port}", ServicePrefix(svc.service_id)
+            entry = table.match(svc.service_id)
+            backend = next(t.target for t in entry.targets if t.action == Action.DEMUX and t.target.name == svc.name)
+            self.local[key] = [prefix, backend, svc.priority, svc.weight, True]
+            self.by_backend.setdefault((ntoa(backend.address), backend.port), []).append(key)
+        self.drained: set[str] = set()
+        self.registrar = self.checks = None
+        if self.routing is not None:
+            r = self.routing
+            address = cfg.sal_address or _source_for(r.routers[0][0])
+            self.registrar = Registrar(reg.Signer(r.key, r.sender), aton(address), r.routers,
+                                       r.refresh_interval, r.hold_time)
+            for svc in cfg.services:
+                self.registrar.offer(f"{svc.name}:{svc.port}", reg.Record(
+                    svc.name, ServicePrefix(svc.service_id), svc.weight, svc.priority))
+            self.checks = {b: HealthCheck(r.health.interval, r.health.rise, r.health.fall) for b in self.by_backend}
+        self._refused_seen = 0
+
+    def bind_address(self) -> str:
+        return ntoa(self.registrar.address)
+
+    def stop(self) -> None:
+        if self.udp is not None and self.registrar is not None:
+            self._send(self.registrar.stop(time.monotonic(), time.time_ns()))
+            log.info("unregistered from %d router(s)", len(self.registrar.routers))
+        super().stop()
+
+    def tick(self, now: float, wall_ns: int) -> None:
+        self._send(self.registrar.tick(now, wall_ns))
+        refused = self.gw.stats.get("flows_refused", 0)
+        if refused != self._refused_seen:     # a backend refused a connection: check now
+            self._refused_seen = refused
+            for check in self.checks.values():
+                check.hurry(now)
+        for backend, check in self.checks.items():
+            if check.due(now):
+                check.started(now)
+                self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(
+                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=self.routing.health.timeout)
+
+    def _checked(self, backend: tuple, ok: bool, error: str) -> None:
+        changed = self.checks[backend].result(ok, error)
+        if changed is None:
+            return
+        log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend,
+                "up" if ok else "down", "" if ok else f" ({error})")
+        now, wall = time.monotonic(), time.time_ns()
+        for key in self.by_backend[backend]:
+            self._send(self.registrar.set_health(key, ok, now, wall))
+            self._sync_local(key)
+
+    def _on_reply(self, data: bytes, addr) -> None:
+        self.registrar.on_reply(data, tuple(addr), time.monotonic())
+
+    def _sync_local(self, key: str) -> None:
+        """Keep the service in our own table unless it is down or drained."""
+        offer = self.registrar.offers[key] if self.registrar else None
+        want = key not in self.drained and (offer is None or offer.healthy is not False)
+        prefix, backend, priority, weight, present = self.local[key]
+        table = self.gw.translator.table
+        if want and not present:
+            table.add(prefix, Action.DEMUX, backend, priority, weight)
+        elif present and not want:
+            table.remove(prefix, backend)
+        self.local[key][4] = want
+
+    # --- control commands -------------------------------------------------------------
+    def commands(self) -> dict:
+        return {"services": self.services, "drain": self.drain}
+
+    def drain(self, service: str, cancel: bool = False):
+        keys = [k for k in self.local if service in (k, k.rsplit(":", 1)[0])]
+        if not keys:
+            raise ValueError(f"no service {service!r} (have {', '.join(self.local)})")
+        now, wall = time.monotonic(), time.time_ns()
+        for key in keys:
+            (self.drained.discard if cancel else self.drained.add)(key)
+            if self.registrar is not None:
+                self._send(self.registrar.set_drained(key, not cancel, now, wall))
+            self._sync_local(key)
+            log.info("service %s %s", key, "resumed" if cancel else "draining: no new connections")
+        return [row for row in self.services() if row["service"] in keys]
+
+    def services(self):
+        now = time.monotonic()
+        flows: dict = {}
+        for flow in self.gw.translator.flows.values():
+            if flow.closed_at is None and flow.extra is not None:
+                b = flow.extra[0]
+                flows[(b.address, b.port)] = flows.get((b.address, b.port), 0) + 1
+        rows = []
+        for key, (prefix, backend, priority, weight, present) in self.local.items():
+            offer = self.registrar.offers[key] if self.registrar else None
+            check = self.checks.get((ntoa(backend.address), backend.port)) if self.checks else None
+            rows.append({
+                "service": key, "service_id": short(prefix.value.to_bytes(32, "big")),
+                "backend": str(backend), "weight": weight, "priority": priority,
+                "health": check.state if check else "unchecked",
+                "state": offer.state if offer else ("draining" if key in self.drained else "serving"),
+                "routers_acked": f"{self.registrar.routers_acked(now)}/{len(self.registrar.routers)}"
+                if self.registrar else "-",
+                "flows": flows.get((backend.address, backend.port), 0)})
+        return rows
+
+
+class ClientAgent(_Agent):
+    def __init__(self, gateway):
+        super().__init__(gateway)
+        self.health = self.rule = None
+        if self.routing is not None:
+            r = self.routing
+            self.health = RouterHealth(reg.Signer(r.key, r.sender), r.routers, r.probe_interval,
+                                       r.probe_misses, time.monotonic())
+            self.rule = DefaultRule(gateway.translator.table, DEFAULT_PREFIX, [a for a, _ in r.routers])
+
+    def bind_address(self) -> str:
+        return ntoa(self.gw.translator.sal_address)
+
+    def tick(self, now: float, wall_ns: int) -> None:
+        self._send(self.health.tick(now, wall_ns))
+        removed, added = self.rule.update(self.health.live(now))
+        if removed or added:
+            log.warning("routers down: %s; up: %s; default rule now %s", removed or "-", added or "-",
+                        ", ".join(self.rule.current))
+        if removed:
+            moved = redirect_pending(self.gw.translator, removed, now)
+            self.gw.stats["syns_redirected"] += moved
+            self.gw._flush()
+
+    def _on_reply(self, data: bytes, addr) -> None:
+        self.health.on_reply(data, tuple(addr), time.monotonic())
+
+    def commands(self) -> dict:
+        return {"services": self.services, "drain": self.drain}
+
+    def drain(self, service: str, cancel: bool = False):
+        raise ValueError("drain is for a server gateway (a client gateway serves nothing)")
+
+    def services(self):
+        """The client's table: each rule's targets, and for routers their health."""
+        now = time.monotonic()
+        health = {row["router"].split(":")[0]: row for row in self.health.rows(now)} if self.health else {}
+        rows = []
+        for entry in self.gw.translator.table.entries():
+            for t in entry.targets:
+                h = health.get(t.target, {})
+                rows.append({"prefix": "default" if entry.prefix.bits == 0 else f"{short(entry.prefix.value.to_bytes(32, 'big'))}:{entry.prefix.bits}",
+                             "action": t.action.value, "next_hop": t.target, "weight": t.weight,
+                             "priority": t.priority, "health": h.get("state", "unchecked"),
+                             "rtt_ms": h.get("rtt_ms"), "conns": t.hits})
+        in_rule = {t for e in self.gw.translator.table.entries() for t in (x.target for x in e.targets)}
+        for address, row in health.items():       # routers taken out of the rule
+            if address not in in_rule:
+                rows.append({"prefix": "default", "action": "forward", "next_hop": address, "weight": 1,
+                             "priority": 1, "health": row["state"], "rtt_ms": row["rtt_ms"], "conns": 0})
+        return rows
+
+
+class _Check(Protocol):
+    def connectionMade(self):
+        self.factory.report(True, "")
+        self.transport.loseConnection()
+
+
+class _CheckFactory(ClientFactory):
+    """One TCP connect to a backend; reports once: connected, refused or timed out."""
+    protocol = _Check
+
+    def __init__(self, done):
+        self.done = done
+
+    def report(self, ok: bool, error: str) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(ok, error)
+
+    def clientConnectionFailed(self, connector, reason):
+        self.report(False, reason.getErrorMessage())
+
+
+def _source_for(address: str) -> str:
+    from .adapters.netlink import source_for
+    return source_for(address)[0]
