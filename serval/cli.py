@@ -10,7 +10,8 @@ import sys
 # subcommand -> (module, help)
 COMMANDS = {
     "gateway": ("gateway.cli", "run a client or server gateway"),
-    "ctl": ("serval.ctl", "talk to a running gateway over its control socket"),
+    "router": ("serval.router", "run a service router (registrations in, SYNs forwarded to live instances)"),
+    "ctl": ("serval.ctl", "talk to a running gateway or router over its control socket"),
     "decode": ("serval.decode", "decode SAL packets in a pcap file"),
     "dns": ("serval.dns", "run the DNS resolver"),
 }

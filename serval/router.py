@@ -1,0 +1,39 @@
+"""``serval router --config FILE``: run a service router in the foreground."""
+import logging
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("--config", "-c", required=True, help="the router's TOML config file (see deploy/router.toml)")
+    p.add_argument("--check", action="store_true", help="check the config and exit")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override the config's log_level")
+
+
+def run(args) -> int:
+    from router.config import RouterConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except RouterConfigError as exc:
+        print(f"serval router: bad config: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("serval").setLevel((args.log_level or cfg.log_level).upper())
+    from router.daemon import Router, describe
+
+    if args.check:
+        print(describe(cfg))
+        return 0
+    from twisted.internet import reactor
+
+    router = Router(cfg, reactor)
+    try:
+        router.start()
+    except Exception as exc:
+        logging.getLogger("serval.router").error("could not start: %s", exc)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", router.stop)
+    reactor.run()
+    return 0
