@@ -56,3 +56,77 @@ def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500) -> G
 
     return GatewayPair(client, cgw, sgw, server, client_if, cgw_lan_if,
                        cgw_sal_if, sgw_sal_if, sgw_lan_if, server_if)
+
+
+@dataclass(frozen=True)
+class RoutedReplicas:
+    """Replicas of a service behind server gateways, service routers, one client:
+
+        client 198.19.1.2 --- 198.19.1.1 cgw 198.19.10.1 ---+
+                                     r<i> 198.19.2<i>.1 ----+--- core (a plain IP router,
+                                   sgw<i> 198.19.3<i>.1 ----+    .254 on every subnet)
+        sgw<i> 198.19.4<i>.1 --- 198.19.4<i>.2 srv<i>            i = 0, 1, ...
+
+    Every link is its own /24 and ``core`` forwards between them, so SYNs go
+    cgw -> core -> r<i> -> core -> sgw<i>, and everything else cgw <-> core <-> sgw<i>:
+    a capture on a router's link shows whether data ever passes through it. The
+    servers have no route beyond their own subnet.
+    """
+
+    client: Host
+    cgw: Host
+    core: Host
+    routers: tuple
+    sgws: tuple
+    servers: tuple
+    client_addr: str = "198.19.1.2"
+    cgw_lan: str = "198.19.1.1"
+    cgw_sal: str = "198.19.10.1"
+
+    @staticmethod
+    def router_addr(i: int) -> str:
+        return f"198.19.{20 + i}.1"
+
+    @staticmethod
+    def sgw_sal(i: int) -> str:
+        return f"198.19.{30 + i}.1"
+
+    @staticmethod
+    def sgw_lan(i: int) -> str:
+        return f"198.19.{40 + i}.1"
+
+    @staticmethod
+    def server_addr(i: int) -> str:
+        return f"198.19.{40 + i}.2"
+
+
+def routed_replicas(lab: Lab, replicas: int = 2, routers: int = 2) -> RoutedReplicas:
+    if not (1 <= replicas <= 9 and 1 <= routers <= 9):
+        raise ValueError("1..9 replicas and routers")
+    client, cgw, core = (lab.add_host(n) for n in ("client", "cgw", "core"))
+    # core forwards packets whose source is on another link (a router sends the client
+    # gateway's SYN on): no reverse-path filter there, for links made after this too
+    for scope in ("all", "default"):
+        core.sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
+    core.sysctl("net.ipv4.ip_forward", 1)
+    cgw.sysctl("net.ipv4.ip_forward", 1)
+    lab.link(client, cgw, "198.19.1.2/24", "198.19.1.1/24")
+    lab.link(cgw, core, "198.19.10.1/24", "198.19.10.254/24")
+    client.default_route("198.19.1.1")
+    cgw.default_route("198.19.10.254")
+    core.route("198.19.1.0/24", "198.19.10.1")
+    rs, sgws, servers = [], [], []
+    for i in range(routers):
+        r = lab.add_host(f"r{i}")
+        lab.link(r, core, f"{RoutedReplicas.router_addr(i)}/24", f"198.19.{20 + i}.254/24")
+        r.default_route(f"198.19.{20 + i}.254")
+        rs.append(r)
+    for i in range(replicas):
+        sgw, srv = lab.add_host(f"sgw{i}"), lab.add_host(f"srv{i}")
+        lab.link(sgw, core, f"{RoutedReplicas.sgw_sal(i)}/24", f"198.19.{30 + i}.254/24")
+        lab.link(sgw, srv, f"{RoutedReplicas.sgw_lan(i)}/24", f"{RoutedReplicas.server_addr(i)}/24")
+        sgw.default_route(f"198.19.{30 + i}.254")
+        sgw.sysctl("net.ipv4.ip_forward", 1)
+        sgws.append(sgw)
+        servers.append(srv)
+    return RoutedReplicas(client, cgw, core, tuple(rs), tuple(sgws), tuple(servers))
