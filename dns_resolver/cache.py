@@ -71,7 +71,8 @@ class Cache:
         negative = not any(r.section == 1 for r in parsed.records)
         cap = (ttl or None) if negative else self.max_ttl
         try:
-            template = wire.template_from(data, parsed, ttl_cap=cap, stored=now)
+            # a forwarded answer is never authoritative here (AA cleared)
+            template = wire.template_from(data, parsed, ttl_cap=cap, stored=now, keep_flags=wire.AD | wire.TC)
         except wire.WireError:
             return None
         if ttl > 0 and self.size > 0:

@@ -275,10 +275,11 @@ class Template:
 
 
 def template_from(data: bytes, parsed: Scan, ttl_cap: int | None = None, stored: float = 0.0,
-                  decrement: bool = True) -> Template:
+                  decrement: bool = True, keep_flags: int = AA | AD | TC) -> Template:
     """A template of the response ``data`` (scanned as ``parsed``): its OPT record is
-    dropped (each client gets its own). Raises WireError when the OPT is not the last
-    record (then the body cannot be cut without breaking compression pointers)."""
+    dropped (each client gets its own), and of its flags only ``keep_flags`` and the
+    rcode stay. Raises WireError when the OPT is not the last record (then the body
+    cannot be cut without breaking compression pointers)."""
     records = parsed.records
     opts = [i for i, r in enumerate(records) if r.rtype == T_OPT]
     if opts and (len(opts) > 1 or opts[0] != len(records) - 1):
@@ -298,5 +299,5 @@ def template_from(data: bytes, parsed: Scan, ttl_cap: int | None = None, stored:
     counts = [0, 0, 0]
     for r in records:
         counts[r.section - 1] += 1
-    return Template(parsed.flags & (AA | AD | TC | 0xF), tuple(counts), bytes(body), tuple(ttl_at),
+    return Template(parsed.flags & (keep_flags | 0xF), tuple(counts), bytes(body), tuple(ttl_at),
                     tuple(ttls), stored, decrement)

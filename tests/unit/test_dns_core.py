@@ -70,6 +70,7 @@ def test_other_names_forwarded_once_then_from_cache():
     assert first.q.qname.label == (b"www", b"Example", b"org")
     assert second.q.qname.label == (b"WWW", b"example", b"org")
     assert str(first.rr[0].rdata) == "192.0.2.7" and first.header.ra
+    assert not first.header.aa                    # upstream said AA; we are not authoritative
     # then from the cache, TTL aged
     r = one_reply(core.handle(q("www.example.org", ident=7), LAN, False, 110.2, 1e9, "c3"))
     assert r.header.id == 7 and r.rr[0].ttl == 200
