@@ -6,6 +6,8 @@ import time
 
 from twisted.internet.protocol import DatagramProtocol
 
+from gateway.daemon import kernel_queue_stats
+
 from .config import RouterConfig
 from .core import PASS, RouterCore
 
@@ -103,6 +105,7 @@ class Router:
         stats["registrations_live"] = len(self.core.registry.by_sender)
         stats["syns_held"] = len(self.core.held)
         stats.update({f"registry_{k}": v for k, v in self.core.registry.stats.items()})
+        stats.update(kernel_queue_stats(self.cfg.queue))
         return stats
 
     def _config(self):

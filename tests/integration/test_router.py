@@ -10,7 +10,6 @@ One deployment serves the whole module; every test leaves it healthy again.
 Refresh 50 ms / hold 200 ms, router probes 50 ms x 3, backend checks 100 ms, rise/fall 2.
 """
 import os
-import socket
 import sys
 import time
 

@@ -14,7 +14,7 @@ from router.core import PASS, RouterCore, RouterOptions
 from sal import registration as reg
 from sal import wire
 from sal.checksum import checksum
-from sal.ip import IPv4, aton, ntoa, transport_checksum_ok
+from sal.ip import IPv4, aton, ntoa, transport_checksum, transport_checksum_ok
 from sal.serviceid import ServicePrefix, service_id_for
 from sal.service_table import Action, ServiceTable
 from tests.unit.packets import ACK, SYN, tcp_packet
@@ -53,9 +53,6 @@ def sal_syn(flow=0x1234, carriage="ip", sid=SID, src=CGW, extra=()):
     seg = bytearray(tcp_packet("198.19.1.2", 40000, "198.18.0.10", 80, 1000, flags=SYN, mss=1400)[20:])
     seg[0:4] = bytes(4)
     pseudo = (aton(src), aton(ROUTER)) if carriage == "ip" else (bytes(4), bytes(4))
-    seg[16:18] = b"\0\0"
-    csum = ~(sum(struct.unpack("!%dH" % (len(seg) // 2), bytes(seg))) + 0) & 0xFFFF
-    from sal.ip import transport_checksum
     seg[16:18] = transport_checksum(*pseudo, 6, bytes(seg), 16).to_bytes(2, "big")
     hdr = wire.SalHeader(flow, 0, 6, [wire.Control(wire.SYN, 7, 0, b"n" * 8), wire.Service(sid), *extra])
     body = hdr.encode() + bytes(seg)
