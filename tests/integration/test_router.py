@@ -278,3 +278,24 @@ def test_restarted_gateway_meets_no_time_wait_at_its_backend(healthy):
             split(dep, 200, request=request)
     counts = split(dep, 200, timeout=1.5)
     assert counts.get("srv0", 0) + counts.get("srv1", 0) == 200, counts
+
+
+def test_udp_carriage_through_the_routers(requires_netns):
+    """The same deployment carrying SAL over UDP: the routers forward SYNs arriving on
+    UDP port 54325 (the inner checksum needs no change, the outer length grows)."""
+    with Lab() as lab:
+        topo = routed_replicas(lab)
+        d = RoutedDeployment(topo, Knobs(carriage="udp"))
+        for i in range(2):
+            start_backend(topo.servers[i], f"srv{i}")
+        try:
+            d.start()
+            d.wait_registered(2)
+            assert_share(split(d, 400), 400)
+            stats = [d.ctl(r, "stats") for r in ("r0", "r1")]
+            assert sum(s.get("syn_forwarded", 0) for s in stats) >= 400
+            assert not any(k.startswith("dropped_") and v for s in stats for k, v in s.items()), stats
+            assert set(d.stop_all().values()) == {0}
+        finally:
+            for name in list(d.procs):
+                d.kill(name)
