@@ -44,10 +44,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     else:
         sal_in = ["-p", "udp", "--dport", str(translator.carriage.local_port)]
     pre, out, routes = [], [], []
-    # SAL arrives at whichever address is ours now: addresses change under live flows
-    local = ["-m", "addrtype", "--dst-type", "LOCAL"]
+    # SAL to any address: addresses change under live flows, and a packet still sent to
+    # the one we just lost is translated rather than lost (what is not ours passes)
     if cfg.role == "client":
-        pre.append(sal_in + local)
+        pre.append(sal_in)
         if cfg.intercept_forwarded:
             pre.append(["-p", "tcp", "-d", cfg.virtual_network])
         if cfg.intercept_local:
@@ -56,7 +56,7 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
             if route:
                 routes.append(route)
     else:
-        pre.append(sal_in + local)
+        pre.append(sal_in)
         low, high = cfg.port_range
         for svc in cfg.services:
             host, port = svc.backend
@@ -122,6 +122,7 @@ class Gateway:
         except BaseException:
             self.stop()
             raise
+        self.translator.local_addresses = {aton(a) for a in netlink.address_interfaces()}
         self._log_started(plan)
 
     def stop(self) -> None:
@@ -176,9 +177,9 @@ class Gateway:
 
     # --- mobility ------------------------------------------------------------------
     def _on_netlink(self, events) -> None:
-        # a change comes as a burst of messages: look once it has settled
+        # a change comes as a burst of messages, read together: look right after it
         if self._path_check is None or not self._path_check.active():
-            self._path_check = self.reactor.callLater(0.02, self.check_paths)
+            self._path_check = self.reactor.callLater(0.001, self.check_paths)
 
     def check_paths(self, peer_filter=None, force_address: bytes | None = None) -> int:
         """Move live flows whose path broke: our address is gone, or the route to the
@@ -194,7 +195,8 @@ class Gateway:
         for flow in t.flows.values():
             if flow.closed_at is None and (peer_filter is None or peer_filter(flow)):
                 peers.setdefault(flow.peer_addr, set()).add(flow.local_addr)
-        ours = netlink.address_interfaces() if peers and force_address is None else {}
+        ours = netlink.address_interfaces()
+        t.local_addresses = {aton(a) for a in ours}
         for peer, locals_ in peers.items():
             new = force_address
             if new is None:

@@ -1,10 +1,31 @@
-"""Addresses and routes from the kernel (pyroute2): which source address reaches a peer."""
+"""Addresses and routes from the kernel (pyroute2): which source address reaches a peer.
+
+One netlink socket is kept for the process: opening one costs milliseconds, and these
+questions are asked on the way to moving live flows.
+"""
+from contextlib import contextmanager
+
 from pyroute2 import IPRoute
+
+_shared = None
+
+
+@contextmanager
+def _ipr():
+    global _shared
+    if _shared is None:
+        _shared = IPRoute()
+    try:
+        yield _shared
+    except Exception:
+        _shared.close()       # a broken socket is not reused
+        _shared = None
+        raise
 
 
 def source_for(destination: str) -> tuple[str, str]:
     """(source address, interface name) the kernel would use to reach ``destination``."""
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         routes = ipr.route("get", dst=destination)
         if not routes:
             raise LookupError(f"no route to {destination}")
@@ -20,7 +41,7 @@ def source_for(destination: str) -> tuple[str, str]:
 
 def has_route(destination: str) -> bool:
     try:
-        with IPRoute() as ipr:
+        with _ipr() as ipr:
             return bool(ipr.route("get", dst=destination))
     except Exception:
         return False
@@ -28,7 +49,7 @@ def has_route(destination: str) -> bool:
 
 def ipv4_interfaces() -> list[str]:
     """Names of the interfaces that carry an IPv4 address (not loopback)."""
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         names = {}
         for link in ipr.get_links():
             names[link["index"]] = link.get_attr("IFLA_IFNAME")
@@ -38,7 +59,7 @@ def ipv4_interfaces() -> list[str]:
 
 def address_interfaces() -> dict[str, str]:
     """Our IPv4 addresses and the interface each is on."""
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"): names.get(a["index"], "?")
                 for a in ipr.get_addr(family=2)}

@@ -22,7 +22,8 @@ class NetlinkWatcher:
 
     def doRead(self):
         try:
-            events = {m.get("event") for m in self.ipr.get()}
+            # IPv6 address and route churn (DAD, router solicitations) is not our business
+            events = {m.get("event") for m in self.ipr.get() if m.get("family") != 10}
         except Exception as exc:     # a bad message must not stop the watcher
             log.warning("reading netlink: %s", exc)
             events = {"?"}

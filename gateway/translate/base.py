@@ -106,6 +106,10 @@ class Translator(MigrationMixin):
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
         self._holding: set[int] = set()           # flows holding packets during a move
+        # Our addresses, kept current by the daemon. SAL is queued whatever its
+        # destination, so that packets still sent to an address we just lost are
+        # translated; what is for no flow of ours and not for us passes.
+        self.local_addresses: set[bytes] = set()
         self.migration_times: list[float] = []    # seconds from move to confirmed path
 
     # --- flows ---------------------------------------------------------------------
@@ -301,16 +305,21 @@ class Translator(MigrationMixin):
         else:
             self._retransmitting.discard(flow.sal.local_flow)
 
-    def _answer_unknown(self, ip: IPv4, hdr: SalHeader, peer_port: int) -> None:
-        """A SAL packet for no flow of ours: RST it (never a RST, never a bare SYN)."""
+    def _answer_unknown(self, ip: IPv4, hdr: SalHeader, peer_port: int):
+        """A SAL packet for no flow of ours: not addressed to us, it is someone else's
+        and passes; addressed to us, it is dropped and answered with a RST (never a
+        RST, never a bare SYN)."""
+        if self.local_addresses and ip.dst not in self.local_addresses:
+            return PASS
         self.stats["dropped_no_flow"] += 1
         ctl = hdr.control
         if ctl is not None and ctl.flags & (wire.RST | wire.SYN):
-            return
+            return None
         rst = SalHeader(hdr.dst_flow, hdr.src_flow, 6, [wire.Control(
             wire.RST, 0, (ctl.verno + 1) & 0xFFFFFFFF if ctl else 0, b"\0" * 8)])
         self.outbox.append(self.carriage.wrap(ip.dst, ip.src, rst.encode(), peer_port))
         self.stats["sal_resets_sent"] += 1
+        return None
 
     # --- SAL output ----------------------------------------------------------------
     def _emit_sal(self, flow: Flow, body: bytes) -> None:

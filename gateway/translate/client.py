@@ -160,8 +160,7 @@ class ClientTranslator(Translator):
         ip, hdr, off, peer_port, body = parsed
         flow = self.flows.get(hdr.dst_flow)
         if flow is None:
-            self._answer_unknown(ip, hdr, peer_port)
-            return None
+            return self._answer_unknown(ip, hdr, peer_port)
         return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
 
     def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:

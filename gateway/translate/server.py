@@ -65,11 +65,12 @@ class ServerTranslator(Translator):
             return parsed
         ip, hdr, off, peer_port, body = parsed
         if hdr.dst_flow == 0:
+            if self.local_addresses and ip.dst not in self.local_addresses:
+                return PASS                  # a SYN on its way elsewhere
             return self._on_syn(pkt, ip, hdr, off, peer_port, body, now)
         flow = self.flows.get(hdr.dst_flow)
         if flow is None:
-            self._answer_unknown(ip, hdr, peer_port)
-            return None
+            return self._answer_unknown(ip, hdr, peer_port)
         return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
 
     def _on_syn(self, pkt: bytes, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
