@@ -10,8 +10,8 @@ and every time is an argument (wall-clock seconds, since they are persisted).
   and different resolvers sharing a range tend to agree.
 * Every change of the set of mappings (an allocation, a reclaim) is saved before the
   answer that needs it leaves, so the gateway can learn the mapping by the time the
-  client connects. Answer times (``last_answered``) are saved by :meth:`flush`
-  (the daemon calls it periodically and on exit).
+  client connects. Answer times (``last_answered``) are saved, and everything forced
+  to disk, by :meth:`flush` (the daemon calls it periodically and on exit).
 * :meth:`idle` lists the allocations whose last answer is older than a threshold; the
   daemon asks the gateway which of them carry live flows and calls :meth:`reclaim`
   with the rest. The threshold is never below the zone's TTL, and reclaim checks it
@@ -56,6 +56,7 @@ class Allocator:
         self.pinned = dict(pinned or {})
         self.generation = 0                       # bumped when a mapping goes away
         self.dirty = False                        # answer times not yet saved
+        self.unsynced = False                     # saved, but not yet forced to disk
         self.exhausted = False                    # the last allocation found no address
         if self.network.prefixlen <= 30:
             self._first = int(self.network.network_address) + 1
@@ -106,15 +107,17 @@ class Allocator:
     def records(self) -> list[dict]:
         return [a.record() for a in sorted(self.by_address.values(), key=lambda a: ipaddress.IPv4Address(a.address))]
 
-    def save(self) -> None:
+    def save(self, durable: bool = False) -> None:
         if self.store is not None:
-            self.store.save(self.records())
-        self.dirty = False
+            self.store.save(self.records(), durable=durable)
+        self.dirty = self.unsynced = False
+        if not durable:
+            self.unsynced = True
 
     def flush(self) -> bool:
-        """Save answer times if any changed; True when something was written."""
-        if self.dirty:
-            self.save()
+        """Save (to disk) answer times or mappings not yet synced; True when written."""
+        if self.dirty or self.unsynced:
+            self.save(durable=True)
             return True
         return False
 

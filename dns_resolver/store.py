@@ -1,8 +1,8 @@
 """The mappings file: the resolver's allocation store and the gateway's map.
 
 One JSON document, replaced atomically (written to a temporary file in the same
-directory, fsynced, renamed over the old one), so a reader sees the old or the new
-file, never half of one. The client gateway (``gateway/virtual_map.py``) reads
+directory, renamed over the old one), so a reader sees the old or the new file, never
+half of one. The resolver's periodic flush and its exit also fsync it. The client gateway (``gateway/virtual_map.py``) reads
 ``address`` and ``name`` of each entry; the resolver adds ``allocated``,
 ``last_answered`` (Unix times) and ``pinned``::
 
@@ -47,7 +47,11 @@ class MappingsFile:
                 pass
             return []
 
-    def save(self, records: list[dict]) -> None:
+    def save(self, records: list[dict], durable: bool = True) -> None:
+        """Replace the file. ``durable`` also forces it to disk (fsync) first; an
+        allocation only needs the gateway to see the new file (the page cache is
+        enough), and an fsync can stall for a long time on a busy disk, so the
+        allocator syncs on its periodic flush and at exit instead."""
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         body = json.dumps({"version": 1, "writer": "serval dns", "mappings": records}, indent=1)
@@ -55,8 +59,9 @@ class MappingsFile:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(body + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
         except BaseException:
@@ -78,6 +83,6 @@ class MemoryStore:
     def load(self) -> list[dict]:
         return [dict(r) for r in self.records]
 
-    def save(self, records: list[dict]) -> None:
+    def save(self, records: list[dict], durable: bool = True) -> None:
         self.records = [dict(r) for r in records]
         self.writes += 1
