@@ -24,17 +24,19 @@ class LabError(RuntimeError):
     pass
 
 
-def wait_listening(host, port: int, proto: str = "u", timeout: float = 10.0, proc=None, log=None) -> None:
-    """Wait until something listens on ``port`` (``proto`` 'u' UDP, 't' TCP) in ``host``."""
+def wait_listening(host, address: str, port: int, proto: str = "u", timeout: float = 10.0, proc=None,
+                   log=None) -> None:
+    """Wait until something listens on ``address``:``port`` (``proto`` 'u' UDP, 't' TCP)
+    in ``host``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise LabError(f"exited {proc.returncode} before listening on {port}:\n{log() if log else ''}")
-        r = host.run(["ss", f"-l{proto}nH", f"sport = :{port}"], check=False)
+            raise LabError(f"exited {proc.returncode} before listening on {address}:{port}:\n{log() if log else ''}")
+        r = host.run(["ss", f"-l{proto}nH", f"src {address}", f"sport = :{port}"], check=False)
         if r.stdout.strip():
             return
         time.sleep(0.05)
-    raise LabError(f"nothing listens on port {port} in {host.ns}:\n{log() if log else ''}")
+    raise LabError(f"nothing listens on {address}:{port} in {host.ns}:\n{log() if log else ''}")
 
 
 # --- dnsmasq -----------------------------------------------------------------------
@@ -64,15 +66,7 @@ class Dnsmasq:
         return self
 
     def _wait(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LabError(f"dnsmasq exited {self.proc.returncode}:\n{self.log()}")
-            r = self.host.run(["ss", "-lunH", f"src {self.address}", f"sport = :{self.port}"], check=False)
-            if r.stdout.strip():
-                return
-            time.sleep(0.05)
-        raise LabError(f"dnsmasq did not start:\n{self.log()}")
+        wait_listening(self.host, self.address, self.port, "u", timeout, self.proc, self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -123,12 +117,14 @@ def resolver_config(listen, allow, zones, upstreams=None, mappings=None, gateway
 class RunningResolver:
     """``python -m serval dns`` in ``host``'s namespace."""
 
-    def __init__(self, host, config_text: str, directory: str | None = None, port: int = 53,
-                 log_level: str | None = None):
-        self.host, self.port = host, port
+    def __init__(self, host, config_text: str, directory: str | None = None, log_level: str | None = None):
+        from .config import load
+
+        self.host = host
         self.dir = Path(directory or tempfile.mkdtemp(prefix="serval-dns-"))
         self.config = self.dir / "dns.toml"
         self.config.write_text(config_text)
+        self.address, self.port = load(str(self.config)).listen[0]
         self.log_path = self.dir / "dns.log"
         self.log_level = log_level
         self.proc = None
@@ -139,7 +135,8 @@ class RunningResolver:
             argv += ["--log-level", self.log_level]
         self.proc = self.host.popen(argv, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT,
                                     cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
-        wait_listening(self.host, self.port, "t", timeout, self.proc, self.log)
+        # UDP and TCP listen at once (TCP last): TCP on our address means we are up
+        wait_listening(self.host, self.address, self.port, "t", timeout, self.proc, self.log)
         return self
 
     def stop(self, timeout: float = 10.0) -> int:
