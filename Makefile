@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
-                iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps
+                iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps dnsmasq-base dnsperf
 
 .PHONY: all deps venv test unit demo bench clean distclean
 
