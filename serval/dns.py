@@ -45,6 +45,8 @@ def run(args) -> int:
         logging.getLogger("serval.dns").error("could not start: %s", exc)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
+    import gc
+    gc.freeze()          # the config, zones and code stay: keep them out of the collector's walks
     reactor.run()
     return 0
 
