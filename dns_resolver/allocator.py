@@ -58,6 +58,7 @@ class Allocator:
         self.dirty = False                        # answer times not yet saved
         self.unsynced = False                     # saved, but not yet forced to disk
         self.exhausted = False                    # the last allocation found no address
+        self.store_failing = False                # the last save failed (logged once)
         if self.network.prefixlen <= 30:
             self._first = int(self.network.network_address) + 1
             self._size = self.network.num_addresses - 2
@@ -127,7 +128,8 @@ class Allocator:
 
     def allocate(self, name: str, now: float) -> Allocation | None:
         """The name's address, allocating (and saving) one if needed; None when the
-        range is full."""
+        range is full or the store cannot be written (a gateway could not learn the
+        mapping: better no answer than an address that leads nowhere)."""
         alloc = self.by_name.get(name)
         if alloc is not None:
             return alloc
@@ -140,8 +142,18 @@ class Allocator:
         self.exhausted = False
         alloc = Allocation(name, address, now, now, name in self.pinned)
         self._add(alloc)
+        try:
+            self.save()
+        except OSError as exc:
+            self._remove(alloc)
+            if not self.store_failing:
+                log.error("cannot write the mappings (%s): not handing out %s -> %s", exc, name, address)
+            self.store_failing = True
+            return None
+        if self.store_failing:
+            log.info("mappings written again")
+            self.store_failing = False
         self.released.pop(address, None)
-        self.save()
         log.info("allocated %s -> %s", name, address)
         return alloc
 
@@ -176,7 +188,11 @@ class Allocator:
         if freed:
             self.generation += 1
             self.exhausted = False
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:      # the file keeps them a while: harmless, retried on flush
+                log.error("cannot write the mappings after a reclaim: %s", exc)
+                self.unsynced = True
             for alloc in freed:
                 log.info("reclaimed %s -> %s (last answered %.0f s ago, no live flow)",
                          alloc.name, alloc.address, now - alloc.last_answered)

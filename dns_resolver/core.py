@@ -85,7 +85,8 @@ class Resolver:
         limit = query.limit(tcp, self.max_udp)
         if not self.acl.allows(client):
             stats["refused"] += 1
-            return [Reply(to, wire.error_reply(query.ident, query.flags, wire.REFUSED, query, self.max_udp))]
+            reply = wire.error_reply(query.ident, query.flags, wire.REFUSED, query, self.max_udp)
+            return [Reply(to, reply[:3] + bytes((reply[3] & ~wire.RA & 0xFF,)) + reply[4:])]   # no RA for them
         for zone in self.zones:
             if zone.contains(query.key):
                 stats["zone_answers"] += 1

@@ -25,6 +25,26 @@ log = logging.getLogger("serval.dns")
 URGENT_SWEEP_GAP = 2.0       # seconds between reclaim sweeps forced by a full range
 
 
+def debug_enabled() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
+
+
+def describe(data: bytes) -> str:
+    """One line about a DNS message, for debug logs."""
+    try:
+        from dnslib import QTYPE, RCODE, DNSRecord
+        msg = DNSRecord.parse(data)
+        q = msg.q
+        what = f"{q.qname} {QTYPE.get(q.qtype, q.qtype)}" if msg.questions else "(no question)"
+        if not msg.header.qr:
+            return f"id {msg.header.id} {what}"
+        answers = ", ".join(str(rr.rdata) for rr in msg.rr[:4]) + (" ..." if len(msg.rr) > 4 else "")
+        flags = " TC" if msg.header.tc else ""
+        return f"id {msg.header.id} {what} {RCODE.get(msg.header.rcode, msg.header.rcode)}{flags} [{answers}]"
+    except Exception as exc:
+        return f"{len(data)} bytes, unparsable ({exc})"
+
+
 def upstream_servers(cfg: DnsConfig) -> tuple[list, str]:
     """The upstreams and where they came from; never one of our own listen sockets."""
     own = set(cfg.listen)
@@ -47,6 +67,7 @@ class DnsDaemon:
         self.last_urgent = 0.0
         self.started = time.monotonic()
         self.warned_no_gateway = False
+        self.gateway_ok = True
 
         cfg = self.cfg
         self.store = MappingsFile(cfg.mappings) if cfg.mappings else MemoryStore()
@@ -99,11 +120,13 @@ class DnsDaemon:
             factory.close_all()
         self.tcp_factories.clear()
         self.forwarder.close()
-        self.allocator.flush()
+        self._flush()
         log.info("stopped: %s", self.summary())
 
     # --- messages ------------------------------------------------------------------
     def received(self, data: bytes, client: str, tcp: bool, to) -> None:
+        if debug_enabled():
+            log.debug("query from %s over %s: %s", client, "TCP" if tcp else "UDP", describe(data))
         try:
             actions = self.core.handle(data, client, tcp, time.monotonic(), time.time(), to)
         except Exception:       # a message must never take the server down
@@ -116,14 +139,17 @@ class DnsDaemon:
         for action in actions:
             if isinstance(action, Reply):
                 to = action.to
-                if isinstance(to, TCPConnection):
-                    to.send(action.data)
-                else:
-                    transport, addr = to
-                    try:
+                if debug_enabled():
+                    log.debug("reply to %s: %s", to.peer if isinstance(to, TCPConnection) else to[1][0],
+                              describe(action.data))
+                try:
+                    if isinstance(to, TCPConnection):
+                        to.send(action.data)
+                    else:
+                        transport, addr = to
                         transport.write(action.data, addr)
-                    except OSError as exc:
-                        log.debug("cannot send to %s: %s", addr, exc)
+                except Exception as exc:       # a closed socket, a full buffer: the client retries
+                    log.debug("cannot send a reply: %s", exc)
             elif isinstance(action, Forward):
                 d = self.forwarder.query(action.data)
                 d.addCallback(self._upstream_done, action.key)
@@ -168,11 +194,16 @@ class DnsDaemon:
         d = gateway_link.virtual_in_use(self.reactor, self.cfg.gateway_control)
 
         def reclaim(in_use):
+            if not self.gateway_ok:
+                log.info("the gateway at %s answers again", self.cfg.gateway_control)
+                self.gateway_ok = True
             self.allocator.reclaim(candidates, in_use, time.time(), threshold)
 
         def unreachable(failure):
-            log.warning("cannot ask the gateway at %s which addresses are in use (%s): reclaiming nothing",
-                        self.cfg.gateway_control, failure.getErrorMessage())
+            level = logging.WARNING if self.gateway_ok else logging.DEBUG
+            log.log(level, "cannot ask the gateway at %s which addresses are in use (%s): reclaiming nothing "
+                    "(%d idle)", self.cfg.gateway_control, failure.getErrorMessage(), len(candidates))
+            self.gateway_ok = False
 
         def done(_):
             self.sweeping = False

@@ -148,3 +148,19 @@ def test_allocations_stay_inside_the_network(network):
     for i in range(2):
         alloc = a.allocate(f"svc{i}", NOW)
         assert ipaddress.IPv4Address(alloc.address) in net
+
+
+def test_an_unwritable_store_means_no_address_rather_than_one_the_gateway_cannot_know():
+    class Broken(MemoryStore):
+        fail = True
+
+        def save(self, records, durable=True):
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            super().save(records, durable)
+
+    store = Broken()
+    a = Allocator("198.18.0.0/16", store=store)
+    assert a.allocate("web", NOW) is None and a.lookup("web") is None and not a.exhausted
+    store.fail = False
+    assert a.allocate("web", NOW) is not None and store.records[0]["name"] == "web"

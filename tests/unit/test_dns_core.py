@@ -101,6 +101,7 @@ def test_clients_outside_the_allowed_networks_are_refused():
     core = make()
     r = one_reply(core.handle(q("www.example.org", ident=3), "203.0.113.9", False, 0.0, 1e9, "c"))
     assert r.header.rcode == wire.REFUSED and r.header.id == 3 and not r.rr
+    assert not r.header.ra and r.header.rd                  # no recursion offered to them
     r = one_reply(core.handle(q("web.svc.example"), "203.0.113.9", False, 0.0, 1e9, "c"))
     assert r.header.rcode == wire.REFUSED
     assert core.stats["refused"] == 2 and core.stats["forwarded"] == 0
