@@ -74,6 +74,14 @@ class Registrar:
         offer.drained = drained
         return self._changed(offer, was, now, wall_ns)
 
+    def set_address(self, address: bytes, now: float, wall_ns: int) -> list:
+        """Our address changed: re-register from the new one at once (routers replace
+        the old instance address with it)."""
+        if address == self.address:
+            return []
+        self.address = address
+        return self._register(now, wall_ns)
+
     def stop(self, now: float, wall_ns: int) -> list:
         """A clean stop: withdraw everything from every router."""
         return self._send(reg.UNREGISTER, now, wall_ns, records=[])

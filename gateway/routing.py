@@ -29,6 +29,7 @@ from .routing_config import DEFAULT_PREFIX
 
 log = logging.getLogger("serval.routing")
 TICK = 0.01
+ADDRESS_CHECK = 1.0     # seconds between looks at our own address (when not configured)
 
 
 def routing_agent(gateway):
@@ -56,7 +57,9 @@ class _Agent:
         from twisted.internet.task import LoopingCall
         if self.routing is None:
             return
-        self.udp = self.gw.reactor.listenUDP(0, _Datagrams(self._on_reply), interface=self.bind_address())
+        # bound to no address: ours may change under us (migration); replies come back
+        # to whichever the kernel chose
+        self.udp = self.gw.reactor.listenUDP(0, _Datagrams(self._on_reply))
         self.ticker = LoopingCall(self._tick)
         self.ticker.start(TICK, now=True)
 
@@ -67,9 +70,6 @@ class _Agent:
             self.udp.stopListening()
             self.udp = None
 
-    def bind_address(self) -> str:
-        return ""
-
     def _send(self, datagrams) -> None:
         for data, router in datagrams:
             try:
@@ -79,6 +79,9 @@ class _Agent:
 
     def _tick(self) -> None:
         try:
+            # answers already in the socket first: after a stall of our own (a burst of
+            # packets) a timer must not call a router dead whose answer merely waits here
+            self.udp.doRead()
             self.tick(time.monotonic(), time.time_ns())
         except Exception:
             log.exception("control plane tick")
@@ -108,9 +111,7 @@ class ServerAgent(_Agent):
                     svc.name, ServicePrefix(svc.service_id), svc.weight, svc.priority))
             self.checks = {b: HealthCheck(r.health.interval, r.health.rise, r.health.fall) for b in self.by_backend}
         self._refused_seen = 0
-
-    def bind_address(self) -> str:
-        return ntoa(self.registrar.address)
+        self._next_address_check = 0.0
 
     def stop(self) -> None:
         if self.udp is not None and self.registrar is not None:
@@ -120,6 +121,9 @@ class ServerAgent(_Agent):
 
     def tick(self, now: float, wall_ns: int) -> None:
         self._send(self.registrar.tick(now, wall_ns))
+        if self.gw.cfg.sal_address is None and now >= self._next_address_check:
+            self._next_address_check = now + ADDRESS_CHECK
+            self._follow_address(now, wall_ns)
         refused = self.gw.stats.get("flows_refused", 0)
         if refused != self._refused_seen:     # a backend refused a connection: check now
             self._refused_seen = refused
@@ -131,9 +135,20 @@ class ServerAgent(_Agent):
                 self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(
                     lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=self.routing.health.timeout)
 
+    def _follow_address(self, now: float, wall_ns: int) -> None:
+        """Without a configured sal_address we register the address that reaches the
+        routers; when that changes (the host moved), register the new one at once."""
+        try:
+            address = aton(_source_for(self.routing.routers[0][0]))
+        except (LookupError, OSError):
+            return
+        if address != self.registrar.address:
+            log.info("our address is now %s: registering from it", ntoa(address))
+            self._send(self.registrar.set_address(address, now, wall_ns))
+
     def _checked(self, backend: tuple, ok: bool, error: str) -> None:
         changed = self.checks[backend].result(ok, error)
-        if changed is None:
+        if changed is None or self.udp is None:      # (a check that ends after stop)
             return
         log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend,
                 "up" if ok else "down", "" if ok else f" ({error})")
@@ -205,9 +220,6 @@ class ClientAgent(_Agent):
             self.health = RouterHealth(reg.Signer(r.key, r.sender), r.routers, r.probe_interval,
                                        r.probe_misses, time.monotonic())
             self.rule = DefaultRule(gateway.translator.table, DEFAULT_PREFIX, [a for a, _ in r.routers])
-
-    def bind_address(self) -> str:
-        return ntoa(self.gw.translator.sal_address)
 
     def tick(self, now: float, wall_ns: int) -> None:
         self._send(self.health.tick(now, wall_ns))

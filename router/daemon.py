@@ -88,6 +88,9 @@ class Router:
         self.core.outbox.clear()
 
     def _tick(self) -> None:
+        # refreshes already in the socket first: after a stall of our own (a burst of
+        # SYNs), a registration must not expire whose refresh merely waits here
+        self.udp.doRead()
         now = time.monotonic()
         deadline = self.core.next_deadline()
         if deadline is not None and deadline <= now:

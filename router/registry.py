@@ -53,6 +53,10 @@ class Registry:
         hold = min(max(msg.hold_ms / 1000.0, self.min_hold), self.max_hold)
         records = {r.prefix: r for r in msg.records}
         old = self.by_sender.get(ident)
+        if not records:                # nothing on offer (its backends are down): hold nothing
+            if old is not None:
+                self._withdraw(self.by_sender.pop(ident), None)
+            return
         instance = Instance(msg.sender, msg.address)
         if old is None:
             self.stats["registrations_new"] += 1

@@ -140,6 +140,14 @@ def test_registrar_withdraws_on_health_down_and_drain_and_stop():
     assert msg.type == reg.UNREGISTER and msg.records == []        # all
 
 
+def test_registrar_re_registers_from_a_new_address():
+    r = make_registrar()
+    r.set_health("web.svc.example:80", True, 0.0, NOW_NS)
+    assert r.set_address(aton("198.19.30.1"), 0.01, NOW_NS) == []
+    msg = sent(r.set_address(aton("198.19.35.1"), 0.02, NOW_NS))
+    assert msg.type == reg.REGISTER and msg.address == aton("198.19.35.1") and msg.records == [RECORD]
+
+
 def test_registrar_takes_only_acks_of_what_it_sent():
     r = make_registrar()
     data, _ = r.set_health("web.svc.example:80", True, 0.0, NOW_NS)[0]

@@ -157,6 +157,8 @@ def test_refresh_expiry_unregister_and_moving():
     assert r.on_packet(sal_syn(flow=50), 1.3) is None
     r.on_control(s.unregister(), 1.4, WALL)
     assert r.registry.by_sender == {} and r.services(1.4) == []
+    r.on_control(s.register(), 1.5, WALL)              # nothing on offer: nothing held
+    assert r.registry.by_sender == {}
 
 
 def test_forged_replayed_and_foreign_registrations_change_nothing():
