@@ -49,6 +49,7 @@ class GatewayConfig:
     path: str
     instance: str
     queue: int
+    control_queue: int = 0             # SAL control packets and SYNs (default: queue + 1000)
     carriage: str = "ip"
     sal_address: str | None = None
     virtual_network: str = DEFAULT_VIRTUAL_NETWORK
@@ -71,7 +72,7 @@ class GatewayConfig:
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
-    "control_socket", "state_dir", "log_level", "mappings",
+    "control_socket", "state_dir", "log_level", "mappings", "control_queue",
 }
 
 
@@ -136,6 +137,10 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     cfg = GatewayConfig(role=role, path=path, instance=str(gw.get("instance", role)),
                         queue=_int(gw.get("queue", 0 if role == "client" else 1), 0, 65535,
                                    lambda m: fail("gateway", None, "queue", m)))
+    cfg.control_queue = _int(gw.get("control_queue", (cfg.queue + 1000) % 65536), 0, 65535,
+                             lambda m: fail("gateway", None, "control_queue", m))
+    if cfg.control_queue == cfg.queue:
+        fail("gateway", None, "control_queue", "control_queue must differ from queue")
     cfg.carriage = gw.get("carriage", "ip")
     if cfg.carriage not in ("ip", "udp"):
         fail("gateway", None, "carriage", f"carriage must be 'ip' or 'udp', not {cfg.carriage!r}")

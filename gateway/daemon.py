@@ -38,31 +38,42 @@ def build_translator(cfg: GatewayConfig, source_for):
 
 def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], need_route) -> dict:
     """The rules, sysctls and routes a gateway installs (keyword arguments for
-    ``nat.Interception.install``)."""
+    ``nat.Interception.install``).
+
+    Two queues: SAL control packets (those with extensions) and TCP SYNs go to
+    ``cfg.control_queue``, read first and whole; the bulk goes to ``cfg.queue``, read in
+    batches. So a handshake or a move never waits behind thousands of data packets."""
+    from nat import ToQueue
+
     if cfg.carriage == "ip":
-        sal_in = ["-p", "144"]
+        sal_in, sal_hlen_at = ["-p", "144"], 8
     else:
-        sal_in = ["-p", "udp", "--dport", str(translator.carriage.local_port)]
+        sal_in, sal_hlen_at = ["-p", "udp", "--dport", str(translator.carriage.local_port)], 16
+    # the SAL header length byte is above 3 words when extensions follow
+    sal_control = ToQueue(sal_in + ["-m", "u32", "--u32", f"0>>22&0x3C@{sal_hlen_at}>>24=4:255"],
+                          cfg.control_queue)
     pre, out, routes = [], [], []
     # SAL to any address: addresses change under live flows, and a packet still sent to
     # the one we just lost is translated rather than lost (what is not ours passes)
+    pre += [sal_control, sal_in]
     if cfg.role == "client":
-        pre.append(sal_in)
+        legacy = ["-p", "tcp", "-d", cfg.virtual_network]
+        syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
         if cfg.intercept_forwarded:
-            pre.append(["-p", "tcp", "-d", cfg.virtual_network])
+            pre += [syn, legacy]
         if cfg.intercept_local:
-            out.append(["-p", "tcp", "-d", cfg.virtual_network])
+            out += [syn, legacy]
             route = need_route(cfg)
             if route:
                 routes.append(route)
     else:
-        pre.append(sal_in)
         low, high = cfg.port_range
         for svc in cfg.services:
             host, port = svc.backend
             match = ["-p", "tcp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"]
-            pre.append(match)
-            out.append(match)    # a backend on this very host (a sidecar) replies via OUTPUT
+            syn = ToQueue(match + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
+            pre += [syn, match]
+            out += [syn, match]   # a backend on this very host (a sidecar) replies via OUTPUT
     # Rewritten packets carry one of our own addresses as source on input
     # (accept_local), may arrive where the reverse path differs (rp_filter), and are
     # forwarded on (ip_forward).
@@ -84,7 +95,8 @@ class Gateway:
         self.reactor = reactor
         self.translator = None
         self.interception = None
-        self.reader = self.injector = self.port = self.ticker = self.watcher = None
+        self.reader = self.control_reader = None
+        self.injector = self.port = self.ticker = self.watcher = None
         self._path_check = None
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.started = time.monotonic()
@@ -111,8 +123,10 @@ class Gateway:
         self.interception.install(**plan)
         try:
             self.injector = Injector(MARK, self.stats)
-            self.reader = QueueReader(cfg.queue, self._handle, self._flush, self.stats)
+            self.reader = QueueReader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
             self.reactor.addReader(self.reader)
+            self.control_reader = QueueReader(cfg.control_queue, self._handle, self._flush, self.stats)
+            self.reactor.addReader(self.control_reader)
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
             self.ticker = LoopingCall(self._tick)
             self.ticker.start(0.05, now=False)
@@ -138,10 +152,11 @@ class Gateway:
             self.watcher = None
         if self._path_check is not None and self._path_check.active():
             self._path_check.cancel()
-        if self.reader is not None:
-            self.reactor.removeReader(self.reader)
-            self.reader.close()
-            self.reader = None
+        for reader in (self.reader, self.control_reader):
+            if reader is not None:
+                self.reactor.removeReader(reader)
+                reader.close()
+        self.reader = self.control_reader = None
         if self.port is not None:
             self.port.stopListening()
             self.port = None
@@ -257,6 +272,8 @@ class Gateway:
         stats["flows_live"] = len(self.translator.flows)
         stats["uptime_s"] = round(time.monotonic() - self.started, 1)
         stats.update(kernel_queue_stats(self.cfg.queue))
+        stats.update({k.replace("kernel_", "kernel_control_"): v
+                      for k, v in kernel_queue_stats(self.cfg.control_queue).items()})
         times = sorted(self.translator.migration_times)
         if times:
             stats["migration_ms_last"] = round(self.translator.migration_times[-1] * 1000, 2)

@@ -8,14 +8,14 @@
 
 Importing this package does no I/O and does not import pyroute2.
 """
-from .firewall import DEFAULT_MARK, Firewall, FirewallError, cleanup_all_rules
+from .firewall import DEFAULT_MARK, Firewall, FirewallError, ToQueue, cleanup_all_rules
 from .interception import Interception, cleanup, cleanup_all
 from .routes import OwnedRoutes, RouteError
 from .state import DEFAULT_STATE_DIR, StateFile, instance_tag, netns_id
 from .sysctl import Sysctls
 
 __all__ = [
-    'DEFAULT_MARK', 'DEFAULT_STATE_DIR', 'Firewall', 'FirewallError', 'Interception',
+    'DEFAULT_MARK', 'DEFAULT_STATE_DIR', 'Firewall', 'FirewallError', 'Interception', 'ToQueue',
     'OwnedRoutes', 'RouteError', 'StateFile', 'Sysctls', 'cleanup', 'cleanup_all',
     'cleanup_all_rules', 'instance_tag', 'netns_id',
 ]

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import NamedTuple, Callable, Iterable, Sequence
 
 from .state import StateFile, instance_tag
 
@@ -124,13 +124,23 @@ def chain_names(tag: str) -> dict[str, str]:
     return {'PREROUTING': f'{CHAIN_PREFIX}{tag}-PRE', 'OUTPUT': f'{CHAIN_PREFIX}{tag}-OUT'}
 
 
+class ToQueue(NamedTuple):
+    """A rule for another queue than the instance's own (e.g. a priority queue)."""
+    match: Sequence[str]
+    queue: int
+
+
 def render_install(tag: str, queue: int, bypass: bool, mark: int,
                    rules: dict[str, Iterable[Sequence[str]]], current: Table | None) -> str:
     """iptables-restore input that (re)creates the instance's chains with ``rules``
-    (hook -> list of match-arg lists) and exactly one jump from each hook, first."""
+    (hook -> list of match-arg lists, or ``ToQueue``) and exactly one jump from each
+    hook, first."""
     chains = chain_names(tag)
     comment = COMMENT_PREFIX + tag
-    target = ['-j', 'NFQUEUE', '--queue-num', str(int(queue))] + (['--queue-bypass'] if bypass else [])
+
+    def target(q: int) -> list[str]:
+        return ['-j', 'NFQUEUE', '--queue-num', str(int(q))] + (['--queue-bypass'] if bypass else [])
+
     out = ['*' + TABLE] + [f':{c} - [0:0]' for c in chains.values()]  # declaring flushes
     if current is not None:  # drop old jumps so the fresh one is the only copy
         out += ['-D' + r[2:] for r in current.rules
@@ -140,11 +150,14 @@ def render_install(tag: str, queue: int, bypass: bool, mark: int,
         # Packets the gateway injects carry SO_MARK=mark: never queue them again.
         out.append(f'-A {chain} -m mark --mark {mark:#x} -j RETURN')
         for match in rules.get(hook, ()):
+            q = queue
+            if isinstance(match, ToQueue):
+                match, q = match
             if isinstance(match, str):
                 raise TypeError(f'a rule is a list of arguments, not a string: {match!r}')
             if any(a in ('-j', '--jump', '-g', '--goto') for a in match):
                 raise ValueError(f'rule must not name a target, it is added: {match!r}')
-            out.append(' '.join(['-A', chain] + [_quote(str(a)) for a in match] + target))
+            out.append(' '.join(['-A', chain] + [_quote(str(a)) for a in match] + target(q)))
     out += [f'-I {hook} 1 -m comment --comment {comment} -j {chain}'
             for hook, chain in chains.items()]
     out.append('COMMIT')

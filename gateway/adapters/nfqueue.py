@@ -4,7 +4,9 @@ The callback never lets an exception escape (Twisted would silently drop the rea
 the kernel would hold packets until the queue overflows): an internal error drops the
 packet, is counted, and is logged at most once a second.
 """
+import errno
 import logging
+import socket
 import time
 
 from netfilterqueue import NetfilterQueue
@@ -14,20 +16,31 @@ from twisted.internet.interfaces import IReadDescriptor
 from ..translate import PASS
 
 log = logging.getLogger("serval.nfqueue")
+QUEUE_LEN = 4096
 
 
 @implementer(IReadDescriptor)
 class QueueReader:
-    def __init__(self, queue_num: int, handle, after_batch, stats):
+    def __init__(self, queue_num: int, handle, after_batch, stats, batch: int | None = None):
         """``handle(payload) -> bytes | None | PASS``; ``after_batch()`` runs after each
-        read (to flush packets to inject and re-arm timers)."""
+        read (to flush packets to inject and re-arm timers). With ``batch``, a read
+        takes at most that many packets and returns to the reactor, so a busy data queue
+        cannot keep the control queue, timers and the control socket waiting."""
         self.queue_num = queue_num
         self.handle = handle
         self.after_batch = after_batch
         self.stats = stats
         self._last_error_log = 0.0
         self.nfq = NetfilterQueue()
-        self.nfq.bind(queue_num, self._on_packet, max_len=4096)
+        # The socket buffer must hold as many packets as the queue may: sized (as the
+        # library does for its default 1024) for QUEUE_LEN, or bursts are lost as
+        # "user dropped" long before the queue is full.
+        self.nfq.bind(queue_num, self._on_packet, max_len=QUEUE_LEN, sock_len=QUEUE_LEN * 4800 // 2)
+        self._batch = None
+        if batch:
+            sock = socket.fromfd(self.nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+            sock.setblocking(False)
+            self._batch = _Batch(sock, batch)
 
     def _on_packet(self, pkt) -> None:
         try:
@@ -56,7 +69,11 @@ class QueueReader:
 
     def doRead(self):
         try:
-            self.nfq.run(block=False)
+            if self._batch is None:
+                self.nfq.run(block=False)
+            else:
+                self._batch.left = self._batch.limit
+                self.nfq.run_socket(self._batch)
         except OSError as exc:
             self.stats["nfqueue_read_errors"] += 1
             log.warning("reading queue %d: %s", self.queue_num, exc)
@@ -73,3 +90,18 @@ class QueueReader:
 
     def close(self) -> None:
         self.nfq.unbind()
+        if self._batch is not None:
+            self._batch.sock.close()
+
+
+class _Batch:
+    """A view of the queue's socket whose ``recv`` says EAGAIN after ``limit`` reads."""
+
+    def __init__(self, sock: socket.socket, limit: int):
+        self.sock, self.limit, self.left = sock, limit, limit
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        return self.sock.recv(size)

@@ -42,7 +42,7 @@ class Flow:
                  "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
-                 "migration_started")
+                 "migration_started", "prev_peer_addr")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -61,6 +61,7 @@ class Flow:
         self.hold_deadline = 0.0
         self.moving_peer = None         # (address, port) the peer is moving to
         self.migration_started = None
+        self.prev_peer_addr = None      # the peer's address before its last move
 
     def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
         """The legacy side's view: ``src``:``sport`` is the legacy host, ``dst``:``dport``
@@ -238,10 +239,11 @@ class Translator(MigrationMixin):
             if hdr.src_flow != flow.sal.remote_flow:
                 self.stats["dropped_wrong_peer"] += 1
                 return None
-            if ip.src != flow.peer_addr:
+            if ip.src != flow.peer_addr and ip.src != flow.prev_peer_addr:
                 if flow.moving_peer is None or flow.moving_peer[0] != ip.src:
                     self.stats["dropped_wrong_peer"] += 1
                     return None
+            if flow.moving_peer is not None and flow.moving_peer[0] == ip.src:
                 # data from where the peer is moving: its ACK was lost, the data confirms it
                 flow.sal.peer_moving = False
                 self._on_peer_moved(flow, ip.src, peer_port, now)

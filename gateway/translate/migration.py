@@ -71,6 +71,9 @@ class MigrationMixin:
         self.stats["peer_migrations_seen"] += 1
 
     def _on_peer_moved(self, flow, addr: bytes, port: int, now: float) -> None:
+        # what the peer sent from its old address may still be queued here: still its own
+        if addr != flow.peer_addr:
+            flow.prev_peer_addr = flow.peer_addr
         flow.peer_addr, flow.peer_port = addr, port or flow.peer_port
         flow.moving_peer = None
         flow.rebuild(self.carriage)
