@@ -15,7 +15,7 @@ from .config import DnsConfig, resolv_conf_servers
 from .core import Forward, Reply, Resolver
 from .names import StaticNames
 from .policy import Acl, RateLimiter
-from .server import TCPConnection, TCPServer, UDPServer
+from .server import MAX_UDP_QUERY, TCPConnection, TCPServer, UDPServer
 from .store import MappingsFile, MemoryStore
 from .upstream import Forwarder
 from .zone import ServiceZone
@@ -92,7 +92,9 @@ class DnsDaemon:
         try:
             for host, port in cfg.listen:
                 udp = UDPServer(self)
-                self.ports.append(self.reactor.listenUDP(port, udp, interface=host, maxPacketSize=65535))
+                # one byte more than any query we take: a longer datagram arrives cut, and is dropped
+                self.ports.append(self.reactor.listenUDP(port, udp, interface=host,
+                                                         maxPacketSize=MAX_UDP_QUERY + 1))
                 factory = TCPServer(self)
                 self.tcp_factories.append(factory)
                 self.ports.append(self.reactor.listenTCP(port, factory, backlog=128, interface=host))

@@ -5,7 +5,8 @@ address)`` for UDP, the connection for TCP. The daemon carries out the actions.
 
 TCP (RFC 7766): two-byte length framing, several queries per connection, replies in
 the order they are ready, an idle timeout, a limit on connections (beyond it a new
-connection is closed at once) and on queries waiting upstream per connection.
+connection is closed at once). Queries waiting upstream are bounded by the core (per
+question and in all), and every message passes the client's token bucket.
 """
 from __future__ import annotations
 
@@ -41,23 +42,16 @@ class UDPServer(DatagramProtocol):
 
 class TCPConnection(Int16StringReceiver, TimeoutMixin):
     MAX_LENGTH = 65535
-    MAX_WAITING = 32
 
     def connectionMade(self):
-        self.waiting = 0
         self.peer = self.transport.getPeer().host
         self.setTimeout(self.factory.daemon.cfg.tcp_timeout)
 
     def stringReceived(self, data: bytes):
         self.resetTimeout()
-        if self.waiting >= self.MAX_WAITING:
-            self.factory.daemon.core.stats["dropped"] += 1
-            return
-        self.waiting += 1
         self.factory.daemon.received(data, self.peer, True, self)
 
     def send(self, data: bytes) -> None:
-        self.waiting = max(0, self.waiting - 1)
         if self.transport is not None and self.connected:
             self.sendString(data)
             self.resetTimeout()
