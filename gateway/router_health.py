@@ -9,15 +9,13 @@ time.
 
 The default rule (prefix /0, FORWARD) holds the live routers, weighted equally; when
 none is live it holds them all (sending somewhere beats sending nowhere). SYNs already
-sent to a router that went down are sent again to a live one (:func:`redirect_pending`).
+sent to a router that went down are sent again to a live one
+(``ClientTranslator.redirect_pending``).
 """
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from sal import registration as reg
-from sal.checksum import apply_delta, delta
-from sal.flow import State
-from sal.ip import aton
 from sal.service_table import Action, ServiceTable
 
 
@@ -103,31 +101,3 @@ class DefaultRule:
             if entry.prefix == self.prefix:
                 return {t.target: t.hits for t in entry.targets}
         return {}
-
-
-def redirect_pending(translator, dead: list[str], now: float) -> int:
-    """Send the SYNs of handshakes still waiting on a dead router to a live one.
-
-    Works on the client translator's flows from outside (peer address, the outstanding
-    SYN's transport checksum, whose pseudo-header names the router over IP carriage);
-    docs/routing.md asks for a translator method doing the same."""
-    gone = {aton(a) for a in dead}
-    moved = 0
-    for flow in list(translator.flows.values()):
-        out = flow.sal.outstanding
-        if flow.sal.state != State.SYN_SENT or flow.peer_addr not in gone or out is None:
-            continue
-        target = translator.table.resolve(flow.sal.service_id)
-        if target is None or target.action != Action.FORWARD or aton(target.target) in gone:
-            continue
-        new = aton(target.target)
-        if translator.carriage.pseudo(flow.local_addr, new)[1] == new and len(out.transport) >= 18:
-            d = delta(flow.peer_addr, new)
-            old_csum = int.from_bytes(out.transport[16:18], "big")
-            out.transport = out.transport[:16] + apply_delta(old_csum, d).to_bytes(2, "big") + out.transport[18:]
-        flow.peer_addr = new
-        flow.rebuild(translator.carriage)
-        translator.outbox.append(translator.carriage.wrap(flow.local_addr, new, out.header.encode() + out.transport,
-                                                          flow.peer_port))
-        moved += 1
-    return moved

@@ -24,7 +24,7 @@ from sal.service_table import Action
 
 from .health import HealthCheck
 from .registration import Registrar
-from .router_health import DefaultRule, RouterHealth, redirect_pending
+from .router_health import DefaultRule, RouterHealth
 from .routing_config import DEFAULT_PREFIX
 
 log = logging.getLogger("serval.routing")
@@ -191,11 +191,7 @@ class ServerAgent(_Agent):
 
     def services(self):
         now = time.monotonic()
-        flows: dict = {}
-        for flow in self.gw.translator.flows.values():
-            if flow.closed_at is None and flow.extra is not None:
-                b = flow.extra[0]
-                flows[(b.address, b.port)] = flows.get((b.address, b.port), 0) + 1
+        flows = self.gw.translator.live_flows_by_backend()
         rows = []
         for key, (prefix, backend, priority, weight, present) in self.local.items():
             offer = self.registrar.offers[key] if self.registrar else None
@@ -228,7 +224,7 @@ class ClientAgent(_Agent):
             log.warning("routers down: %s; up: %s; default rule now %s", removed or "-", added or "-",
                         ", ".join(self.rule.current))
         if removed:
-            moved = redirect_pending(self.gw.translator, removed, now)
+            moved = self.gw.translator.redirect_pending({aton(a) for a in removed}, now)
             self.gw.stats["syns_redirected"] += moved
             self.gw._flush()
 

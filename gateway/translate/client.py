@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from typing import Callable
 
+from sal.checksum import apply_delta, delta
 from sal.flow import Event, State
 from sal.ip import IPv4, TCP_ACK, TCP_SYN, aton
 from sal.service_table import Action, ServiceTable
@@ -125,6 +126,31 @@ class ClientTranslator(Translator):
         flow.packets_out += 1
         return self.carriage.wrap(flow.local_addr, flow.peer_addr, header.encode() + tseg,
                                   flow.peer_port, ip.ident, ip.ttl, ip.tos, ip.frag & 0x4000)
+
+    def redirect_pending(self, dead_hops: set[bytes], now: float) -> int:
+        """Handshakes still waiting on a next hop that died (a router): look the route up
+        again and send their SYN to a live hop. Returns how many were sent again."""
+        moved = 0
+        for flow in list(self.flows.values()):
+            out = flow.sal.outstanding
+            if flow.sal.state != State.SYN_SENT or flow.peer_addr not in dead_hops or out is None:
+                continue
+            target = self.table.resolve(flow.sal.service_id)
+            if target is None or target.action != Action.FORWARD or aton(target.target) in dead_hops:
+                continue
+            new = aton(target.target)
+            # the SYN's TCP checksum covers the destination (over IP carriage)
+            old_pseudo = self.carriage.pseudo(flow.local_addr, flow.peer_addr)[1]
+            new_pseudo = self.carriage.pseudo(flow.local_addr, new)[1]
+            csum = apply_delta(_U16.unpack_from(out.transport, 16)[0], delta(old_pseudo, new_pseudo))
+            out.transport = out.transport[:16] + _U16.pack(csum) + out.transport[18:]
+            flow.peer_addr = new
+            flow.rebuild(self.carriage)
+            self.outbox.append(self.carriage.wrap(flow.local_addr, new, out.header.encode() + out.transport,
+                                                  flow.peer_port))
+            self.stats["syn_redirected"] += 1
+            moved += 1
+        return moved
 
     def _resend_syn(self, flow: Flow, now: float):
         out = flow.sal.outstanding

@@ -24,10 +24,14 @@ class Backend:
 
 class PortPool:
     """Local ports toward one backend; freed ports go to the back, so that a port is
-    reused as late as possible (the backend may still hold it in TIME_WAIT)."""
+    reused as late as possible (the backend may still hold it in TIME_WAIT). A pool
+    starts at a random place, so a restarted gateway does not reuse the very ports its
+    previous run just closed."""
 
-    def __init__(self, low: int, high: int):
+    def __init__(self, low: int, high: int, rng=None):
         self.free = deque(range(low, high + 1))
+        if rng is not None:
+            self.free.rotate(-rng.randrange(len(self.free)))
 
     def take(self) -> int | None:
         return self.free.popleft() if self.free else None
@@ -95,7 +99,7 @@ class ServerTranslator(Translator):
         backend: Backend = target.target
         pool = self.pools.get((backend.address, backend.port))
         if pool is None:
-            pool = self.pools[(backend.address, backend.port)] = PortPool(*self.port_range)
+            pool = self.pools[(backend.address, backend.port)] = PortPool(*self.port_range, rng=self.rng)
         port = pool.take()
         if port is None:
             self.stats["dropped_ports_exhausted"] += 1
@@ -163,6 +167,15 @@ class ServerTranslator(Translator):
             return None
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
+
+    def live_flows_by_backend(self) -> dict[tuple[bytes, int], int]:
+        """Open flows per backend (address, port), for the services view."""
+        counts: dict = {}
+        for flow in self.flows.values():
+            if flow.closed_at is None and flow.extra is not None:
+                key = (flow.extra[0].address, flow.extra[0].port)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def _forget(self, flow: Flow) -> None:
         super()._forget(flow)

@@ -266,9 +266,6 @@ def test_clean_stop_unregisters_at_once(healthy):
     dep.wait_registered(2)
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted server gateway takes its backend ports from the "
-                   "bottom of port_range again; a backend that closed first still holds those 4-tuples "
-                   "in TIME_WAIT and rejects about half the new SYNs (gateway/translate/server.py PortPool)")
 def test_restarted_gateway_meets_no_time_wait_at_its_backend(healthy):
     dep = healthy
     for request in ("CLOSE", None):      # a fresh pool; the backend closes first: TIME_WAIT there

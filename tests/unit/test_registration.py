@@ -244,7 +244,7 @@ def test_routing_section_gives_a_client_its_default_rule():
 
 @pytest.mark.parametrize("carriage", ["ip", "udp"])
 def test_redirect_pending_sends_a_waiting_syn_to_a_live_router(carriage):
-    from gateway.router_health import redirect_pending
+    from sal.ip import aton
     from gateway.translate import ClientTranslator
     from gateway.translate.carriage import make_carriage
     from sal import wire
@@ -258,7 +258,7 @@ def test_redirect_pending_sends_a_waiting_syn_to_a_live_router(carriage):
     client.from_legacy(tcp_packet("198.19.1.2", 40000, "198.18.0.10", 80, 1, flags=SYN, mss=1400), 0.0)
     table.remove(prefix, "198.19.20.1")
     table.add(prefix, Action.FORWARD, "198.19.21.1")
-    assert redirect_pending(client, ["198.19.20.1"], 0.1) == 1
+    assert client.redirect_pending({aton("198.19.20.1")}, 0.1) == 1
     (pkt,) = client.outbox
     ip = IPv4(pkt)
     assert ntoa(ip.dst) == "198.19.21.1"
@@ -266,4 +266,4 @@ def test_redirect_pending_sends_a_waiting_syn_to_a_live_router(carriage):
     hdr, off = wire.decode(body)
     pseudo = (ip.src, ip.dst) if carriage == "ip" else (bytes(4), bytes(4))
     assert hdr.flags == wire.SYN and transport_checksum_ok(*pseudo, 6, body[off:])
-    assert redirect_pending(client, ["198.19.20.1"], 0.2) == 0     # nothing left to move
+    assert client.redirect_pending({aton("198.19.20.1")}, 0.2) == 0     # nothing left to move
