@@ -14,7 +14,8 @@ build/.deps:
 	@mkdir -p build
 	@if ! command -v iptables >/dev/null || ! command -v tcpdump >/dev/null \
 	    || ! command -v iperf3 >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
-	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null || ! command -v nft >/dev/null; then \
+	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null || ! command -v nft >/dev/null \
+	    || ! command -v dnsmasq >/dev/null || ! command -v dnsperf >/dev/null || ! command -v nstat >/dev/null; then \
 	  echo "installing system packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
@@ -40,8 +41,12 @@ unit: venv
 demo: venv
 	$(PY) -m lab.demo
 
+# One lab per part; each part merges its records into build/bench.json.
 bench: venv
 	$(PY) -m bench.run
+	$(PY) -m bench.mobility
+	$(PY) -m bench.routing
+	$(PY) -m bench.dns
 
 clean:
 	-$(PY) -m lab.cleanup

@@ -3,8 +3,9 @@
 Two sources: the ``[[service]]`` entries of the gateway's own config (fixed), and a
 mappings file that the DNS resolver writes (``serval dns``; see docs/resolver.md) when it
 hands out a virtual address for a service name. The file is re-read whenever it has
-changed and an address is asked for that the map does not know, so a gateway learns new
-names without a restart, and either process may restart without losing the mapping.
+changed (looked at no more than once a second, and at once for an address the map does
+not know), so a gateway learns new and reassigned names without a restart, and either
+process may restart without losing the mapping.
 
 File format (JSON, replaced atomically by its writer)::
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 from sal.serviceid import ServiceIDError, parse_service_id, service_id_for
 
@@ -26,10 +28,15 @@ log = logging.getLogger("serval.virtual_map")
 
 
 class VirtualMap:
-    def __init__(self, fixed: dict[tuple[bytes, int], bytes], path: str | None = None, clock=None):
+    RECHECK = 1.0   # seconds between looks at the file for addresses we already know
+
+    def __init__(self, fixed: dict[tuple[bytes, int], bytes], path: str | None = None,
+                 clock=time.monotonic):
         """``fixed``: (address, port) -> serviceID from the config."""
         self.fixed = fixed
         self.path = path
+        self.clock = clock
+        self._checked = float("-inf")
         self.names: dict[bytes, str] = {}      # address -> service name (from the file)
         self.ids: dict[bytes, bytes] = {}      # address -> serviceID (from the file)
         self._stamp = None
@@ -41,8 +48,11 @@ class VirtualMap:
         sid = self.fixed.get((address, port))
         if sid is not None:
             return sid
-        if self.path and address not in self.names and address not in self.ids:
-            self.reload()
+        if self.path:
+            now = self.clock()
+            if now - self._checked >= self.RECHECK or (address not in self.names and address not in self.ids):
+                self._checked = now
+                self.reload()
         if address in self.ids:
             return self.ids[address]
         name = self.names.get(address)

@@ -95,3 +95,18 @@ def test_virtual_map_follows_the_mappings_file(tmp_path):
     path.write_text("{broken")                          # a bad write keeps the last good map
     assert vmap(socket.inet_aton("198.18.0.12"), 80) is None
     assert vmap(addr, 80) == service_id_for("db.svc.example", 80)
+
+
+def test_virtual_map_sees_a_reassigned_address_within_a_second(tmp_path):
+    path = tmp_path / "mappings.json"
+    addr = socket.inet_aton("198.18.0.11")
+    now = [0.0]
+    path.write_text(json.dumps({"version": 1, "mappings": [{"address": "198.18.0.11", "name": "old.svc.example"}]}))
+    vmap = VirtualMap({}, str(path), clock=lambda: now[0])
+    assert vmap(addr, 80) == service_id_for("old.svc.example", 80)
+    path.write_text(json.dumps({"version": 1, "mappings": [{"address": "198.18.0.11", "name": "new.svc.example"},
+                                                           {"address": "198.18.0.12", "name": "x.svc.example"}]}))
+    now[0] = 0.5                                        # known address: no look at the file yet
+    assert vmap(addr, 80) == service_id_for("old.svc.example", 80)
+    now[0] = 1.6
+    assert vmap(addr, 80) == service_id_for("new.svc.example", 80)
