@@ -67,6 +67,9 @@ class GatewayConfig:
     services: list = field(default_factory=list)
     rules: list = field(default_factory=list)
     routing: object = None             # [routing]: service routers (gateway/routing_config.py)
+    # [mobility] when a preferred uplink comes back, move flows back to it (else stay
+    # on the working one until it fails)
+    return_to_preferred: bool = True
 
 
 _GATEWAY_KEYS = {
@@ -127,7 +130,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     def fail(table, index, key, message):
         raise ConfigError(path, loc.line(table, index, key), message)
 
-    unknown = set(data) - {"gateway", "timeouts", "service", "route", "routing"}
+    unknown = set(data) - {"gateway", "timeouts", "service", "route", "routing", "mobility"}
     if unknown:
         fail(sorted(unknown)[0], None, None, f"unknown section [{sorted(unknown)[0]}]")
     gw = data.get("gateway", {})
@@ -183,6 +186,13 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
     # a client gets a default rule to each of its routers
+    mobility = data.get("mobility", {})
+    for key, value in mobility.items():
+        if key != "return_to_preferred":
+            fail("mobility", None, key, f"unknown key {key!r} in [mobility] (return_to_preferred)")
+        if not isinstance(value, bool):
+            fail("mobility", None, key, "return_to_preferred must be true or false")
+        cfg.return_to_preferred = value
     cfg.routing = parse_routing(data.get("routing"), cfg, lambda k, m: fail("routing", None, k, m))
     if not cfg.services and not (role == "client" and cfg.mappings):
         fail("gateway", None, None, "no [[service]] configured (nor a resolver 'mappings' file): "

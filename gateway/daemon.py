@@ -223,6 +223,10 @@ class Gateway:
                 new = aton(src)
                 if all(ours.get(_ntoa(addr)) == dev for addr in locals_):
                     continue                      # every flow's address still works there
+                if not self.cfg.return_to_preferred:
+                    up = netlink.links_up()
+                    if all(ours.get(_ntoa(addr)) in up for addr in locals_):
+                        continue                  # the path in use still works: stay on it
             n = t.migrate(now, new, peer, peer_filter)
             moved += n
             if n:

@@ -27,7 +27,9 @@ class RunningGateways:
     """A client and a server gateway on ``pair.cgw`` and ``pair.sgw``."""
 
     def __init__(self, pair: GatewayPair, carriage: str = "ip", client_address: str = "gateway",
-                 backend_port: int = 8080, service_port: int = 80, extra_services=()):
+                 backend_port: int = 8080, service_port: int = 80, extra_services=(),
+                 client_extra: str = ""):
+        """``client_extra``: TOML appended to the client gateway's config (a section)."""
         self.pair = pair
         self.dir = Path(tempfile.mkdtemp(prefix="serval-lab-"))
         self.carriage = carriage
@@ -35,7 +37,8 @@ class RunningGateways:
         self.sockets = {"client": f"/run/serval/{tag}-client.sock", "server": f"/run/serval/{tag}-server.sock"}
         services = [(SERVICE, service_port, VIRTUAL_ADDR, backend_port), *extra_services]
         self.configs = {
-            "client": self._write("client.toml", client_config(pair, carriage, self.sockets["client"], services)),
+            "client": self._write("client.toml", client_config(pair, carriage, self.sockets["client"], services)
+                                  + "\n" + client_extra),
             "server": self._write("server.toml", server_config(pair, carriage, self.sockets["server"],
                                                                client_address, services)),
         }

@@ -63,3 +63,10 @@ def address_interfaces() -> dict[str, str]:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"): names.get(a["index"], "?")
                 for a in ipr.get_addr(family=2)}
+
+
+def links_up() -> set[str]:
+    """Names of the interfaces that are up (administratively and with a carrier)."""
+    with _ipr() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                if link.get_attr("IFLA_OPERSTATE") in ("UP", "UNKNOWN") and link["flags"] & 1}

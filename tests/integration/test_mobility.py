@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 CAPTURES = REPO.parent / "shared" / "captures"
 
 
-def build(lab, www):
+def build(lab, www, client_extra=""):
     pair = gateway_pair(lab, server_route_back=False)
     for gw in (pair.cgw, pair.sgw):
         gw.sysctl("net.ipv4.conf.all.promote_secondaries", 1)   # replacing an address keeps the subnet
     before = {h.name: ruleset(h) for h in (pair.cgw, pair.sgw)}
-    gws = RunningGateways(pair).start()
+    gws = RunningGateways(pair, client_extra=client_extra).start()
     start_http(pair.server, www)
     return pair, gws, before
 
@@ -220,22 +220,27 @@ def test_both_ends_move_at_the_same_time(lab, www, tmp_path):
     stop(pair, gws, before)
 
 
-def test_uplink_down_with_a_second_one_up(lab, www, tmp_path):
-    pair, gws, before = build(lab, www)
+@pytest.mark.parametrize("back", [True, False])
+def test_uplink_down_with_a_second_one_up_and_back(lab, www, tmp_path, back):
+    pair, gws, before = build(lab, www, "" if back else "[mobility]\nreturn_to_preferred = false\n")
     # a second link between the gateways, a backup route through it
     cif, sif = lab.link(pair.cgw, pair.sgw, "198.19.7.1/24", "198.19.7.2/24")
     pair.cgw.run(["ip", "route", "add", "198.19.2.0/24", "via", "198.19.7.2", "metric", "100"])
     src = make_file(www, "30MB.bin", 30 * 1024 * 1024)
     out = tmp_path / "got.bin"
-    dl = download(pair, "30MB.bin", out, rate="20M")
-    wait_size(out, 8 * 1024 * 1024)
-    pair.cgw.run(["ip", "link", "set", pair.cgw_sal_if, "down"])
+    dl = download(pair, "30MB.bin", out, rate="15M")
+    wait_size(out, 6 * 1024 * 1024)
+    pair.cgw.run(["ip", "link", "set", pair.cgw_sal_if, "down"])      # the preferred uplink fails
+    wait_size(out, 14 * 1024 * 1024)
+    assert gws.stats("client")["migrations_completed"] == 1
+    (flow,) = [f for f in gws.ctl("server", "flows") if f["state"] == "established"]
+    assert flow["peer"] == "198.19.7.1"
+    pair.cgw.run(["ip", "link", "set", pair.cgw_sal_if, "up"])        # ... and comes back
     _, err = dl.communicate(timeout=120)
     assert dl.returncode == 0, err
     assert sha256_file(out) == sha256_file(src)
-    flows = gws.ctl("client", "flows")
-    assert gws.stats("client")["migrations_completed"] == 1
-    assert all(f["state"] in ("closed", "established") for f in flows)
+    stats = gws.stats("client")
+    assert stats["migrations_completed"] == (2 if back else 1), (stats, gws.log("client"))
     stop(pair, gws, before)
 
 
