@@ -2,7 +2,6 @@
 
     client --- cgw (client gateway) === SAL === sgw (server gateway) --- server
 """
-import hashlib
 import subprocess
 import sys
 import time
