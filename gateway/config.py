@@ -13,6 +13,7 @@ from sal.service_table import Action
 
 from .routing_config import parse as parse_routing
 from .translate.base import Timeouts
+from .translate.limits import Limits
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
 
@@ -64,6 +65,7 @@ class GatewayConfig:
     state_dir: str = "/run/serval"
     log_level: str = "info"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
     services: list = field(default_factory=list)
     rules: list = field(default_factory=list)
     routing: object = None             # [routing]: service routers (gateway/routing_config.py)
@@ -130,7 +132,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     def fail(table, index, key, message):
         raise ConfigError(path, loc.line(table, index, key), message)
 
-    unknown = set(data) - {"gateway", "timeouts", "service", "route", "routing", "mobility"}
+    unknown = set(data) - {"gateway", "timeouts", "service", "route", "routing", "mobility", "limits"}
     if unknown:
         fail(sorted(unknown)[0], None, None, f"unknown section [{sorted(unknown)[0]}]")
     gw = data.get("gateway", {})
@@ -186,6 +188,10 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
     # a client gets a default rule to each of its routers
+    for key, value in data.get("limits", {}).items():
+        if not hasattr(cfg.limits, key):
+            fail("limits", None, key, f"unknown limit {key!r} ({', '.join(vars(Limits()))})")
+        setattr(cfg.limits, key, _int(value, 1, 1 << 24, lambda m: fail("limits", None, key, f"{key}: {m}")))
     mobility = data.get("mobility", {})
     for key, value in mobility.items():
         if key != "return_to_preferred":

@@ -19,7 +19,7 @@ MARK = 0x5E7A1
 def build_translator(cfg: GatewayConfig, source_for):
     """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``."""
     carriage = make_carriage(cfg.carriage, cfg.role)
-    common = dict(mtu=cfg.mtu, timeouts=cfg.timeouts)
+    common = dict(mtu=cfg.mtu, timeouts=cfg.timeouts, limits=cfg.limits)
     table = ServiceTable()
     if cfg.role == "client":
         for rule in cfg.rules:

@@ -14,6 +14,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_c
 from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
+from .limits import Limits, LimitsMixin
 from .migration import MigrationMixin
 
 PASS = object()  # verdict: accept the packet unchanged
@@ -42,7 +43,7 @@ class Flow:
                  "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
-                 "migration_started", "prev_peer_addr")
+                 "migration_started", "prev_peer_addr", "source_key")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -62,6 +63,7 @@ class Flow:
         self.moving_peer = None         # (address, port) the peer is moving to
         self.migration_started = None
         self.prev_peer_addr = None      # the peer's address before its last move
+        self.source_key = None          # what the per-source cap counts this flow under
 
     def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
         """The legacy side's view: ``src``:``sport`` is the legacy host, ``dst``:``dport``
@@ -88,13 +90,14 @@ class Flow:
         return self.sal.state
 
 
-class Translator(MigrationMixin):
+class Translator(MigrationMixin, LimitsMixin):
     """The shared machinery; ``ClientTranslator`` and ``ServerTranslator`` add each side."""
 
     role = "?"
 
     def __init__(self, carriage, mtu: int = 1500, timeouts: Timeouts | None = None,
-                 rng: random.Random | None = None, rto_initial: float | None = None):
+                 rng: random.Random | None = None, rto_initial: float | None = None,
+                 limits: Limits | None = None):
         self.carriage = carriage
         self.timeouts = timeouts or Timeouts()
         self.mss_limit = mtu - IPV4_TCP_HEADERS - wire.BASE_LEN - carriage.overhead
@@ -106,6 +109,7 @@ class Translator(MigrationMixin):
         self.stats: Counter = Counter()
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
+        self._init_limits(limits)
         self._holding: set[int] = set()           # flows holding packets during a move
         # Our addresses, kept current by the daemon. SAL is queued whatever its
         # destination, so that packets still sent to an address we just lost are
@@ -131,6 +135,11 @@ class Translator(MigrationMixin):
         """Drop a flow from every table (subclasses remove their own keys)."""
         self.flows.pop(flow.sal.local_flow, None)
         self._retransmitting.discard(flow.sal.local_flow)
+        self._holding.discard(flow.sal.local_flow)
+        if flow.held:
+            self._held_total -= len(flow.held)
+            flow.held = None
+        self._closed_out(flow)
 
     def _deadline(self, flow: Flow) -> float:
         state = flow.sal.state
@@ -250,6 +259,7 @@ class Translator(MigrationMixin):
             if flow.sal.state == State.SYN_RECEIVED:
                 flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
                 self._track_retransmit(flow)
+                self._handshake_done(flow)
         else:
             events = self._sal_control(flow, ip, hdr, now, off < len(body), peer_port)
             if events is None:
@@ -292,6 +302,8 @@ class Translator(MigrationMixin):
         if pending is not None:
             self._emit_sal(flow, pending.encode())
         self._track_retransmit(flow)
+        if Event.ESTABLISHED in events:
+            self._handshake_done(flow)
         if Event.RESET in events:
             self.stats["sal_resets_received"] += 1
             if not carries_segment:

@@ -109,7 +109,10 @@ class ClientTranslator(Translator):
             # DELAY: nothing is held here; the legacy client's SYN retransmission asks again
             self.stats[f"dropped_rule_{target.action.value}"] += 1
             return None
+        if not self._admit(ip.src):
+            return None
         flow = self._new_flow(now)
+        self._opened(flow, ip.src)
         flow.set_legacy(ip.src, ip.dst, sport, dport)
         flow.legacy_key = (ip.src, sport, ip.dst, dport)
         flow.local_addr = self.sal_address

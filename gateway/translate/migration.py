@@ -42,15 +42,19 @@ class MigrationMixin:
     def _hold(self, flow, pkt: bytes) -> None:
         """Keep a legacy packet until the flow's path is confirmed (drop when full: TCP
         will retransmit it)."""
-        if len(flow.held) < MAX_HELD_PER_FLOW:
-            flow.held.append(pkt)
-            self.stats["packets_held"] += 1
-        else:
+        if len(flow.held) >= MAX_HELD_PER_FLOW:
             self.stats["dropped_hold_full"] += 1
+        elif self._held_total >= self.limits.max_held_packets:
+            self.stats["limit_held_packets"] += 1
+        else:
+            flow.held.append(pkt)
+            self._held_total += 1
+            self.stats["packets_held"] += 1
 
     def _release(self, flow, now: float) -> None:
         """Send what was held, translated toward the flow's current address."""
         held, flow.held = flow.held or [], None
+        self._held_total -= len(held)
         self._holding.discard(flow.sal.local_flow)
         for pkt in held:
             self.outbox.append(self._to_sal(flow, pkt, pkt[(pkt[0] & 15) * 4:], now, flow.out_hdr))

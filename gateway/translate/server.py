@@ -2,7 +2,7 @@
 from collections import deque
 from dataclasses import dataclass
 
-from sal.flow import Rejected, State
+from sal.flow import State
 from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, ntoa
 from sal.service_table import Action, ServiceTable
 from sal.wire import SYN
@@ -97,6 +97,10 @@ class ServerTranslator(Translator):
             self.stats["dropped_no_service"] += 1
             return None
         backend: Backend = target.target
+        source = hdr.source
+        reply_to = source.addresses[0] if source and source.addresses else ip.src
+        if not self._admit(reply_to):
+            return None
         pool = self.pools.get((backend.address, backend.port))
         if pool is None:
             pool = self.pools[(backend.address, backend.port)] = PortPool(*self.port_range, rng=self.rng)
@@ -105,15 +109,10 @@ class ServerTranslator(Translator):
             self.stats["dropped_ports_exhausted"] += 1
             return None
         flow = self._new_flow(now)
-        try:
-            flow.sal.accept(hdr)
-        except Rejected as exc:  # pragma: no cover - guarded above
-            self.stats[f"dropped_{exc.reason}"] += 1
-            self._forget(flow)
-            return None
+        flow.sal.accept(hdr)                 # a SYN with CONTROL: checked above
+        self._opened(flow, reply_to)
         flow.local_addr = ip.dst
-        source = hdr.source
-        flow.peer_addr = source.addresses[0] if source and source.addresses else ip.src
+        flow.peer_addr = reply_to
         flow.peer_port = peer_port
         flow.extra = (backend, pool, port, (ip.src, hdr.src_flow))
         ours = ip.src if self.keep_client_address else backend.source

@@ -110,3 +110,10 @@ def test_virtual_map_sees_a_reassigned_address_within_a_second(tmp_path):
     assert vmap(addr, 80) == service_id_for("old.svc.example", 80)
     now[0] = 1.6
     assert vmap(addr, 80) == service_id_for("new.svc.example", 80)
+
+
+def test_limits_section(tmp_path):
+    cfg = load(write(tmp_path, CLIENT + "\n[limits]\nmax_half_open = 50\n"), "client")
+    assert cfg.limits.max_half_open == 50 and cfg.limits.max_flows == 262_144
+    with pytest.raises(ConfigError, match="unknown limit"):
+        load(write(tmp_path, CLIENT + "\n[limits]\nmax_cats = 5\n"), "client")

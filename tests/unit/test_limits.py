@@ -1,0 +1,67 @@
+"""Caps on flows: per source, half-open (oldest evicted), total, held packets."""
+from gateway.translate import Timeouts
+from gateway.translate.limits import Limits
+from sal.ip import aton
+from tests.unit.packets import SYN, tcp_packet
+from tests.unit.test_translate import CLIENT, VIP, handshake, make_pair
+
+
+def syn(src, port):
+    return tcp_packet(src, port, VIP, 80, 1000, flags=SYN)
+
+
+def test_per_source_cap_refuses_and_counts():
+    client, _ = make_pair()
+    client.limits = Limits(max_flows_per_source=3)
+    for port in range(40000, 40005):
+        client.from_legacy(syn(CLIENT, port), 0.0)
+    assert len(client.flows) == 3 and client.stats["limit_flows_per_source"] == 2
+    assert client.from_legacy(syn("198.19.1.3", 40000), 0.0) is not None   # another source is served
+
+
+def test_half_open_flood_evicts_the_oldest_and_a_real_handshake_completes():
+    client, server = make_pair()
+    client.limits = server.limits = Limits(max_half_open=100)
+    for i in range(1000):                                 # spoofed sources, never answered
+        sal_syn = client.from_legacy(syn(f"198.19.{100 + i // 250}.{i % 250 + 1}", 1000 + i), 0.0)
+        server.from_sal(sal_syn, 0.0)
+    assert len(client.flows) == 100 and client.stats["limit_half_open_evicted"] == 900
+    assert len(server.flows) == 100 and server.stats["limit_half_open_evicted"] == 900
+    handshake(client, server, now=0.1, cport=50000)      # a legitimate client still gets through
+    assert client.stats["flows_established"] == 1
+    # an established flow is no longer half-open: a further flood does not evict it
+    for i in range(500):
+        server.from_sal(client.from_legacy(syn("198.19.200.1", 2000 + i), 0.2), 0.2)
+    assert any(f.sal.state.value == "established" for f in client.flows.values())
+    assert any(f.sal.state.value == "established" for f in server.flows.values())
+
+
+def test_total_cap_when_nothing_is_half_open():
+    client, server = make_pair()
+    client.limits = Limits(max_flows=2, max_half_open=10)
+    handshake(client, server, cport=40001)
+    handshake(client, server, cport=40002)
+    assert client.from_legacy(syn(CLIENT, 40003), 0.0) is None
+    assert client.stats["limit_flows"] == 1
+
+
+def test_held_packets_are_capped_across_flows():
+    from tests.unit.test_migration import legacy_data
+    client, server = make_pair()
+    client.limits = Limits(max_held_packets=10)
+    handshake(client, server)
+    client.migrate(1.0, aton("198.19.5.1"))
+    for i in range(20):
+        client.from_legacy(legacy_data(1001 + i), 1.0)
+    assert client.stats["packets_held"] == 10 and client.stats["limit_held_packets"] == 10
+
+
+def test_caps_are_released_when_flows_go():
+    client, _ = make_pair()
+    client.timeouts = Timeouts(handshake=1.0)
+    client.limits = Limits(max_flows_per_source=2)
+    client.from_legacy(syn(CLIENT, 40000), 0.0)
+    client.from_legacy(syn(CLIENT, 40001), 0.0)
+    client.handle_timer(2.0)                              # both handshakes expire
+    assert client.flows == {} and client._per_source == {} and not client._half_open
+    assert client.from_legacy(syn(CLIENT, 40002), 2.0) is not None
