@@ -41,5 +41,6 @@ def run(args) -> int:
         logging.getLogger("serval.gateway").error("could not start: %s", exc)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", gateway.stop)
+    reactor.callWhenRunning(gateway.install_signals)
     reactor.run()
     return 0

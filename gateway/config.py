@@ -64,6 +64,8 @@ class GatewayConfig:
     mappings: str | None = None        # the resolver's mappings file (client gateway)
     state_dir: str = "/run/serval"
     log_level: str = "info"
+    drain_timeout: float = 5.0         # SIGTERM: seconds live flows may take to finish
+    resume_window: float = 10.0        # a flow snapshot younger than this is resumed at start
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     services: list = field(default_factory=list)
@@ -77,7 +79,8 @@ class GatewayConfig:
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
-    "control_socket", "state_dir", "log_level", "mappings", "control_queue",
+    "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
+    "resume_window",
 }
 
 
@@ -171,6 +174,11 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     cfg.mtu = _int(gw.get("mtu", 1500), 576, 65535, lambda m: fail("gateway", None, "mtu", m))
     cfg.control_socket = str(gw.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
     cfg.state_dir = str(gw.get("state_dir", "/run/serval"))
+    for key in ("drain_timeout", "resume_window"):
+        if key in gw:
+            if not isinstance(gw[key], (int, float)) or isinstance(gw[key], bool) or gw[key] < 0:
+                fail("gateway", None, key, f"{key} must be a number of seconds (0 or more)")
+            setattr(cfg, key, float(gw[key]))
     if "mappings" in gw:
         cfg.mappings = str(gw["mappings"])
     cfg.log_level = str(gw.get("log_level", "info")).lower()

@@ -10,20 +10,24 @@ from sal.service_table import Action, ServiceTable
 from .config import GatewayConfig
 from .translate import Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
+from .lifecycle import SNAPSHOT_EVERY, LifecycleMixin
 from .virtual_map import VirtualMap
 
 log = logging.getLogger("serval.gateway")
 MARK = 0x5E7A1
 
 
-def build_translator(cfg: GatewayConfig, source_for):
-    """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``."""
+def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None = None):
+    """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``.
+    The service-table targets the config made are appended to ``config_targets``."""
+    config_targets = [] if config_targets is None else config_targets
     carriage = make_carriage(cfg.carriage, cfg.role)
     common = dict(mtu=cfg.mtu, timeouts=cfg.timeouts, limits=cfg.limits)
     table = ServiceTable()
     if cfg.role == "client":
         for rule in cfg.rules:
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
+            config_targets.append((rule.prefix, rule.next_hop))
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
         virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)
@@ -32,6 +36,7 @@ def build_translator(cfg: GatewayConfig, source_for):
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
         table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
+        config_targets.append((ServicePrefix(svc.service_id), backend))
     return ServerTranslator(table, carriage, port_range=cfg.port_range,
                             keep_client_address=cfg.client_address == "peer", **common)
 
@@ -89,7 +94,7 @@ def _ntoa(addr: bytes) -> str:
     return socket.inet_ntoa(addr)
 
 
-class Gateway:
+class Gateway(LifecycleMixin):
     def __init__(self, cfg: GatewayConfig, reactor):
         self.cfg = cfg
         self.reactor = reactor
@@ -101,6 +106,8 @@ class Gateway:
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.started = time.monotonic()
         self.stats = None
+        self.snapshotter = None
+        self._config_targets = []    # (prefix, target) the config put in the service table
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +120,7 @@ class Gateway:
         from .routing import routing_agent
 
         cfg = self.cfg
-        self.translator = build_translator(cfg, netlink.source_for)
+        self.translator = build_translator(cfg, netlink.source_for, self._config_targets)
         self.stats = self.translator.stats
         self.routing = routing_agent(self)
         plan = interception_plan(cfg, self.translator, netlink.ipv4_interfaces(),
@@ -132,6 +139,9 @@ class Gateway:
             self.ticker.start(0.05, now=False)
             self.watcher = NetlinkWatcher(self._on_netlink)
             self.reactor.addReader(self.watcher)
+            self.resume_snapshot()
+            self.snapshotter = LoopingCall(self.save_snapshot)
+            self.snapshotter.start(SNAPSHOT_EVERY, now=False)
             self.routing.start()
         except BaseException:
             self.stop()
@@ -146,6 +156,9 @@ class Gateway:
             self.routing = None
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
+        if self.snapshotter is not None and self.snapshotter.running:
+            self.snapshotter.stop()
+            self.save_snapshot(force=True)      # what is still live, for a quick restart
         if self.watcher is not None:
             self.reactor.removeReader(self.watcher)
             self.watcher.close()

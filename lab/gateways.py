@@ -51,26 +51,39 @@ class RunningGateways:
         return path
 
     def start(self, timeout: float = 15.0) -> "RunningGateways":
-        for role, host in (("server", self.pair.sgw), ("client", self.pair.cgw)):
-            log = self.dir / f"{role}.log"
-            self.logs[role] = log
-            self.procs[role] = host.popen(
-                [sys.executable, "-m", "serval", "gateway", role, "--config", str(self.configs[role])],
-                stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(REPO),
-                env={**os.environ, "PYTHONPATH": str(REPO)})
-        deadline = time.monotonic() + timeout
         for role in ("server", "client"):
-            while True:
-                if self.procs[role].poll() is not None:
-                    raise GatewayError(f"{role} gateway exited {self.procs[role].returncode}:\n{self.log(role)}")
-                try:
-                    self.ctl(role, "stats")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise GatewayError(f"{role} gateway did not come up:\n{self.log(role)}")
-                    time.sleep(0.1)
+            self.launch(role, wait=False)
+        for role in ("server", "client"):
+            self.wait_up(role, timeout)
         return self
+
+    def launch(self, role: str, wait: bool = True, timeout: float = 15.0) -> None:
+        """Start (or start again) one gateway; its log is appended to."""
+        host = self.pair.sgw if role == "server" else self.pair.cgw
+        log = self.dir / f"{role}.log"
+        self.logs[role] = log
+        self.procs[role] = host.popen(
+            [sys.executable, "-m", "serval", "gateway", role, "--config", str(self.configs[role])],
+            stdout=open(log, "a"), stderr=subprocess.STDOUT, cwd=str(REPO),
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        if wait:
+            self.wait_up(role, timeout)
+
+    def wait_up(self, role: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.procs[role].poll() is not None:
+                raise GatewayError(f"{role} gateway exited {self.procs[role].returncode}:\n{self.log(role)}")
+            try:
+                self.ctl(role, "stats")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise GatewayError(f"{role} gateway did not come up:\n{self.log(role)}")
+                time.sleep(0.05)
+
+    def signal(self, role: str, sig: int) -> None:
+        self.procs[role].send_signal(sig)
 
     def ctl(self, role: str, cmd: str):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -110,6 +110,7 @@ class Translator(MigrationMixin, LimitsMixin):
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
         self._init_limits(limits)
+        self.accepting = True                     # False while draining: no new flows
         self._holding: set[int] = set()           # flows holding packets during a move
         # Our addresses, kept current by the daemon. SAL is queued whatever its
         # destination, so that packets still sent to an address we just lost are
@@ -130,6 +131,14 @@ class Translator(MigrationMixin, LimitsMixin):
         heapq.heappush(self._expiry, (now + self.timeouts.handshake, fid))
         self.stats["flows_opened"] += 1
         return flow
+
+    def _adopt_common(self, flow: Flow, source: bytes, now: float) -> None:
+        """Enter a flow restored from a snapshot into the shared tables."""
+        self.flows[flow.sal.local_flow] = flow
+        heapq.heappush(self._expiry, (now + self.timeouts.idle, flow.sal.local_flow))
+        self._opened(flow, source)
+        self._handshake_done(flow)
+        self.stats["flows_resumed"] += 1
 
     def _forget(self, flow: Flow) -> None:
         """Drop a flow from every table (subclasses remove their own keys)."""

@@ -95,6 +95,10 @@ class ClientTranslator(Translator):
         return ip, seg
 
     def _open(self, ip: IPv4, pkt: bytes, seg: bytes, sport: int, dport: int, now: float):
+        if not self.accepting:
+            self.stats["refused_draining"] += 1
+            self._refuse(ip, seg)
+            return None
         service_id = self.resolve(ip.dst, dport)
         if service_id is None:
             self.stats["dropped_no_service"] += 1
@@ -169,6 +173,15 @@ class ClientTranslator(Translator):
             self._emit_sal(flow, flow.sal.reset().encode())
             self.stats["sal_resets_sent"] += 1
         self._forget(flow)
+
+    def adopt(self, flow: Flow, row: dict) -> bool:
+        """Take a flow back from a snapshot (see snapshot.py)."""
+        flow.legacy_key = (flow.legacy_src, flow.legacy_sport, flow.legacy_dst, flow.legacy_dport)
+        if flow.legacy_key in self.by_legacy:
+            return False
+        self.by_legacy[flow.legacy_key] = flow
+        self._adopt_common(flow, flow.legacy_src, flow.last_seen)
+        return True
 
     def _forget(self, flow: Flow) -> None:
         super()._forget(flow)

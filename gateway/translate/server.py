@@ -90,6 +90,9 @@ class ServerTranslator(Translator):
                 return None
             self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
             return self._syn_to_backend(flow, pkt, seg, now)
+        if not self.accepting:
+            self.stats["refused_draining"] += 1
+            return None
         service = hdr.service
         target = self.table.resolve(service.service_id) if service else None
         if target is None or target.action != Action.DEMUX:
@@ -166,6 +169,25 @@ class ServerTranslator(Translator):
             return None
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
+
+    def adopt(self, flow: Flow, row: dict) -> bool:
+        """Take a flow back from a snapshot (see snapshot.py): its port leaves the pool."""
+        address, port, source, name = row["backend"]
+        backend = Backend(bytes.fromhex(address), port, bytes.fromhex(source), name)
+        key = (backend.address, backend.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = PortPool(*self.port_range, rng=self.rng)
+        if row["port"] not in pool.free:
+            return False
+        pool.free.remove(row["port"])
+        peer_key = (bytes.fromhex(row["peer_key"][0]), row["peer_key"][1])
+        flow.extra = (backend, pool, row["port"], peer_key)
+        flow.legacy_key = (backend.address, backend.port, row["port"])
+        self.by_peer[peer_key] = flow
+        self.by_backend[flow.legacy_key] = flow
+        self._adopt_common(flow, flow.peer_addr, flow.last_seen)
+        return True
 
     def live_flows_by_backend(self) -> dict[tuple[bytes, int], int]:
         """Open flows per backend (address, port), for the services view."""

@@ -1,0 +1,157 @@
+"""A gateway's life beyond start and stop: drain on SIGTERM, reload on SIGHUP, and a
+snapshot of its established flows so that a quick restart resumes them."""
+import json
+import logging
+import os
+import signal
+import time
+
+from sal.ip import aton
+from sal.serviceid import ServicePrefix
+from sal.service_table import Action
+
+from .config import ConfigError, load
+from .translate import Backend, snapshot
+
+log = logging.getLogger("serval.gateway")
+
+# what a running gateway cannot take from a reloaded config (its rules and queues)
+NEEDS_RESTART = ("queue", "control_queue", "carriage", "virtual_network", "intercept_local",
+                 "intercept_forwarded", "instance", "control_socket", "state_dir", "port_range",
+                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings")
+SNAPSHOT_EVERY = 1.0
+
+
+class LifecycleMixin:
+    _draining = False
+    _drain_check = None
+    _snapshot_sig = None
+
+    # --- signals -------------------------------------------------------------------
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT drain (a second one stops at once); SIGHUP reloads."""
+        def later(fn):
+            return lambda *_: self.reactor.callFromThread(fn)
+        signal.signal(signal.SIGTERM, later(self.drain_and_stop))
+        signal.signal(signal.SIGINT, later(self.drain_and_stop))
+        signal.signal(signal.SIGHUP, later(self.reload))
+
+    def drain_and_stop(self) -> None:
+        if self._draining:
+            log.info("stopping now (second signal)")
+            self.reactor.stop()
+            return
+        self._draining = True
+        self.translator.accepting = False
+        if self.routing is not None:           # routers stop sending us new flows
+            self.routing.stop()
+            self.routing = None
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        log.info("draining: no new flows; waiting up to %.0f s for %d live flow(s)",
+                 self.cfg.drain_timeout, self._live_flows())
+
+        def check():
+            if self._live_flows() == 0 or time.monotonic() >= deadline:
+                left = self._live_flows()
+                if left:
+                    log.info("drain time is up: %d flow(s) still live (saved for a quick restart)", left)
+                self.reactor.stop()
+            else:
+                self._drain_check = self.reactor.callLater(0.1, check)
+        check()
+
+    def _live_flows(self) -> int:
+        return sum(1 for f in self.translator.flows.values() if f.closed_at is None)
+
+    # --- reload --------------------------------------------------------------------
+    def reload(self) -> None:
+        try:
+            new = load(self.cfg.path, self.cfg.role)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        changed = [k for k in NEEDS_RESTART if getattr(new, k) != getattr(self.cfg, k)]
+        if changed:
+            log.error("reload refused: %s changed, which needs a restart", ", ".join(changed))
+            return
+        if self.cfg.role == "server" and self.cfg.routing and new.services != self.cfg.services:
+            log.error("reload refused: services change under [routing] needs a restart")
+            return
+        t = self.translator
+        t.timeouts, t.limits = new.timeouts, new.limits
+        logging.getLogger("serval").setLevel(new.log_level.upper())
+        if new.role == "client":
+            t.resolve.fixed = {(aton(s.address), s.port): s.service_id for s in new.services}
+            self._swap_targets(new)
+        else:
+            self._swap_targets(new)
+            from .daemon import interception_plan
+            plan = interception_plan(new, t, [], lambda c: None)
+            self.interception.firewall.install(plan["prerouting"], plan["output"])   # atomic
+        self.cfg.__dict__.update({k: v for k, v in new.__dict__.items() if k not in NEEDS_RESTART})
+        log.info("reloaded %s: %d service(s), %d route(s); live flows untouched",
+                 new.path, len(new.services), len(new.rules))
+
+    def _swap_targets(self, new) -> None:
+        """Replace the service-table targets the config made (routers' stay)."""
+        table = self.translator.table
+        for prefix, target in self._config_targets:
+            table.remove(prefix, target)
+        self._config_targets = []
+        if new.role == "client":
+            for r in new.rules:
+                table.add(r.prefix, r.action, r.next_hop, r.priority, r.weight)
+                self._config_targets.append((r.prefix, r.next_hop))
+        else:
+            from .adapters import netlink
+            for svc in new.services:
+                host, port = svc.backend
+                backend = Backend(aton(host), port, aton(netlink.source_for(host)[0]), svc.name)
+                prefix = ServicePrefix(svc.service_id)
+                table.add(prefix, Action.DEMUX, backend, svc.priority, svc.weight)
+                self._config_targets.append((prefix, backend))
+
+    # --- snapshot ------------------------------------------------------------------
+    def snapshot_path(self) -> str:
+        from nat.state import netns_id
+        return os.path.join(self.cfg.state_dir, f"{self.cfg.instance}.net{netns_id()}.flows.json")
+
+    def save_snapshot(self, force: bool = False) -> None:
+        s = self.stats
+        sig = (len(self.translator.flows), s["flows_opened"], s["flows_closed"], s["flows_reset"],
+               s["flows_established"], s["migrations_completed"], s["peer_migrations_completed"])
+        if sig == self._snapshot_sig and not force:
+            return
+        self._snapshot_sig = sig
+        data = snapshot.dump(self.translator, time.monotonic())
+        data["written"] = time.time()
+        path = self.snapshot_path()
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot save the flow snapshot %s: %s", path, exc)
+
+    def resume_snapshot(self) -> int:
+        """Take back the flows of a run that stopped less than resume_window ago."""
+        path = self.snapshot_path()
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the flow snapshot %s: %s", path, exc)
+            return 0
+        age = time.time() - data.get("written", 0)
+        if age > self.cfg.resume_window:
+            log.info("flow snapshot is %.0f s old (resume_window %.0f s): starting afresh",
+                     age, self.cfg.resume_window)
+            return 0
+        n = snapshot.restore(self.translator, data, time.monotonic())
+        if n:
+            log.info("resumed %d established flow(s) from a snapshot %.1f s old", n, age)
+        return n

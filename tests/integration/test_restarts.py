@@ -1,0 +1,106 @@
+"""Restarts during live traffic: SIGHUP reloads, SIGTERM drains, kill -9 resumes."""
+import signal
+import subprocess
+import time
+
+from lab.gateways import VIRTUAL_ADDR, RunningGateways
+from lab.topologies import gateway_pair
+from tests.integration.helpers import make_file, ruleset, sha256_file, start_http
+
+
+def build(lab, tmp_path, client_extra=""):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello\n")
+    pair = gateway_pair(lab, server_route_back=False)
+    before = {h.name: ruleset(h) for h in (pair.cgw, pair.sgw)}
+    gws = RunningGateways(pair, client_extra=client_extra).start()
+    start_http(pair.server, www)
+    return pair, gws, before, www
+
+
+def download(pair, out, rate="10M", name="30MB.bin"):
+    return pair.client.popen(["curl", "-sS", "--fail", "-m", "120", "--limit-rate", rate, "-o", str(out),
+                              f"http://{VIRTUAL_ADDR}/{name}"], stderr=subprocess.PIPE, text=True)
+
+
+def wait_size(path, size, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size >= size):
+        assert time.monotonic() < deadline, f"{path} stuck"
+        time.sleep(0.02)
+
+
+def curl(pair, url, timeout=10):
+    return pair.client.run(["curl", "-sS", "--fail", "-m", str(timeout), url], check=False, timeout=timeout + 5)
+
+
+def finish(pair, gws, before):
+    assert gws.stop() == {"client": 0, "server": 0}
+    for h in (pair.cgw, pair.sgw):
+        assert ruleset(h) == before[h.name]
+
+
+def test_sighup_reloads_without_dropping_flows(lab, tmp_path):
+    pair, gws, before, www = build(lab, tmp_path)
+    src = make_file(www, "30MB.bin", 30 * 1024 * 1024)
+    out = tmp_path / "got.bin"
+    dl = download(pair, out)
+    wait_size(out, 3 * 1024 * 1024)
+    # a second virtual address for the same service, added to the running gateway
+    cfg = gws.configs["client"]
+    text = cfg.read_text()
+    cfg.write_text(text + '\n[[service]]\nname = "web.svc.example"\naddress = "198.18.0.20"\nport = 80\n')
+    gws.signal("client", signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while curl(pair, "http://198.18.0.20/", timeout=2).returncode and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert curl(pair, "http://198.18.0.20/").stdout == "hello\n"
+    # a broken config is refused and the gateway keeps serving
+    cfg.write_text(text + "\n[gateway\n")
+    gws.signal("client", signal.SIGHUP)
+    time.sleep(0.5)
+    assert "reload refused" in gws.log("client")
+    assert curl(pair, f"http://{VIRTUAL_ADDR}/").stdout == "hello\n"
+    cfg.write_text(text)
+    _, err = dl.communicate(timeout=120)
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    finish(pair, gws, before)
+
+
+def test_sigterm_drains_then_removes_every_rule(lab, tmp_path):
+    pair, gws, before, www = build(lab, tmp_path)
+    src = make_file(www, "20MB.bin", 20 * 1024 * 1024)
+    out = tmp_path / "got.bin"
+    dl = download(pair, out, rate="10M", name="20MB.bin")           # ~2 s
+    wait_size(out, 4 * 1024 * 1024)
+    gws.signal("client", signal.SIGTERM)
+    time.sleep(0.3)
+    r = curl(pair, f"http://{VIRTUAL_ADDR}/", timeout=3)                  # refused at once
+    assert r.returncode == 7, r.stderr           # curl: could not connect (a RST, not a time-out)
+    _, err = dl.communicate(timeout=60)                                   # the live one finishes
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    assert gws.procs["client"].wait(15) == 0
+    assert "draining" in gws.log("client")
+    assert ruleset(pair.cgw) == before[pair.cgw.name]
+    finish(pair, gws, before)
+
+
+def test_kill_9_then_restart_resumes_live_flows(lab, tmp_path):
+    pair, gws, before, www = build(lab, tmp_path)
+    src = make_file(www, "30MB.bin", 30 * 1024 * 1024)
+    out = tmp_path / "got.bin"
+    dl = download(pair, out)
+    wait_size(out, 5 * 1024 * 1024)
+    time.sleep(1.2)                           # a snapshot is written every second
+    gws.signal("client", signal.SIGKILL)
+    gws.procs["client"].wait(5)
+    gws.launch("client")                      # cleans up the dead run's rules, resumes its flows
+    assert "resumed 1 established flow" in gws.log("client")
+    _, err = dl.communicate(timeout=120)
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    assert curl(pair, f"http://{VIRTUAL_ADDR}/").stdout == "hello\n"
+    finish(pair, gws, before)                  # the restarted run's rules go too: as before start
