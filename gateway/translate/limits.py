@@ -39,8 +39,12 @@ class LimitsMixin:
             flow = self.flows.get(fid)
             if flow is not None:
                 self.stats["limit_half_open_evicted"] += 1
+                self._evicted(flow)
                 self._forget(flow)
         return True
+
+    def _evicted(self, flow) -> None:
+        """A handshake pushed out of a full table (a side may tell its legacy host)."""
 
     def _opened(self, flow, source: bytes) -> None:
         flow.source_key = source

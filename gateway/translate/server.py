@@ -7,7 +7,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, ntoa
 from sal.service_table import Action, ServiceTable
 from sal.wire import SYN
 
-from .base import PASS, Flow, Translator, _TCP_PORTS, _U16
+from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class ServerTranslator(Translator):
         flow.set_legacy(backend.address, ours, backend.port, port)
         flow.legacy_key = (backend.address, backend.port, port)
         flow.rebuild(self.carriage)
+        flow.legacy_last_ack = (_U32.unpack_from(seg, 4)[0] + 1) & 0xFFFFFFFF   # what the backend expects
         self.by_peer[flow.extra[3]] = flow
         self.by_backend[flow.legacy_key] = flow
         return self._syn_to_backend(flow, pkt, seg, now)
@@ -188,6 +189,12 @@ class ServerTranslator(Translator):
         self.by_backend[flow.legacy_key] = flow
         self._adopt_common(flow, flow.peer_addr, flow.last_seen)
         return True
+
+    def _evicted(self, flow: Flow) -> None:
+        # the backend holds a half-open connection for it, and would keep repeating its
+        # SYN-ACK: a RST frees it at once
+        if flow.legacy_key is not None:
+            self._reset_legacy(flow)
 
     def live_flows_by_backend(self) -> dict[tuple[bytes, int], int]:
         """Open flows per backend (address, port), for the services view."""

@@ -58,14 +58,14 @@ def test_flood_during_a_50mb_transfer(lab, tmp_path):
     dl = pair.client.popen(["curl", "-sS", "--fail", "-m", "120", "--limit-rate", "15M", "-o", str(out),
                             f"http://{VIRTUAL_ADDR}/50MB.bin"], stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    floods = [pair.client.popen([sys.executable, "-c", FLOOD, "syn", VIRTUAL_ADDR, "30000"],
+    floods = [pair.client.popen([sys.executable, "-c", FLOOD, "syn", VIRTUAL_ADDR, "20000"],
                                 stdout=subprocess.PIPE, text=True),
-              pair.cgw.popen([sys.executable, "-c", FLOOD, "sal", pair.sgw_sal, "30000"],
+              pair.cgw.popen([sys.executable, "-c", FLOOD, "sal", pair.sgw_sal, "20000"],
                              stdout=subprocess.PIPE, text=True)]
     time.sleep(0.3)
     # a legitimate new connection during the flood
-    r = pair.client.run(["curl", "-sS", "--fail", "-m", "20", f"http://{VIRTUAL_ADDR}/index.html"],
-                        check=False, timeout=30)
+    r = pair.client.run(["curl", "-sS", "--fail", "-m", "30", f"http://{VIRTUAL_ADDR}/index.html"],
+                        check=False, timeout=40)
     assert r.returncode == 0 and r.stdout == "still here\n", r.stderr
     for f in floods:
         f.wait(60)

@@ -65,3 +65,16 @@ def test_caps_are_released_when_flows_go():
     client.handle_timer(2.0)                              # both handshakes expire
     assert client.flows == {} and client._per_source == {} and not client._half_open
     assert client.from_legacy(syn(CLIENT, 40002), 2.0) is not None
+
+
+def test_server_eviction_resets_the_backend_half_open_connection():
+    from sal.ip import IPv4, TCP
+    client, server = make_pair()
+    server.limits = Limits(max_half_open=1)
+    first = client.from_legacy(syn("198.19.1.9", 41000), 0.0)
+    to_backend = server.from_sal(first, 0.0)
+    server.from_sal(client.from_legacy(syn("198.19.1.9", 41001), 0.0), 0.0)   # evicts the first
+    (rst,) = server.outbox
+    t, sent = TCP(rst[20:]), TCP(to_backend[20:])
+    assert IPv4(rst).dst == aton("198.19.3.2") and t.flags == 0x04
+    assert (t.sport, t.dport, t.seq) == (sent.sport, sent.dport, sent.seq + 1)
