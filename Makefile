@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
                 iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps dnsmasq-base dnsperf
 
-.PHONY: all deps venv test unit demo bench clean distclean
+.PHONY: all deps venv test unit test-compose demo bench clean distclean
 
 all: venv
 
@@ -37,6 +37,11 @@ test: venv
 
 unit: venv
 	$(PY) -m pytest -q -rs tests/unit
+
+# docker-compose.yml for real (Docker engine, a locally made base image; minutes the first
+# time, cached in build/ after). Not part of `make test`; CI runs both.
+test-compose: venv
+	SERVAL_TEST_COMPOSE=1 $(PY) -m pytest -q -rs -s tests/deploy
 
 demo: venv
 	$(PY) -m lab.demo
