@@ -11,6 +11,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from serval.metrics import parse_config as parse_metrics
+
 from .names import Service, normalize
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
@@ -40,6 +42,7 @@ class DnsConfig:
     tcp_timeout: float = 10.0
     tcp_connections: int = 128
     log_level: str = "info"
+    metrics: tuple | None = None                       # (host, port): Prometheus metrics (default: off)
     rate: float = 100.0
     burst: float = 200.0
     rate_clients: int = 10000
@@ -126,7 +129,8 @@ def load(path: str) -> DnsConfig:
 
 
 SECTIONS = {
-    "server": {"listen", "port", "allow", "max_udp_size", "tcp_timeout", "tcp_connections", "log_level"},
+    "server": {"listen", "port", "allow", "max_udp_size", "tcp_timeout", "tcp_connections", "log_level",
+               "metrics", "metrics_public"},
     "rate_limit": {"rate", "burst", "clients"},
     "upstream": {"servers", "resolv_conf", "timeout", "retry_down_after", "udp_size"},
     "cache": {"size", "min_ttl", "max_ttl", "max_negative_ttl"},
@@ -174,6 +178,7 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
     cfg.log_level = str(server.get("log_level", "info")).lower()
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail(("server", "log_level"), "log_level must be debug, info, warning or error")
+    cfg.metrics = parse_metrics(server, lambda key, message: fail(("server", key), message))
 
     # [rate_limit]
     rl = data.get("rate_limit", {})

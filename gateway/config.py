@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from sal.serviceid import ServiceIDError, ServicePrefix, parse_service_id, service_id_for
 from sal.service_table import Action
+from serval.metrics import parse_config as parse_metrics
 
 from .routing_config import parse as parse_routing
 from .translate.base import Timeouts
@@ -64,6 +65,7 @@ class GatewayConfig:
     mappings: str | None = None        # the resolver's mappings file (client gateway)
     state_dir: str = "/run/serval"
     log_level: str = "info"
+    metrics: tuple | None = None       # (host, port): serve Prometheus metrics there (default: off)
     drain_timeout: float = 5.0         # SIGTERM: seconds live flows may take to finish
     resume_window: float = 10.0        # a flow snapshot younger than this is resumed at start
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -82,6 +84,7 @@ _GATEWAY_KEYS = {
     "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
     "resume_window",
 }
+_GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
 
 
 class _Locator:
@@ -184,6 +187,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     cfg.log_level = str(gw.get("log_level", "info")).lower()
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail("gateway", None, "log_level", "log_level must be debug, info, warning or error")
+    cfg.metrics = parse_metrics(gw, lambda key, message: fail("gateway", None, key, message))
     timeouts = data.get("timeouts", {})
     for key, value in timeouts.items():
         if not hasattr(cfg.timeouts, key):

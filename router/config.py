@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from sal import registration as reg
 from sal.serviceid import ServiceIDError, ServicePrefix, service_id_for
 from sal.service_table import Action
+from serval.metrics import parse_config as parse_metrics
 
 from .core import SAL_UDP_PORT, RouterOptions
 
@@ -42,6 +43,7 @@ class RouterConfig:
     control_socket: str = "/run/serval/router.sock"
     state_dir: str = "/run/serval"
     log_level: str = "info"
+    metrics: tuple | None = None          # (host, port): serve Prometheus metrics there (default: off)
     queue_bypass: bool = True
     options: RouterOptions = field(default_factory=RouterOptions)
     keys: list = field(default_factory=list)
@@ -50,7 +52,7 @@ class RouterConfig:
 
 _ROUTER_KEYS = {"instance", "address", "queue", "registration_port", "sal_udp_port", "control_socket",
                 "state_dir", "log_level", "queue_bypass", "affinity", "delay_hold", "warmup",
-                "min_hold", "max_hold", "replay_window", "max_held"}
+                "min_hold", "max_hold", "replay_window", "max_held", "metrics", "metrics_public"}
 
 
 def load(path: str) -> RouterConfig:
@@ -88,6 +90,7 @@ def parse(data: dict, path: str) -> RouterConfig:
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail("router", "log_level must be debug, info, warning or error")
     cfg.queue_bypass = bool(top.get("queue_bypass", True))
+    cfg.metrics = parse_metrics(top, lambda key, message: fail("router", message))
     opts = cfg.options
     for name in ("affinity", "delay_hold", "warmup", "min_hold", "max_hold", "replay_window"):
         if name in top:
