@@ -2,6 +2,9 @@
 import logging
 import sys
 
+from serval.logs import add_json_flag as log_json_flag
+from serval.logs import setup as setup_logs
+
 
 def add_arguments(p):
     p.add_argument("role", choices=["client", "server"],
@@ -11,7 +14,8 @@ def add_arguments(p):
     p.add_argument("--check", action="store_true",
                    help="check the config, print what would be served, and exit")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="override the config's log_level")
+                   help="override the config's log_level (debug adds a line per flow)")
+    log_json_flag(p)
 
 
 def run(args) -> int:
@@ -23,9 +27,7 @@ def run(args) -> int:
         print(f"serval gateway: bad config: {exc}", file=sys.stderr)
         return 2
     # our own loggers at the chosen level; libraries (pyroute2 is chatty) at warning
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("serval").setLevel((args.log_level or cfg.log_level).upper())
+    setup_logs(args.log_level or cfg.log_level, json_lines=args.log_json)
     if args.check:
         print(f"{cfg.path}: ok ({cfg.role} gateway, {len(cfg.services)} service(s), "
               f"{len(cfg.rules)} route(s), carriage {cfg.carriage}, queue {cfg.queue})")

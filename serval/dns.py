@@ -7,6 +7,9 @@ the upstream resolvers. See docs/resolver.md.
 import logging
 import sys
 
+from serval.logs import add_json_flag as log_json_flag
+from serval.logs import setup as setup_logs
+
 
 def add_arguments(p):
     p.description = (
@@ -19,6 +22,7 @@ def add_arguments(p):
                    help="check the config, print what would be served, and exit (0: ok, 2: bad config)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="override the config's log_level (debug logs every query)")
+    log_json_flag(p)
 
 
 def run(args) -> int:
@@ -29,9 +33,7 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"serval dns: bad config: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("serval").setLevel((args.log_level or cfg.log_level).upper())
+    setup_logs(args.log_level or cfg.log_level, json_lines=args.log_json)
     if args.check:
         return check(cfg)
     from twisted.internet import reactor

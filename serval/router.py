@@ -2,12 +2,16 @@
 import logging
 import sys
 
+from serval.logs import add_json_flag as log_json_flag
+from serval.logs import setup as setup_logs
+
 
 def add_arguments(p):
     p.add_argument("--config", "-c", required=True, help="the router's TOML config file (see deploy/router.toml)")
     p.add_argument("--check", action="store_true", help="check the config and exit")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="override the config's log_level")
+    log_json_flag(p)
 
 
 def run(args) -> int:
@@ -18,9 +22,7 @@ def run(args) -> int:
     except RouterConfigError as exc:
         print(f"serval router: bad config: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("serval").setLevel((args.log_level or cfg.log_level).upper())
+    setup_logs(args.log_level or cfg.log_level, json_lines=args.log_json)
     from router.daemon import Router, describe
 
     if args.check:
