@@ -8,6 +8,8 @@ import time
 
 from twisted.internet.task import LoopingCall
 
+from serval.observe import DnsObserver
+
 from . import gateway_link
 from .allocator import Allocator
 from .cache import Cache
@@ -68,6 +70,7 @@ class DnsDaemon:
         self.started = time.monotonic()
         self.warned_no_gateway = False
         self.gateway_ok = True
+        self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
 
         cfg = self.cfg
         self.store = MappingsFile(cfg.mappings) if cfg.mappings else MemoryStore()
@@ -98,6 +101,8 @@ class DnsDaemon:
                 factory = TCPServer(self)
                 self.tcp_factories.append(factory)
                 self.ports.append(self.reactor.listenTCP(port, factory, backlog=128, interface=host))
+            self.observer = DnsObserver(self)
+            self.observer.start()
         except BaseException:
             self.stop()
             raise
@@ -111,6 +116,9 @@ class DnsDaemon:
 
     def stop(self) -> None:
         """Stop listening, drop upstream work, save answer times; safe to call twice."""
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
         for call in self.timers:
             if call.running:
                 call.stop()

@@ -104,6 +104,7 @@ class Gateway(LifecycleMixin):
         self.injector = self.port = self.ticker = self.watcher = None
         self._path_check = None
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
+        self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
         self.started = time.monotonic()
         self.stats = None
         self.snapshotter = None
@@ -117,6 +118,7 @@ class Gateway(LifecycleMixin):
         from .adapters.inject import Injector
         from .adapters.netwatch import NetlinkWatcher
         from .adapters.nfqueue import QueueReader
+        from serval.observe import GatewayObserver
         from .routing import routing_agent
 
         cfg = self.cfg
@@ -143,6 +145,8 @@ class Gateway(LifecycleMixin):
             self.snapshotter = LoopingCall(self.save_snapshot)
             self.snapshotter.start(SNAPSHOT_EVERY, now=False)
             self.routing.start()
+            self.observer = GatewayObserver(self)
+            self.observer.start()
         except BaseException:
             self.stop()
             raise
@@ -154,6 +158,9 @@ class Gateway(LifecycleMixin):
         if self.routing is not None:     # first: unregister while we still serve
             self.routing.stop()
             self.routing = None
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
         if self.snapshotter is not None and self.snapshotter.running:

@@ -39,6 +39,7 @@ class Router:
         for rule in cfg.rules:
             self.core.add_rule(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight, rule.name)
         self.interception = self.reader = self.injector = self.udp = self.port = self.ticker = None
+        self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
 
     def start(self) -> None:
         from twisted.internet.task import LoopingCall
@@ -46,6 +47,7 @@ class Router:
         from gateway.adapters.inject import Injector
         from gateway.adapters.nfqueue import QueueReader
         from nat import Interception
+        from serval.observe import RouterObserver
 
         cfg = self.cfg
         self.interception = Interception(cfg.instance, cfg.queue, cfg.state_dir, bypass=cfg.queue_bypass, mark=MARK)
@@ -58,6 +60,8 @@ class Router:
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
             self.ticker = LoopingCall(self._tick)
             self.ticker.start(0.01, now=False)
+            self.observer = RouterObserver(self)
+            self.observer.start()
         except BaseException:
             self.stop()
             raise
@@ -66,6 +70,9 @@ class Router:
                  len(cfg.keys), len(cfg.rules))
 
     def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
         for attr, close in (("reader", lambda r: (self.reactor.removeReader(r), r.close())),

@@ -1,0 +1,747 @@
+"""What each daemon tells its operator beside its control socket: Prometheus metrics
+(``serval/metrics.py`` serves them) and the log lines derived from its counters.
+
+The sans-IO cores (translators, router core, resolver core) count events and log
+nothing. An observer, started and stopped by its daemon, reads them:
+
+* every second (``tick``): per-flow lines at DEBUG (from a look at the flow table), and
+  the rare events promptly: migrations completed, registrations acknowledged, refused,
+  appearing or ending;
+* every minute (``summarize``): one INFO line per subject in which something happened
+  (flows opened and closed, packets dropped by reason, queries by result...), and
+  warnings for limits hit and packets the kernel dropped at our queues;
+* at each scrape (``collect``): the metric families.
+
+docs/operations.md lists every metric and line.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from serval import metrics as m
+from serval.logs import event
+from serval.metrics import Family, Histogram
+
+log = logging.getLogger("serval.observe")
+flow_log = logging.getLogger("serval.flow")
+log_gw = logging.getLogger("serval.gateway")
+log_routing = logging.getLogger("serval.routing")
+log_router = logging.getLogger("serval.router")
+log_dns = logging.getLogger("serval.dns")
+TICK = 1.0                   # seconds between looks at the counters
+SUMMARY_EVERY = 60.0         # seconds between summary lines
+FLOWS_PER_SECOND_SCANNED = 50_000   # a bigger table is looked at less often than every tick
+
+
+def _ntoa(addr) -> str:
+    return ".".join(str(b) for b in addr) if isinstance(addr, (bytes, bytearray)) and len(addr) == 4 else str(addr)
+
+
+def _counts(deltas: dict, keys: dict) -> list[str]:
+    """``["120 opened", "2 reset"]`` for the non-zero ``deltas`` of ``keys`` (key -> word)."""
+    return [f"{deltas[k]} {word}" for k, word in keys.items() if deltas.get(k)]
+
+
+def _by_reason(deltas: dict, prefix: str, top: int = 8) -> tuple[int, dict, str]:
+    """(total, {reason: n}, "reason n, ...") of the non-zero deltas of ``prefix*`` keys."""
+    found = {k[len(prefix):]: v for k, v in deltas.items() if k.startswith(prefix) and v > 0}
+    ranked = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{k} {v}" for k, v in ranked[:top]) + (", ..." if len(ranked) > top else "")
+    return sum(found.values()), found, text
+
+
+class Deltas:
+    """How much each counter of ``read()`` grew since the last ``take()``."""
+
+    def __init__(self, read):
+        self.read = read
+        self.last = dict(read())
+
+    def take(self) -> dict:
+        now = dict(self.read())
+        last = self.last
+        self.last = now
+        return {k: v - last.get(k, 0) for k, v in now.items() if v != last.get(k, 0)}
+
+
+class TimesFeed:
+    """New entries of a bounded list of durations that a core appends to and trims
+    (``migration_times``), found by a monotonic count of appends, into a histogram."""
+
+    def __init__(self, times, count, histogram: Histogram):
+        self.times, self.count, self.histogram = times, count, histogram
+        self.seen = count()
+
+    def pull(self) -> list[float]:
+        total = self.count()
+        new = total - self.seen
+        self.seen = total
+        if new <= 0:
+            return []
+        values = list(self.times()[-new:])
+        for v in values:
+            self.histogram.observe(v)
+        return values
+
+
+def tap_handshakes(translator, observe) -> bool:
+    """Until the translator records handshake times itself: time each flow from its
+    creation (the SYN) to the SAL ESTABLISHED event (client: the SYN-ACK arrived; server:
+    the handshake's ACK arrived), by wrapping the translator's ``_after_control`` (called
+    for control packets only, never on the data path). Returns False if it cannot."""
+    original = getattr(translator, "_after_control", None)
+    if original is None:
+        return False
+    from sal.flow import Event
+
+    def after_control(flow, *args, **kwargs):
+        result = original(flow, *args, **kwargs)
+        try:
+            events = args[-1] if args else kwargs.get("events", ())
+            if Event.ESTABLISHED in events:
+                observe(max(0.0, time.monotonic() - flow.created))
+        except Exception:  # noqa: BLE001, S110 - observing must never hurt the data path
+            pass
+        return result
+
+    translator._after_control = after_control
+    return True
+
+
+# --- the common part ----------------------------------------------------------------------
+class Observer:
+    prefix = "serval"
+
+    def __init__(self, reactor, address, tick: float = TICK, summary_every: float = SUMMARY_EVERY,
+                 clock=time.monotonic):
+        self.reactor, self.address = reactor, address
+        self.tick_every, self.summary_every = tick, summary_every
+        self.clock = clock
+        self.port = self.timer = None
+        self.started_wall = time.time()
+        self.last_summary = clock()
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+        if self.address is not None:
+            self.port = m.listen(self.reactor, self.address, self.collect)
+            host, port = self.address
+            event(log, logging.INFO, "metrics_listening", "metrics at http://%s/metrics",
+                  f"[{host}]:{port}" if ":" in host else f"{host}:{port}", address=f"{host}:{port}")
+        self.timer = LoopingCall(self._tick)
+        self.timer.clock = self.reactor
+        self.timer.start(self.tick_every, now=False)
+
+    def stop(self) -> None:
+        if self.timer is not None and self.timer.running:
+            self.timer.stop()
+        self.timer = None
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+    def _tick(self) -> None:
+        try:
+            now = self.clock()
+            self.tick(now)
+            if now - self.last_summary >= self.summary_every:
+                self.summarize(now, now - self.last_summary)
+                self.last_summary = now
+        except Exception:          # a bug here must not stop the timer, nor the daemon
+            log.exception("observer tick")
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def summarize(self, now: float, seconds: float) -> None:
+        pass
+
+    def collect(self) -> list[Family]:
+        return [Family(f"{self.prefix}_start_time_seconds", "gauge",
+                       "When the daemon started (Unix time)").add(round(self.started_wall, 3))]
+
+    def leftovers(self, stats: dict, used: set) -> Family:
+        """Every counter of ``serval ctl stats`` not exposed under a name of its own."""
+        fam = Family(f"{self.prefix}_stat_total", "counter",
+                     "Counters of `serval ctl stats` without a metric of their own, by name")
+        for key in sorted(stats):
+            v = stats[key]
+            if key not in used and isinstance(v, (int, float)) and not isinstance(v, bool):
+                fam.add(v, stat=key)
+        return fam
+
+
+class _Used(dict):
+    """A stats dict that remembers which keys were read."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.used = set()
+
+    def __call__(self, key: str):
+        self.used.add(key)
+        return self.get(key, 0)
+
+
+# --- gateways -------------------------------------------------------------------------------
+class FlowWatch:
+    """The translator's flow table, looked at every tick: bytes of flows since gone stay
+    counted, and (at DEBUG) a line per flow opened, closed, reset or moved.
+
+    Bytes come from the flows' own counters (TCP segments, headers included, as the
+    translators count them). A flow forgotten between two looks keeps the bytes of the
+    last look: a closed flow lingers for seconds, so only bytes sent after that look are
+    missed (and flows replaced or evicted within a second)."""
+
+    def __init__(self, translator, names: dict):
+        self.t = translator
+        self.names = names                       # serviceID -> name
+        self.seen: dict[int, list] = {}          # flowID -> [flow, bytes out, bytes in, closed_at, local, peer, state]
+        self.bytes_out = self.bytes_in = 0
+        self.last = None
+
+    def sample(self, now: float, force: bool = False) -> None:
+        flows = self.t.flows
+        if not force and self.last is not None and now - self.last < max(0.0, len(flows) / FLOWS_PER_SECOND_SCANNED):
+            return
+        self.last = now
+        debug = flow_log.isEnabledFor(logging.DEBUG)
+        seen = self.seen
+        for fid, flow in flows.items():
+            s = seen.get(fid)
+            if s is None or s[0] is not flow:
+                if s is not None:
+                    self._gone(seen.pop(fid), now, debug)
+                seen[fid] = [flow, flow.bytes_out, flow.bytes_in, flow.closed_at, flow.local_addr,
+                             flow.peer_addr, flow.sal.state]
+                self.bytes_out += flow.bytes_out
+                self.bytes_in += flow.bytes_in
+                if debug:
+                    self._opened(flow)
+                    if flow.closed_at is not None:
+                        self._closed(flow, now)
+                continue
+            out, in_ = flow.bytes_out, flow.bytes_in
+            if out != s[1]:
+                self.bytes_out += out - s[1]
+                s[1] = out
+            if in_ != s[2]:
+                self.bytes_in += in_ - s[2]
+                s[2] = in_
+            if debug:
+                if flow.closed_at is not None and s[3] is None:
+                    self._closed(flow, now)
+                if s[6] is not None and s[6].value == "established":
+                    if flow.local_addr != s[4]:
+                        self._moved(flow, "our address", s[4], flow.local_addr)
+                    if flow.peer_addr != s[5]:
+                        self._moved(flow, "peer", s[5], flow.peer_addr)
+                s[3], s[4], s[5], s[6] = flow.closed_at, flow.local_addr, flow.peer_addr, flow.sal.state
+        if len(seen) > len(flows):
+            for fid in [f for f, s in seen.items() if flows.get(f) is not s[0]]:
+                self._gone(seen.pop(fid), now, debug)
+
+    # --- per-flow lines (DEBUG) ----------------------------------------------------------
+    def _describe(self, flow) -> dict:
+        legacy = (f"{_ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {_ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
+                  if flow.legacy_key is not None else "-")
+        sid = flow.sal.service_id
+        service = self.names.get(sid) or (sid[:8].hex() if sid else "-")
+        return {"flow": f"{flow.sal.local_flow:08x}", "legacy": legacy, "service": service,
+                "peer": _ntoa(flow.peer_addr), "local": _ntoa(flow.local_addr)}
+
+    def _opened(self, flow) -> None:
+        d = self._describe(flow)
+        state = flow.sal.state.value if flow.sal.state else "-"
+        event(flow_log, logging.DEBUG, "flow_opened", "flow %s opened: %s, service %s, peer %s (%s)",
+              d["flow"], d["legacy"], d["service"], d["peer"], state, state=state, **d)
+
+    def _closed(self, flow, now: float) -> None:
+        d = self._describe(flow)
+        reason = flow.sal.state.value if flow.sal.state else "closed"
+        age = max(0.0, flow.closed_at - flow.created)
+        event(flow_log, logging.DEBUG, "flow_closed", "flow %s %s after %.1f s: %s, service %s, %d bytes out, %d in",
+              d["flow"], reason, age, d["legacy"], d["service"], flow.bytes_out, flow.bytes_in,
+              reason=reason, seconds=round(age, 3), bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, **d)
+
+    def _moved(self, flow, what: str, old, new) -> None:
+        d = self._describe(flow)
+        event(flow_log, logging.DEBUG, "flow_migrated", "flow %s moved: %s %s -> %s (%s)",
+              d["flow"], what, _ntoa(old), _ntoa(new), d["legacy"], side="local" if what == "our address" else "peer",
+              previous=_ntoa(old), **d)
+
+    def _gone(self, s: list, now: float, debug: bool) -> None:
+        flow = s[0]
+        if not debug or s[3] is not None:
+            return                                # closed before: already said
+        idle = now - flow.last_seen
+        timeouts = getattr(self.t, "timeouts", None)
+        reason = "idle" if timeouts is not None and idle >= min(timeouts.idle, timeouts.handshake) - 1 \
+            else "replaced or evicted"
+        d = self._describe(flow)
+        event(flow_log, logging.DEBUG, "flow_closed", "flow %s forgotten (%s) after %.1f s: %s, service %s",
+              d["flow"], reason, now - flow.created, d["legacy"], d["service"], reason=reason,
+              seconds=round(now - flow.created, 3), bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, **d)
+
+    def states(self) -> Counter:
+        return Counter(f.sal.state.value if f.sal.state else "new" for f in self.t.flows.values())
+
+
+FLOW_ENDS = {"flows_closed": "closed", "flows_reset": "reset", "flows_refused": "refused",
+             "flows_failed": "failed", "flows_idle_expired": "idle"}
+
+
+class GatewayObserver(Observer):
+    prefix = "serval_gateway"
+
+    def __init__(self, gateway, **kwargs):
+        super().__init__(gateway.reactor, getattr(gateway.cfg, "metrics", None), **kwargs)
+        self.gw = gateway
+        t = gateway.translator
+        self.watch = FlowWatch(t, {s.service_id: s.name for s in gateway.cfg.services})
+        self.handshakes, self.migrations = Histogram(), Histogram()
+        self.migration_feed = TimesFeed(lambda: t.migration_times,
+                                        lambda: t.stats.get("migrations_completed", 0), self.migrations)
+        self.handshake_feed = None
+        if hasattr(t, "handshake_times"):
+            self.handshake_feed = TimesFeed(lambda: t.handshake_times,
+                                            lambda: t.stats.get("handshakes_completed", 0), self.handshakes)
+        else:
+            tap_handshakes(t, self.handshakes.observe)
+        self.prompt = Deltas(lambda: self.gw.stats)
+        self.periodic = Deltas(self._periodic_counters)
+        self.router_states: dict = {}
+
+    def queues(self) -> dict:
+        cfg = self.gw.cfg
+        return {cfg.queue: "bulk", cfg.control_queue: "control"}
+
+    def _periodic_counters(self) -> dict:
+        out = dict(self.gw.stats)
+        for number, c in m.nfqueue_counters().items():
+            if number in self.queues():
+                out[f"kernel {number} dropped"] = c["dropped"]
+                out[f"kernel {number} user_dropped"] = c["user_dropped"]
+        return out
+
+    # --- lines ------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        self.watch.sample(now)
+        if self.handshake_feed is not None:
+            self.handshake_feed.pull()
+        times = self.migration_feed.pull()
+        d = self.prompt.take()
+        done = d.get("migrations_completed", 0)
+        if done > 0:
+            ms = sorted(v * 1000 for v in times)
+            how = (f"{ms[0]:.1f} ms" if len(ms) == 1 else
+                   f"median {ms[len(ms) // 2]:.1f} ms, max {ms[-1]:.1f} ms") if ms else "no timing"
+            event(log_gw, logging.INFO, "migrations_completed",
+                  "migrations: %d completed in the last %.0f s (%s)", done, self.tick_every, how,
+                  count=done, median_ms=round(ms[len(ms) // 2], 2) if ms else None,
+                  max_ms=round(ms[-1], 2) if ms else None)
+        moved = d.get("peer_migrations_completed", 0)
+        if moved > 0:
+            event(log_gw, logging.INFO, "peer_migrated",
+                  "peer moved: %d flow(s) now follow the peer's new address", moved, count=moved)
+        self._registration_lines(now)
+
+    def _registration_lines(self, now: float) -> None:
+        registrar = getattr(self.gw.routing, "registrar", None)
+        if registrar is None:
+            return
+        for router, view in registrar.views.items():
+            if view.status:
+                state = "refused"
+            elif view.acked is not None and now - view.acked <= registrar.hold:
+                state = "acknowledged"
+            else:
+                state = "silent" if view.acked is not None else "waiting"
+            was = self.router_states.get(router, "waiting")
+            self.router_states[router] = state
+            if state == was or state == "waiting":
+                continue
+            where = f"{router[0]}:{router[1]}"
+            if state == "acknowledged":
+                event(log_routing, logging.INFO, "registration_acknowledged",
+                      "router %s acknowledges our registration", where, router=where)
+            elif state == "refused":
+                event(log_routing, logging.WARNING, "registration_refused",
+                      "router %s refuses our registration (is our key allowed these service names?)",
+                      where, router=where)
+            else:
+                event(log_routing, logging.WARNING, "registration_unacknowledged",
+                      "router %s has not acknowledged our registration for %.1f s", where,
+                      now - view.acked, router=where, seconds=round(now - view.acked, 2))
+
+    def summarize(self, now: float, seconds: float) -> None:
+        d = self.periodic.take()
+        span = round(seconds)
+        ends = _counts(d, {"flows_opened": "opened", "flows_resumed": "resumed", "flows_closed": "closed",
+                           "flows_reset": "reset", "flows_refused": "refused", "flows_failed": "failed",
+                           "flows_idle_expired": "expired idle"})
+        if ends:
+            live = sum(1 for f in self.gw.translator.flows.values() if f.closed_at is None)
+            fields = {word.replace(" ", "_"): d.get(k, 0) for k, word in
+                      {"flows_opened": "opened", "flows_closed": "closed", "flows_reset": "reset",
+                       "flows_refused": "refused", "flows_failed": "failed", "flows_idle_expired": "expired"}.items()}
+            event(flow_log, logging.INFO, "flows_summary", "flows: %s in the last %d s; %d live",
+                  ", ".join(ends), span, live, seconds=span, live=live, **fields)
+        dropped, reasons, text = _by_reason(d, "dropped_")
+        if dropped:
+            event(log_gw, logging.INFO, "drops_summary", "dropped %d packet(s) in the last %d s: %s",
+                  dropped, span, text, seconds=span, dropped=dropped, reasons=reasons)
+        hits, limits, text = _by_reason(d, "limit_")
+        if hits:
+            event(log_gw, logging.WARNING, "limits_hit", "limits hit %d time(s) in the last %d s: %s",
+                  hits, span, text, seconds=span, limits=limits)
+        if d.get("holds_timed_out"):
+            event(log_gw, logging.WARNING, "holds_timed_out",
+                  "%d move(s) unconfirmed after the hold time in the last %d s: held packets sent to the "
+                  "old path", d["holds_timed_out"], span, count=d["holds_timed_out"], seconds=span)
+        for number, purpose in sorted(self.queues().items()):
+            full, user = d.get(f"kernel {number} dropped", 0), d.get(f"kernel {number} user_dropped", 0)
+            if full > 0 or user > 0:
+                event(log_gw, logging.WARNING, "kernel_queue_drops",
+                      "kernel queue %d (%s) dropped %d packet(s) in the last %d s (queue full %d, socket "
+                      "buffer full %d): the gateway is not keeping up", number, purpose, full + user, span,
+                      full, user, queue=number, purpose=purpose, queue_full=full, socket_full=user, seconds=span)
+        if d.get("internal_errors"):
+            event(log_gw, logging.ERROR, "internal_errors", "%d internal error(s) in the last %d s",
+                  d["internal_errors"], span, count=d["internal_errors"], seconds=span)
+
+    # --- metrics ----------------------------------------------------------------------------
+    def collect(self) -> list[Family]:
+        now = self.clock()
+        self.watch.sample(now, force=True)
+        self.migration_feed.pull()
+        if self.handshake_feed is not None:
+            self.handshake_feed.pull()
+        p, cfg = self.prefix, self.gw.cfg
+        s = _Used(self.gw.stats)
+        fams = super().collect()
+        fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which gateway this is")
+                    .add(1, role=cfg.role, instance=cfg.instance, carriage=cfg.carriage))
+        fams.append(Family(f"{p}_translated_packets_total", "counter",
+                           "Packets translated: to_sal (legacy TCP carried on as SAL) and from_sal "
+                           "(SAL delivered as legacy TCP)")
+                    .add(s("to_sal"), direction="to_sal").add(s("from_sal"), direction="from_sal"))
+        fams.append(Family(f"{p}_translated_bytes_total", "counter",
+                           "TCP bytes (headers included) translated, by direction, from the flows' counters")
+                    .add(self.watch.bytes_out, direction="to_sal").add(self.watch.bytes_in, direction="from_sal"))
+        drops = Family(f"{p}_dropped_packets_total", "counter",
+                       "Packets dropped instead of translated, by reason (the dropped_* counters)")
+        limits = Family(f"{p}_limit_hits_total", "counter",
+                        "Times a cap of [limits] was hit, by limit (the limit_* counters)")
+        for key in sorted(s):
+            if key.startswith("dropped_"):
+                drops.add(s(key), reason=key[len("dropped_"):])
+            elif key.startswith("limit_"):
+                limits.add(s(key), limit=key[len("limit_"):])
+        fams += [drops, limits]
+        fams.append(Family(f"{p}_malformed_packets_total", "counter",
+                           "Packets that were not valid IPv4/TCP/SAL (also counted in dropped by reason)")
+                    .add(s("malformed")))
+        states = self.watch.states()
+        flows = Family(f"{p}_flows", "gauge", "Flows in the table, by SAL state (closed ones linger a few seconds)")
+        for state in ("syn-sent", "syn-seen", "syn-received", "established", "closed", "reset", "failed"):
+            flows.add(states.pop(state, 0), state=state)
+        for state, n in sorted(states.items()):
+            flows.add(n, state=state)
+        fams.append(flows)
+        fams.append(Family(f"{p}_flows_opened_total", "counter", "Flows opened (SYNs translated into new flows)")
+                    .add(s("flows_opened")))
+        if cfg.role == "client" or "flows_established" in s:
+            fams.append(Family(f"{p}_flows_established_total", "counter",
+                               "Flows whose SAL handshake completed (client gateway: SYN-ACK received)")
+                        .add(s("flows_established")))
+        ended = Family(f"{p}_flows_ended_total", "counter",
+                       "Flows ended, by how: closed (both FINs), reset, refused (by the backend), failed "
+                       "(control packets unanswered), idle (expired)")
+        for key, reason in FLOW_ENDS.items():
+            ended.add(s(key), reason=reason)
+        fams.append(ended)
+        if "flows_resumed" in s:
+            fams.append(Family(f"{p}_flows_resumed_total", "counter",
+                               "Flows taken back from a snapshot at start").add(s("flows_resumed")))
+        for key, help_text in (
+                ("migrations_started", "Moves of our flows to a new address of ours started (RSYN sent)"),
+                ("migrations_completed", "Moves of our flows confirmed by the peer (RSYN answered)"),
+                ("peer_migrations_seen", "Moves announced by the peer (RSYN received)"),
+                ("peer_migrations_completed", "Moves of the peer confirmed here (we switched to its new address)"),
+                ("packets_held", "Legacy packets held while a move was unconfirmed"),
+                ("packets_released", "Held packets sent on once the path was known"),
+                ("holds_timed_out", "Holds that ended by time-out (sent to the path in use)"),
+                ("control_retransmits", "SAL control packets retransmitted (SYN, FIN, RSYN...)")):
+            fams.append(Family(f"{p}_{key}_total", "counter", help_text).add(s(key)))
+        resets = Family(f"{p}_resets_total", "counter",
+                        "Resets: sal_sent, sal_received, legacy_sent (TCP RST to a legacy host), tcp_seen")
+        for key, kind in (("sal_resets_sent", "sal_sent"), ("sal_resets_received", "sal_received"),
+                          ("legacy_resets_sent", "legacy_sent"), ("tcp_resets_seen", "tcp_seen")):
+            resets.add(s(key), kind=kind)
+        fams.append(resets)
+        fams.append(Family(f"{p}_handshake_seconds", "histogram",
+                           "SAL handshake time: client gateway, SYN sent to SYN-ACK received; server gateway, "
+                           "SYN received to the handshake's ACK").add_histogram(self.handshakes))
+        fams.append(Family(f"{p}_migration_seconds", "histogram",
+                           "Time from moving a flow (RSYN sent) to the confirmed path").add_histogram(self.migrations))
+        fams.append(Family(f"{p}_internal_errors_total", "counter",
+                           "Packets whose handling raised (accepted unchanged; see the log)").add(s("internal_errors")))
+        fams.append(Family(f"{p}_injected_packets_total", "counter",
+                           "Packets we sent ourselves (control packets, resets, released SYNs)").add(s("injected")))
+        s("syn_redirected")            # the same event as syns_redirected, counted per flow
+        if cfg.role == "client":
+            fams.append(Family(f"{p}_syns_redirected_total", "counter",
+                               "SYNs sent again to a live router after theirs went down").add(s("syns_redirected")))
+        fams += self._routing_families(now)
+        fams += m.nfqueue_families(p, self.queues())
+        fams.append(self.leftovers(s, s.used))
+        return fams
+
+    def _routing_families(self, now: float) -> list[Family]:
+        p, agent, fams = self.prefix, self.gw.routing, []
+        registrar = getattr(agent, "registrar", None)
+        if registrar is not None:
+            st = registrar.stats
+            fams.append(Family(f"{p}_registrations_sent_total", "counter",
+                               "Registration messages sent, by type (each goes to every router)")
+                        .add(st.get("sent_register", 0), type="register")
+                        .add(st.get("sent_unregister", 0), type="unregister"))
+            fams.append(Family(f"{p}_registration_acks_total", "counter",
+                               "Routers' answers to our registrations, by status: applied or refused")
+                        .add(st.get("acks", 0) - st.get("acks_refused", 0), status="applied")
+                        .add(st.get("acks_refused", 0), status="refused"))
+            acked = Family(f"{p}_router_acknowledged", "gauge",
+                           "1 while the router has acknowledged our registration within the hold time")
+            for router, view in registrar.views.items():
+                ok = view.acked is not None and now - view.acked <= registrar.hold and not view.status
+                acked.add(int(ok), router=f"{router[0]}:{router[1]}")
+            fams.append(acked)
+            offered = Family(f"{p}_service_state", "gauge",
+                             "1 for the state each service is in: registered, withdrawn (backend down), "
+                             "draining, checking (not checked yet)")
+            for key, offer in registrar.offers.items():
+                for state in ("registered", "withdrawn", "draining", "checking"):
+                    offered.add(int(offer.state == state), service=key, state=state)
+            fams.append(offered)
+        checks = getattr(agent, "checks", None)
+        if checks:
+            up = Family(f"{p}_backend_up", "gauge", "Backend health: 1 up, 0 down (absent until checked)")
+            results = Family(f"{p}_backend_checks_total", "counter", "Backend health checks, by result")
+            for (host, port), check in checks.items():
+                where = f"{host}:{port}"
+                if check.up is not None:
+                    up.add(int(check.up), backend=where)
+                results.add(check.checks - check.failures, backend=where, result="ok")
+                results.add(check.failures, backend=where, result="failed")
+            fams += [up, results]
+        health = getattr(agent, "health", None)
+        if health is not None:
+            up = Family(f"{p}_router_up", "gauge", "1 while the router answers our probes ready")
+            rtt = Family(f"{p}_router_rtt_seconds", "gauge", "Round trip of the router's last probe answer")
+            for row in health.rows(now):
+                up.add(int(row["state"] == "live"), router=row["router"])
+                if row["rtt_ms"] is not None:
+                    rtt.add(row["rtt_ms"] / 1000, router=row["router"])
+            fams += [up, rtt]
+        return fams
+
+
+# --- routers --------------------------------------------------------------------------------
+REGISTRY_EVENTS = {"registrations_new": "new", "registrations_moved": "moved", "refreshes": "refreshed",
+                   "unregistrations": "unregistered", "registrations_expired": "expired"}
+
+
+class RouterObserver(Observer):
+    prefix = "serval_router"
+
+    def __init__(self, router, **kwargs):
+        super().__init__(router.reactor, getattr(router.cfg, "metrics", None), **kwargs)
+        self.router = router
+        core = router.core
+        self.prompt = Deltas(lambda: {**core.stats, **{f"registry {k}": v for k, v in core.registry.stats.items()}})
+        self.periodic = Deltas(lambda: {**core.stats, **{f"kernel {k}": v for k, v in self._kernel().items()}})
+        self.registrations = self._registrations()
+
+    def _kernel(self) -> dict:
+        c = m.nfqueue_counters().get(self.router.cfg.queue)
+        return {"dropped": c["dropped"], "user_dropped": c["user_dropped"]} if c else {}
+
+    def _registrations(self) -> dict:
+        out = {}
+        for ident, r in self.router.core.registry.by_sender.items():
+            out[ident] = (_ntoa(r.instance.address), tuple(sorted({rec.name for rec in r.records.values()})))
+        return out
+
+    def tick(self, now: float) -> None:
+        d = self.prompt.take()
+        total, reasons, text = _by_reason(d, "refused_")
+        if total:
+            event(log_router, logging.WARNING, "registrations_refused",
+                  "refused %d registration-plane message(s) in the last %.0f s: %s", total, self.tick_every,
+                  text, count=total, reasons=reasons)
+        now_regs = self._registrations()
+        old = self.registrations
+        self.registrations = now_regs
+        for ident, (address, names) in now_regs.items():
+            sender = ident[1]
+            was = old.get(ident)
+            if was is None:
+                event(log_router, logging.INFO, "registered", "registered: %s at %s offers %s",
+                      sender, address, ", ".join(names), sender=sender, address=address, services=list(names))
+            elif was[0] != address:
+                event(log_router, logging.INFO, "registration_moved", "registration moved: %s now at %s (was %s)",
+                      sender, address, was[0], sender=sender, address=address, previous=was[0])
+            elif was[1] != names:
+                event(log_router, logging.INFO, "registration_changed", "%s at %s now offers %s (was %s)",
+                      sender, address, ", ".join(names) or "nothing", ", ".join(was[1]) or "nothing",
+                      sender=sender, address=address, services=list(names), previous=list(was[1]))
+        gone = [ident for ident in old if ident not in now_regs]
+        if gone:
+            expired, unregistered = d.get("registry registrations_expired", 0), d.get("registry unregistrations", 0)
+            reason = ("expired" if expired and not unregistered else "unregistered" if unregistered and not expired
+                      else "withdrawn" if not expired else "expired or unregistered")
+            for ident in gone:
+                address, names = old[ident]
+                event(log_router, logging.WARNING if reason == "expired" else logging.INFO, "registration_ended",
+                      "registration ended: %s at %s (%s)%s", ident[1], address, reason,
+                      ": no refresh within its hold time" if reason == "expired" else "",
+                      sender=ident[1], address=address, reason=reason, services=list(names))
+
+    def summarize(self, now: float, seconds: float) -> None:
+        d = self.periodic.take()
+        span = round(seconds)
+        dropped, reasons, text = _by_reason(d, "dropped_")
+        parts = _counts(d, {"syn_forwarded": "forwarded", "syn_delayed": "delayed", "syn_released": "released"})
+        if dropped:
+            parts.append(f"{dropped} dropped ({text})")
+        if parts:
+            live = len(self.router.core.registry.by_sender)
+            event(log_router, logging.INFO, "syns_summary", "syns: %s in the last %d s; %d registration(s) live",
+                  ", ".join(parts), span, live, seconds=span, forwarded=d.get("syn_forwarded", 0),
+                  delayed=d.get("syn_delayed", 0), dropped=dropped, reasons=reasons, registrations=live)
+        full, user = d.get("kernel dropped", 0), d.get("kernel user_dropped", 0)
+        if full > 0 or user > 0:
+            event(log_router, logging.WARNING, "kernel_queue_drops",
+                  "kernel queue %d dropped %d packet(s) in the last %d s (queue full %d, socket buffer full %d)",
+                  self.router.cfg.queue, full + user, span, full, user, queue=self.router.cfg.queue,
+                  queue_full=full, socket_full=user, seconds=span)
+
+    def collect(self) -> list[Family]:
+        p, core, cfg = self.prefix, self.router.core, self.router.cfg
+        s = _Used(core.stats)
+        fams = super().collect()
+        fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which router this is")
+                    .add(1, instance=cfg.instance, address=cfg.address or ""))
+        for key, name, help_text in (
+                ("syn_forwarded", "syns_forwarded", "SAL SYNs forwarded to an instance (repeats included)"),
+                ("syn_repeated_same_instance", "syns_repeated", "Repeated SYNs sent where their first copy went"),
+                ("syn_delayed", "syns_delayed", "SYNs held by a DELAY rule"),
+                ("syn_released", "syns_released", "Held SYNs forwarded once a registration made them routable")):
+            fams.append(Family(f"{p}_{name}_total", "counter", help_text).add(s(key)))
+        fams.append(Family(f"{p}_syns_held", "gauge", "SYNs held by DELAY rules now").add(len(core.held)))
+        drops = Family(f"{p}_dropped_packets_total", "counter",
+                       "Packets dropped, by reason (not_a_syn: data never passes through a router)")
+        refused = Family(f"{p}_registrations_refused_total", "counter",
+                         "Registration-plane messages refused, by reason (unknown_key, bad_mac, malformed, "
+                         "replay, stale, not_owner...)")
+        control = Family(f"{p}_control_messages_total", "counter",
+                         "Authenticated registration-plane messages accepted, by type")
+        for key in sorted(s):
+            if key.startswith("dropped_"):
+                drops.add(s(key), reason=key[len("dropped_"):])
+            elif key.startswith("refused_"):
+                refused.add(s(key), reason=key[len("refused_"):])
+            elif key.startswith("control_"):
+                control.add(s(key), type=key[len("control_"):])
+        fams += [drops, refused, control]
+        events = Family(f"{p}_registration_events_total", "counter",
+                        "Registration changes: new, moved (new instance address), refreshed, unregistered, "
+                        "expired (no refresh within the hold time)")
+        for key, name in REGISTRY_EVENTS.items():
+            events.add(core.registry.stats.get(key, 0), event=name)
+        fams.append(events)
+        fams.append(Family(f"{p}_registrations", "gauge", "Registrations held (one per registering gateway)")
+                    .add(len(core.registry.by_sender)))
+        instances = Family(f"{p}_instances", "gauge", "Live instances of each registered service")
+        per: Counter = Counter()
+        for row in core.names():
+            per[f"{row['name']}:{row['port']}" if row["port"] is not None else row["name"]] += row["instances"]
+        for service, n in sorted(per.items()):
+            instances.add(n, service=service)
+        fams.append(instances)
+        per_service = Family(f"{p}_service_syns_total", "counter",
+                             "SYNs per service, by outcome (forwarded, delayed, dropped_by_rule, dropped_delay_full)")
+        for key, v in sorted(core.service_counters().items()):
+            service, _, outcome = key.rpartition(" ")
+            per_service.add(v, service=service, outcome=outcome)
+        fams.append(per_service)
+        fams.append(Family(f"{p}_internal_errors_total", "counter", "Packets or datagrams whose handling raised")
+                    .add(s("internal_errors")))
+        fams += m.nfqueue_families(p, {cfg.queue: "syn"})
+        fams.append(self.leftovers(s, s.used))
+        return fams
+
+
+# --- the resolver -----------------------------------------------------------------------------
+DNS_RESULTS = ("zone", "cache", "upstream", "servfail", "refused", "formerr", "notimp", "badvers",
+               "rate_limited", "dropped")
+
+
+class DnsObserver(Observer):
+    prefix = "serval_dns"
+
+    def __init__(self, daemon, **kwargs):
+        super().__init__(daemon.reactor, getattr(daemon.cfg, "metrics", None), **kwargs)
+        self.daemon = daemon
+        self.periodic = Deltas(lambda: daemon.core.stats)
+
+    def summarize(self, now: float, seconds: float) -> None:
+        d = self.periodic.take()
+        if d.get("queries", 0) <= 0:
+            return
+        keys = {f"{r}_answers" if r in ("zone", "cache", "upstream") else r: r.replace("_", " ") for r in DNS_RESULTS}
+        span = round(seconds)
+        event(log_dns, logging.INFO, "queries_summary", "queries: %d in the last %d s (%s)", d["queries"], span,
+              ", ".join(f"{word} {d[k]}" for k, word in keys.items() if d.get(k)), queries=d["queries"],
+              seconds=span, results={word: d[k] for k, word in keys.items() if d.get(k)})
+
+    def collect(self) -> list[Family]:
+        p, dmn = self.prefix, self.daemon
+        s = _Used(dmn.core.stats)
+        fams = super().collect()
+        fams.append(Family(f"{p}_queries_total", "counter", "DNS queries received (UDP and TCP)").add(s("queries")))
+        results = Family(f"{p}_query_results_total", "counter",
+                         "Queries by result: zone (answered from a service zone), cache, upstream "
+                         "(forwarded and answered), servfail, refused, formerr, notimp, badvers, "
+                         "rate_limited and dropped (not answered)")
+        for r in DNS_RESULTS:
+            results.add(s(f"{r}_answers" if r in ("zone", "cache", "upstream") else r), result=r)
+        fams.append(results)
+        for key, help_text in (("forwarded", "Questions sent upstream (once for identical questions in flight)"),
+                               ("coalesced", "Queries that joined an identical question already upstream"),
+                               ("truncated", "Answers truncated to fit (TC set)"),
+                               ("internal_errors", "Messages whose handling raised")):
+            fams.append(Family(f"{p}_{key}_total", "counter", help_text).add(s(key)))
+        fwd = dmn.forwarder.stats
+        fams.append(Family(f"{p}_upstream_attempts_total", "counter", "Attempts at an upstream, by transport")
+                    .add(fwd.get("udp_attempts", 0), transport="udp").add(fwd.get("tcp_attempts", 0), transport="tcp"))
+        failures = Family(f"{p}_upstream_failures_total", "counter",
+                          "Failed upstream attempts, by reason (all_failed: every upstream failed a question)")
+        for key, reason in (("timeouts", "timeout"), ("refused", "refused"), ("bad_rcode", "bad_rcode"),
+                            ("mismatched", "mismatched"), ("all_failed", "all_failed")):
+            failures.add(fwd.get(key, 0), reason=reason)
+        fams.append(failures)
+        up = Family(f"{p}_upstream_up", "gauge", "1 unless the upstream failed within retry_down_after")
+        now = dmn.reactor.seconds()
+        for u in dmn.forwarder.upstreams:
+            up.add(int(u.down_until <= now), upstream=str(u))
+        fams.append(up)
+        fams.append(Family(f"{p}_mappings", "gauge", "Names with a virtual address").add(len(dmn.allocator.by_name)))
+        fams.append(Family(f"{p}_cache_entries", "gauge", "Answers in the cache").add(len(dmn.cache)))
+        fams.append(Family(f"{p}_upstream_pending", "gauge", "Questions waiting for an upstream")
+                    .add(len(dmn.core.pending)))
+        fams.append(self.leftovers(s, s.used))
+        return fams
