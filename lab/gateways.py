@@ -16,6 +16,7 @@ from lab.topologies import GatewayPair
 
 REPO = Path(__file__).resolve().parent.parent
 VIRTUAL_ADDR = "198.18.0.10"
+METRICS_PORT = 9464               # with metrics=True, each gateway serves 127.0.0.1:9464 in its namespace
 SERVICE = "web.svc.example"
 
 
@@ -28,8 +29,9 @@ class RunningGateways:
 
     def __init__(self, pair: GatewayPair, carriage: str = "ip", client_address: str = "gateway",
                  backend_port: int = 8080, service_port: int = 80, extra_services=(),
-                 client_extra: str = ""):
-        """``client_extra``: TOML appended to the client gateway's config (a section)."""
+                 client_extra: str = "", metrics: bool = False):
+        """``client_extra``: TOML appended to the client gateway's config (a section);
+        ``metrics``: both gateways serve Prometheus metrics (``scrape(role)``)."""
         self.pair = pair
         self.dir = Path(tempfile.mkdtemp(prefix="serval-lab-"))
         self.carriage = carriage
@@ -42,6 +44,10 @@ class RunningGateways:
             "server": self._write("server.toml", server_config(pair, carriage, self.sockets["server"],
                                                                client_address, services)),
         }
+        if metrics:
+            for path in self.configs.values():
+                path.write_text(path.read_text().replace(
+                    "[gateway]\n", f'[gateway]\nmetrics = "127.0.0.1:{METRICS_PORT}"\n', 1))
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
@@ -100,6 +106,11 @@ class RunningGateways:
 
     def stats(self, role: str) -> dict:
         return self.ctl(role, "stats")
+
+    def scrape(self, role: str) -> str:
+        """The gateway's metrics page, fetched with curl inside its namespace."""
+        host = self.pair.cgw if role == "client" else self.pair.sgw
+        return host.run(["curl", "-sS", "--fail", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
 
     def log(self, role: str) -> str:
         try:

@@ -35,6 +35,13 @@ KNOWN_EVENTS: dict[tuple[str, str], tuple[str, tuple]] = {
         ("migration_started", ("flows", "peer", "address")),
     ("serval.gateway", "new flows now leave from %s (was %s)"): ("address_changed", ("address", "previous")),
     ("serval.gateway", "no path to %s for now (%s): its flows wait"): ("no_path", ("peer", "error")),
+    ("serval.gateway", "draining: no new flows; waiting up to %.0f s for %d live flow(s)"):
+        ("draining", ("timeout_s", "flows")),
+    ("serval.gateway", "drain time is up: %d flow(s) still live (saved for a quick restart)"):
+        ("drain_timeout", ("flows",)),
+    ("serval.gateway", "reloaded %s: %d service(s), %d route(s); live flows untouched"):
+        ("reloaded", ("path", "services", "routes")),
+    ("serval.gateway", "resumed %d established flow(s) from a snapshot %.1f s old"): ("resumed", ("flows", "age_s")),
     ("serval.routing", "backend %s:%d is %s%s"): ("backend_health", ("host", "port", "state", "error")),
     ("serval.routing", "routers down: %s; up: %s; default rule now %s"):
         ("router_health", ("down", "up", "default_rule")),

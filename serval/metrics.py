@@ -301,8 +301,7 @@ def nfqueue_families(prefix: str, queues: dict[int, str], path: str = NFQUEUE_PR
     fams = [Family(f"{prefix}_nfqueue_waiting", "gauge",
                    "Packets in the kernel queue waiting for our verdict (queue_total)"),
             Family(f"{prefix}_nfqueue_dropped_total", "counter",
-                   "Packets the kernel dropped because the queue was full (queue_dropped; with "
-                   "queue_bypass they were accepted untranslated instead)"),
+                   "Packets the kernel dropped because the queue was full (queue_dropped)"),
             Family(f"{prefix}_nfqueue_user_dropped_total", "counter",
                    "Packets netlink failed to deliver to us: the socket buffer was full (user_dropped)"),
             Family(f"{prefix}_nfqueue_id_sequence", "counter",

@@ -195,9 +195,10 @@ class FlowWatch:
     last look: a closed flow lingers for seconds, so only bytes sent after that look are
     missed (and flows replaced or evicted within a second)."""
 
-    def __init__(self, translator, names: dict):
+    def __init__(self, translator, services):
         self.t = translator
-        self.names = names                       # serviceID -> name
+        self.services = services                 # () -> the config's [[service]] list (a reload replaces it)
+        self._names = (None, {})                 # (that list, serviceID -> name)
         self.seen: dict[int, list] = {}          # flowID -> [flow, bytes out, bytes in, closed_at, local, peer, state]
         self.bytes_out = self.bytes_in = 0
         self.last = None
@@ -248,7 +249,10 @@ class FlowWatch:
         legacy = (f"{_ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {_ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
                   if flow.legacy_key is not None else "-")
         sid = flow.sal.service_id
-        service = self.names.get(sid) or (sid[:8].hex() if sid else "-")
+        services = self.services()
+        if self._names[0] is not services:
+            self._names = (services, {s.service_id: s.name for s in services})
+        service = self._names[1].get(sid) or (sid[:8].hex() if sid else "-")
         return {"flow": f"{flow.sal.local_flow:08x}", "legacy": legacy, "service": service,
                 "peer": _ntoa(flow.peer_addr), "local": _ntoa(flow.local_addr)}
 
@@ -300,7 +304,7 @@ class GatewayObserver(Observer):
         super().__init__(gateway.reactor, getattr(gateway.cfg, "metrics", None), **kwargs)
         self.gw = gateway
         t = gateway.translator
-        self.watch = FlowWatch(t, {s.service_id: s.name for s in gateway.cfg.services})
+        self.watch = FlowWatch(t, lambda: self.gw.cfg.services)
         self.handshakes, self.migrations = Histogram(), Histogram()
         self.migration_feed = TimesFeed(lambda: t.migration_times,
                                         lambda: t.stats.get("migrations_completed", 0), self.migrations)
@@ -556,14 +560,31 @@ REGISTRY_EVENTS = {"registrations_new": "new", "registrations_moved": "moved", "
 
 class RouterObserver(Observer):
     prefix = "serval_router"
+    REGISTRY_CHECK = 0.05        # seconds: registrations come and go faster than the tick
 
     def __init__(self, router, **kwargs):
         super().__init__(router.reactor, getattr(router.cfg, "metrics", None), **kwargs)
         self.router = router
         core = router.core
-        self.prompt = Deltas(lambda: {**core.stats, **{f"registry {k}": v for k, v in core.registry.stats.items()}})
+        self.prompt = Deltas(lambda: core.stats)
+        self.registry_deltas = Deltas(lambda: core.registry.stats)
         self.periodic = Deltas(lambda: {**core.stats, **{f"kernel {k}": v for k, v in self._kernel().items()}})
         self.registrations = self._registrations()
+        self.version = core.registry.version
+        self.registry_timer = None
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+        super().start()
+        self.registry_timer = LoopingCall(self._registry_check)
+        self.registry_timer.clock = self.reactor
+        self.registry_timer.start(self.REGISTRY_CHECK, now=False)
+
+    def stop(self) -> None:
+        if self.registry_timer is not None and self.registry_timer.running:
+            self.registry_timer.stop()
+        self.registry_timer = None
+        super().stop()
 
     def _kernel(self) -> dict:
         c = m.nfqueue_counters().get(self.router.cfg.queue)
@@ -575,6 +596,17 @@ class RouterObserver(Observer):
             out[ident] = (_ntoa(r.instance.address), tuple(sorted({rec.name for rec in r.records.values()})))
         return out
 
+    def _registry_check(self) -> None:
+        """A line per registration that appeared, moved, changed or ended: looked at
+        whenever the registry's version moved (every change of the table bumps it)."""
+        try:
+            version = self.router.core.registry.version
+            if version != self.version:
+                self.version = version
+                self.registration_lines()
+        except Exception:
+            log.exception("registry check")
+
     def tick(self, now: float) -> None:
         d = self.prompt.take()
         total, reasons, text = _by_reason(d, "refused_")
@@ -582,6 +614,10 @@ class RouterObserver(Observer):
             event(log_router, logging.WARNING, "registrations_refused",
                   "refused %d registration-plane message(s) in the last %.0f s: %s", total, self.tick_every,
                   text, count=total, reasons=reasons)
+        self.registration_lines()
+
+    def registration_lines(self) -> None:
+        d = self.registry_deltas.take()
         now_regs = self._registrations()
         old = self.registrations
         self.registrations = now_regs
@@ -600,7 +636,7 @@ class RouterObserver(Observer):
                       sender=sender, address=address, services=list(names), previous=list(was[1]))
         gone = [ident for ident in old if ident not in now_regs]
         if gone:
-            expired, unregistered = d.get("registry registrations_expired", 0), d.get("registry unregistrations", 0)
+            expired, unregistered = d.get("registrations_expired", 0), d.get("unregistrations", 0)
             reason = ("expired" if expired and not unregistered else "unregistered" if unregistered and not expired
                       else "withdrawn" if not expired else "expired or unregistered")
             for ident in gone:
