@@ -155,7 +155,7 @@ class Translator(MigrationMixin, LimitsMixin):
         if flow.closed_at is not None:
             linger = self.timeouts.reset_linger if state in (State.RESET, State.FAILED) else self.timeouts.linger
             return flow.closed_at + linger
-        if state == State.ESTABLISHED:
+        if state == State.ESTABLISHED and not flow.send_handshake_ack:
             return flow.last_seen + self.timeouts.idle
         return flow.last_seen + self.timeouts.handshake
 
@@ -210,7 +210,7 @@ class Translator(MigrationMixin, LimitsMixin):
         byte the one its flow expects (flowIDs, length, protocol and so the checksum),
         from the flow's peer, unfragmented. Anything else takes the full path."""
         at = self._body_at
-        if pkt[0] != 0x45 or len(pkt) < at + 32 or not self.carriage.is_ours(pkt):
+        if len(pkt) < at + 32 or pkt[0] != 0x45 or not self.carriage.is_ours(pkt):
             return None
         flow = self.flows.get(_U32.unpack_from(pkt, at + 4)[0])
         if (flow is None or pkt[at:at + 12] != flow.in_hdr or pkt[12:16] != flow.peer_addr
@@ -275,6 +275,8 @@ class Translator(MigrationMixin, LimitsMixin):
                 return None
             self._after_control(flow, ip, peer_port, events)
         if off >= len(body):
+            if hdr.control is None:
+                self.stats["dropped_empty"] += 1   # neither control nor data
             return None          # control only: consumed here
         seg = body[off:]
         self._track_tcp(flow, seg, False, now)
@@ -311,8 +313,8 @@ class Translator(MigrationMixin, LimitsMixin):
         if pending is not None:
             self._emit_sal(flow, pending.encode())
         self._track_retransmit(flow)
-        if Event.ESTABLISHED in events:
-            self._handshake_done(flow)
+        if Event.ESTABLISHED in events and self.role == "server":
+            self._handshake_done(flow)       # (a client's waits for its legacy client's ACK)
         if Event.RESET in events:
             self.stats["sal_resets_received"] += 1
             if not carries_segment:

@@ -35,7 +35,7 @@ class ClientTranslator(Translator):
 
     # --- legacy side ---------------------------------------------------------------
     def from_legacy(self, pkt: bytes, now: float):
-        if pkt[0] == 0x45 and pkt[9] == 6 and len(pkt) >= 40 and _U16.unpack_from(pkt, 2)[0] == len(pkt) \
+        if len(pkt) >= 40 and pkt[0] == 0x45 and pkt[9] == 6 and _U16.unpack_from(pkt, 2)[0] == len(pkt) \
                 and not (pkt[6] & 0x3F or pkt[7]) and 20 <= (pkt[32] >> 4) * 4 <= len(pkt) - 20:
             ip, seg = None, pkt[20:]          # the common case, without a full parse
         else:
@@ -63,6 +63,7 @@ class ClientTranslator(Translator):
         if flow.send_handshake_ack:
             header = flow.sal.handshake_ack().encode()
             flow.send_handshake_ack = False
+            self._handshake_done(flow)       # the legacy client completed its handshake
         self._track_tcp(flow, seg, True, now)
         if flow.held is not None:
             self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path

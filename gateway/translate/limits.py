@@ -28,7 +28,7 @@ class LimitsMixin:
         """May a new flow from ``source`` open? Evicts the oldest handshake when the
         half-open table (or the whole table) is full."""
         lim = self.limits
-        if self._per_source.get(source, 0) >= lim.max_flows_per_source:
+        if self._per_source.get(source, 0) >= lim.max_flows_per_source and not self._evict_from(source):
             self.stats["limit_flows_per_source"] += 1
             return False
         while len(self._half_open) >= lim.max_half_open or len(self.flows) >= lim.max_flows:
@@ -42,6 +42,19 @@ class LimitsMixin:
                 self._evicted(flow)
                 self._forget(flow)
         return True
+
+    def _evict_from(self, source: bytes) -> bool:
+        """Make room under ``source``'s cap by evicting its oldest handshake (a server
+        gateway sees a whole client gateway as one source: a flood through it must not
+        lock out its legitimate clients). False when all its flows are established."""
+        for fid in self._half_open:
+            flow = self.flows.get(fid)
+            if flow is not None and flow.source_key == source:
+                self.stats["limit_half_open_evicted"] += 1
+                self._evicted(flow)
+                self._forget(flow)
+                return True
+        return False
 
     def _evicted(self, flow) -> None:
         """A handshake pushed out of a full table (a side may tell its legacy host)."""

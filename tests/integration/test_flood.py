@@ -66,6 +66,8 @@ def test_flood_during_a_50mb_transfer(lab, tmp_path):
     # a legitimate new connection during the flood
     r = pair.client.run(["curl", "-sS", "--fail", "-m", "30", f"http://{VIRTUAL_ADDR}/index.html"],
                         check=False, timeout=40)
+    if r.returncode:
+        print("CLIENT", gws.stats("client"), "\nSERVER", gws.stats("server"))
     assert r.returncode == 0 and r.stdout == "still here\n", r.stderr
     for f in floods:
         f.wait(60)

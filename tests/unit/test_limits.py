@@ -10,13 +10,30 @@ def syn(src, port):
     return tcp_packet(src, port, VIP, 80, 1000, flags=SYN)
 
 
-def test_per_source_cap_refuses_and_counts():
-    client, _ = make_pair()
+def test_per_source_cap_evicts_that_source_s_oldest_handshake_then_refuses():
+    client, server = make_pair()
     client.limits = Limits(max_flows_per_source=3)
     for port in range(40000, 40005):
         client.from_legacy(syn(CLIENT, port), 0.0)
-    assert len(client.flows) == 3 and client.stats["limit_flows_per_source"] == 2
+    assert len(client.flows) == 3 and client.stats["limit_half_open_evicted"] == 2
+    assert {f.legacy_sport for f in client.flows.values()} == {40002, 40003, 40004}
     assert client.from_legacy(syn("198.19.1.3", 40000), 0.0) is not None   # another source is served
+    # once a source's flows are all established, its next one is refused
+    client2, server2 = make_pair()
+    client2.limits = Limits(max_flows_per_source=2)
+    handshake(client2, server2, cport=41000)
+    handshake(client2, server2, cport=41001)
+    assert client2.from_legacy(syn(CLIENT, 41002), 0.0) is None
+    assert client2.stats["limit_flows_per_source"] == 1
+
+
+def test_a_flood_through_one_client_gateway_does_not_lock_out_its_legitimate_clients():
+    client, server = make_pair()
+    server.limits = Limits(max_flows_per_source=50, max_half_open=1000)   # one SAL peer
+    for i in range(500):
+        server.from_sal(client.from_legacy(syn(f"198.19.{100 + i // 250}.{i % 250 + 1}", 1000 + i), 0.0), 0.0)
+    assert server.stats["limit_flows_per_source"] == 0 and len(server.flows) == 50
+    handshake(client, server, now=0.1, cport=50000)
 
 
 def test_half_open_flood_evicts_the_oldest_and_a_real_handshake_completes():
