@@ -52,6 +52,7 @@ bench: venv
 	$(PY) -m bench.mobility
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
+	$(PY) -m bench.hardening
 
 clean:
 	-$(PY) -m lab.cleanup
