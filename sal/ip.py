@@ -91,8 +91,11 @@ def transport_checksum_ok(src: bytes, dst: bytes, protocol: int, segment: bytes)
 
 def clamp_mss(segment: bytearray, offset: int, mss: int) -> tuple[int, int] | None:
     """Lower the MSS option of a SYN in place; returns (old, new) 16-bit words for a
-    checksum update, or None when there was nothing to lower."""
+    checksum update, or None when there was nothing to lower. An MSS at an odd offset
+    straddles two checksum words: its words are returned byte-swapped, as they count
+    in the sum."""
     pos = 20
+    offset = min(offset, len(segment))
     while pos < offset:
         kind = segment[pos]
         if kind == 0:
@@ -105,11 +108,17 @@ def clamp_mss(segment: bytearray, offset: int, mss: int) -> tuple[int, int] | No
         length = segment[pos + 1]
         if length < 2:
             break
-        if kind == 2 and length == 4:
+        if kind == 2 and length == 4 and pos + 4 <= offset:
             old = int.from_bytes(segment[pos + 2:pos + 4], "big")
             if old > mss:
                 segment[pos + 2:pos + 4] = mss.to_bytes(2, "big")
+                if pos & 1:
+                    return _swap16(old), _swap16(mss)
                 return old, mss
             return None
         pos += length
     return None
+
+
+def _swap16(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
