@@ -203,6 +203,12 @@ class SalFlow:
             if self.state == State.ESTABLISHED and flags & ACK:
                 return [], [self.handshake_ack()]   # our ACK was lost: repeat it
             raise Rejected("unexpected_syn")
+        # judge the whole packet before acting on any part of it
+        if flags & ACK and self.state == State.SYN_SENT:
+            raise Rejected("unexpected_ack")     # only a SYN|ACK answers our SYN
+        if flags & FIN and ctl.verno != self.rcv_nxt \
+                and not (ctl.verno == (self.rcv_nxt - 1) & MASK32 and self.peer_fin):
+            raise Rejected("bad_verno")
         if flags & ACK:
             events += self._on_ack(ctl)
         if flags & FIN:

@@ -117,3 +117,41 @@ def test_clamp_mss_option_running_past_the_header():
     seg = _segment(bytes.fromhex("01010204"), payload=b"\xff\xff data")
     before = bytes(seg)
     assert clamp_mss(seg, 24, 1448) is None and bytes(seg) == before
+
+
+# --- SalFlow acted on a control packet it then rejected ------------------------------
+# An ACK (here ACK|FIN with a bad verno) in SYN_SENT cleared the outstanding SYN before
+# the FIN's check rejected the packet: the SYN was never retransmitted and the legacy
+# client's own retransmission was dropped uncounted. Fixed in sal/flow.py receive: the
+# packet is judged whole first; only a SYN|ACK answers a SYN.
+
+ACK_IN_SYN_SENT = ('udp', False, 'synack', [
+    ('c.sal', bytes.fromhex(
+        "45000055cc7640004011ddf7c6130202c6130201c1c7d4340041d9642265b1f52265b1f508062e5f10142400"
+        "00000001cd613e315c6e433715ba2bdd00000000000003f0000013895004ffff370b0000f7dce17a88"), 8.1),
+    ('c.legacy', bytes.fromhex("4500002c000140004006ad99c6130102c612000a9c400050000003e8000000006002ffff6a7c0000020405b4"),
+     8.1),
+])
+
+
+def test_ack_in_syn_sent_changes_nothing():
+    replay(ACK_IN_SYN_SENT)
+    carriage, keep, stage, [(_, sal, t), (_, legacy_syn, _)] = ACK_IN_SYN_SENT
+    client, _ = pair_at(carriage, keep, stage)
+    assert client.from_sal(sal, t) is None
+    (flow,) = client.flows.values()
+    assert flow.sal.outstanding is not None            # the SYN is still retransmitted
+    assert client.from_legacy(legacy_syn, t) is not None   # and repeated for the legacy client
+
+
+def test_fin_with_bad_verno_does_not_ack_our_fin():
+    from sal.flow import Rejected, SalFlow, State
+    from sal.wire import ACK, FIN, Control, SalHeader
+    flow = SalFlow(1, b"n" * 8, 100)
+    flow.state, flow.remote_flow, flow.remote_nonce, flow.rcv_nxt = State.ESTABLISHED, 2, b"p" * 8, 500
+    flow.close(0.0)
+    assert flow.outstanding is not None
+    bad = SalHeader(2, 1, 6, [Control(FIN | ACK, 999, flow.snd_nxt, b"p" * 8)])
+    with pytest.raises(Rejected):
+        flow.receive(bad, 0.1)
+    assert flow.outstanding is not None and not flow.fin_acked
