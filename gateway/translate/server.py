@@ -135,7 +135,7 @@ class ServerTranslator(Translator):
     # --- backend side --------------------------------------------------------------
     def from_backend(self, pkt: bytes, now: float):
         # only whole, unfragmented TCP is ours; anything else passes untouched
-        if pkt[0] >> 4 != 4 or pkt[9] != 6 or len(pkt) < 40 or _U16.unpack_from(pkt, 2)[0] != len(pkt) \
+        if len(pkt) < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or _U16.unpack_from(pkt, 2)[0] != len(pkt) \
                 or pkt[6] & 0x3F or pkt[7]:
             return PASS
         seg = pkt[(pkt[0] & 15) * 4:]

@@ -155,3 +155,35 @@ def test_fin_with_bad_verno_does_not_ack_our_fin():
     with pytest.raises(Rejected):
         flow.receive(bad, 0.1)
     assert flow.outstanding is not None and not flow.fin_acked
+
+
+# --- packets shorter than an IPv4 header (IndexError in the fast-path tests) -----------
+# Fixed by testing the length first (client.py from_legacy, server.py from_backend,
+# base.py _data_flow).
+
+SHORT_LEGACY = ('ip', False, 'established', [
+    ('c.legacy', bytes.fromhex(""), 7320.0),
+])
+
+SHORT_BACKEND = ('ip', False, 'closing', [
+    ('s.backend', bytes.fromhex("4500008c00014000"), 0.0),
+])
+
+SHORT_SAL = ('ip', False, 'closing', [
+    ('c.sal', bytes.fromhex(""), 5.1),
+])
+
+
+@pytest.mark.parametrize("inp", [SHORT_LEGACY, SHORT_BACKEND, SHORT_SAL], ids=["legacy", "backend", "sal"])
+def test_packets_shorter_than_a_header(inp):
+    replay(inp)
+
+
+def test_runts_are_dropped_or_passed():
+    client, server = pair_at("ip", False, "established")
+    for n in range(40):
+        runt = bytes((0x45,)) + bytes(n)
+        assert client.from_legacy(runt[:n], 0.0) in (None, PASS)
+        assert client.from_sal(runt[:n], 0.0) in (None, PASS)
+        assert server.from_sal(runt[:n], 0.0) in (None, PASS)
+        assert server.from_backend(runt[:n], 0.0) in (None, PASS)
