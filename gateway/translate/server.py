@@ -143,7 +143,7 @@ class ServerTranslator(Translator):
             return PASS
         sport, dport = _TCP_PORTS.unpack_from(seg)
         flow = self.by_backend.get((pkt[12:16], sport, dport))
-        if flow is None:
+        if flow is None or pkt[16:20] != flow.legacy_dst:
             return PASS          # not a translated connection: the kernel answers it
         flags = seg[13]
         state = flow.sal.state
