@@ -89,7 +89,7 @@ class ServerTranslator(Translator):
                 self.stats["dropped_unexpected_syn"] += 1
                 return None
             self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
-            return self._syn_to_backend(flow, pkt, seg, now)
+            return self._syn_to_backend(flow, pkt, seg, now, ip)
         if not self.accepting:
             self.stats["refused_draining"] += 1
             return None
@@ -125,10 +125,13 @@ class ServerTranslator(Translator):
         flow.legacy_last_ack = (_U32.unpack_from(seg, 4)[0] + 1) & 0xFFFFFFFF   # what the backend expects
         self.by_peer[flow.extra[3]] = flow
         self.by_backend[flow.legacy_key] = flow
-        return self._syn_to_backend(flow, pkt, seg, now)
+        return self._syn_to_backend(flow, pkt, seg, now, ip)
 
-    def _syn_to_backend(self, flow: Flow, pkt: bytes, seg: bytes, now: float) -> bytes:
-        seg, csum_delta = self._clamp(seg, flow.in_delta)
+    def _syn_to_backend(self, flow: Flow, pkt: bytes, seg: bytes, now: float, ip: IPv4) -> bytes:
+        # the SYN's checksum is over its own addresses, which need not be the flow's
+        # (a SOURCE naming another peer, a repeated SYN to another of our addresses)
+        in_delta = self._in_delta_for(flow, ip)
+        seg, csum_delta = self._clamp(seg, flow.in_delta if in_delta is None else in_delta)
         self.stats["from_sal"] += 1
         return self._to_legacy(flow, pkt, seg, now, csum_delta)
 
