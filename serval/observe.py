@@ -122,6 +122,7 @@ class Observer:
         self.port = self.timer = None
         self.started_wall = time.time()
         self.last_summary = clock()
+        self.failed = False
 
     def start(self) -> None:
         from twisted.internet.task import LoopingCall
@@ -150,7 +151,8 @@ class Observer:
                 self.summarize(now, now - self.last_summary)
                 self.last_summary = now
         except Exception:          # a bug here must not stop the timer, nor the daemon
-            log.exception("observer tick")
+            log.log(logging.DEBUG if self.failed else logging.ERROR, "observer tick", exc_info=True)
+            self.failed = True     # one traceback at error, the repeats at debug
 
     def tick(self, now: float) -> None:
         pass

@@ -309,3 +309,28 @@ def test_dns_metrics():
     assert m.total(s, "serval_dns_query_results_total") == 10
     assert m.value(s, "serval_dns_upstream_failures_total", reason="timeout") == 1
     assert (m.value(s, "serval_dns_mappings"), m.value(s, "serval_dns_cache_entries")) == (1, 2)
+
+
+def test_observer_lifecycle_timer_and_listener(caplog):
+    import logging
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from tests.unit.test_translate import handshake, make_pair
+
+    caplog.set_level(logging.INFO, logger="serval")
+    reactor = MemoryReactorClock()
+    client, server = make_pair()
+    gw = fake_gateway(client, "client")
+    gw.reactor, gw.cfg.metrics = reactor, ("127.0.0.1", 9464)
+    obs = GatewayObserver(gw, clock=reactor.seconds)
+    obs.start()
+    assert [(p, i) for p, _, _, i in reactor.tcpServers] == [(9464, "127.0.0.1")]
+    handshake(client, server, time.monotonic())
+    reactor.advance(1.0)                     # a tick: the flow is seen
+    assert obs.watch.seen
+    reactor.pump([1.0] * 60)                 # a minute: one summary
+    summaries = [r.getMessage() for r in caplog.records if getattr(r, "serval_event", "") == "flows_summary"]
+    assert summaries == ["flows: 1 opened in the last 60 s; 1 live"]
+    obs.stop()
+    assert obs.timer is None and obs.port is None and not reactor.getDelayedCalls()
