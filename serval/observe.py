@@ -291,6 +291,16 @@ class FlowWatch:
               d["flow"], reason, now - flow.created, d["legacy"], d["service"], reason=reason,
               seconds=round(now - flow.created, 3), bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, **d)
 
+    def totals(self) -> tuple[int, int]:
+        """Bytes (to SAL, from SAL) so far: exact when the translator keeps the bytes of
+        the flows it forgot (``forgotten_bytes_out``/``_in``), else from the looks."""
+        t = self.t
+        if hasattr(t, "forgotten_bytes_out"):
+            flows = t.flows.values()
+            return (t.forgotten_bytes_out + sum(f.bytes_out for f in flows),
+                    t.forgotten_bytes_in + sum(f.bytes_in for f in flows))
+        return self.bytes_out, self.bytes_in
+
     def states(self) -> Counter:
         return Counter(f.sal.state.value if f.sal.state else "new" for f in self.t.flows.values())
 
@@ -427,6 +437,7 @@ class GatewayObserver(Observer):
             self.handshake_feed.pull()
         p, cfg = self.prefix, self.gw.cfg
         s = _Used(self.gw.stats)
+        bytes_out, bytes_in = self.watch.totals()
         fams = super().collect()
         fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which gateway this is")
                     .add(1, role=cfg.role, instance=cfg.instance, carriage=cfg.carriage))
@@ -436,7 +447,7 @@ class GatewayObserver(Observer):
                     .add(s("to_sal"), direction="to_sal").add(s("from_sal"), direction="from_sal"))
         fams.append(Family(f"{p}_translated_bytes_total", "counter",
                            "TCP bytes (headers included) translated, by direction, from the flows' counters")
-                    .add(self.watch.bytes_out, direction="to_sal").add(self.watch.bytes_in, direction="from_sal"))
+                    .add(bytes_out, direction="to_sal").add(bytes_in, direction="from_sal"))
         drops = Family(f"{p}_dropped_packets_total", "counter",
                        "Packets dropped instead of translated, by reason (the dropped_* counters)")
         limits = Family(f"{p}_limit_hits_total", "counter",

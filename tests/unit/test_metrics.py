@@ -334,3 +334,35 @@ def test_observer_lifecycle_timer_and_listener(caplog):
     assert summaries == ["flows: 1 opened in the last 60 s; 1 live"]
     obs.stop()
     assert obs.timer is None and obs.port is None and not reactor.getDelayedCalls()
+
+
+def test_bytes_are_exact_once_the_translator_keeps_those_of_forgotten_flows():
+    from tests.unit.test_migration import legacy_data
+    from tests.unit.test_translate import handshake, make_pair
+
+    client, server = make_pair()
+    client.forgotten_bytes_out, client.forgotten_bytes_in = 1000, 2000      # the hook, as asked for
+    obs = GatewayObserver(fake_gateway(client, "client"))
+    now = time.monotonic()
+    handshake(client, server, now)
+    server.from_sal(client.from_legacy(legacy_data(1001, b"x" * 500), now), now)
+    (flow,) = client.flows.values()
+    s = scrape(obs)
+    assert m.value(s, "serval_gateway_translated_bytes_total", direction="to_sal") == 1000 + flow.bytes_out
+    assert m.value(s, "serval_gateway_translated_bytes_total", direction="from_sal") == 2000 + flow.bytes_in
+
+
+def test_handshake_times_from_the_translator_once_it_keeps_them():
+    from tests.unit.test_translate import make_pair
+
+    client, _ = make_pair()
+    client.handshake_times = []                                   # the hook, as asked for
+    obs = GatewayObserver(fake_gateway(client, "client"))
+    assert "_after_control" not in vars(client)                   # nothing wrapped then
+    for seconds in (0.002, 0.03, 0.4):
+        client.handshake_times.append(seconds)
+        client.stats["handshakes_completed"] += 1
+    del client.handshake_times[:-2]                               # trimmed as migration_times is
+    s = scrape(obs)
+    assert m.value(s, "serval_gateway_handshake_seconds_count") == 2      # what was still there
+    assert m.value(s, "serval_gateway_handshake_seconds_sum") == pytest.approx(0.43)
