@@ -51,7 +51,7 @@ def forward_syn(pkt: bytes, ihl: int, sal_at: int, sal_len: int, new_dst: bytes,
     out[10:12] = b"\0\0"
     out[10:12] = _U16.pack(checksum(bytes(out[:ihl])))
     if udp:
-        out[ihl + 4:ihl + 6] = _U16.pack(_U16.unpack_from(pkt, ihl + 4)[0] + growth)
+        out[ihl + 4:ihl + 6] = _U16.pack(len(out) - ihl)    # not the sender's field: it may lie
         if pkt[ihl + 6:ihl + 8] != b"\0\0":      # a sender that set one: recompute it
             out[ihl + 6:ihl + 8] = b"\0\0"
             csum = transport_checksum(bytes(out[12:16]), new_dst, PROTO_UDP, bytes(out[ihl:]), 6) or 0xFFFF

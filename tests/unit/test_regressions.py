@@ -234,3 +234,39 @@ REPEATED_SYN_OTHER_ADDRESS = ('ip', False, 'synack', [
                          ids=["source_extension", "other_local_address"])
 def test_syn_checksum_over_its_own_addresses(inp):
     replay(inp)
+
+
+# --- router: forwarding a SYN ---------------------------------------------------------
+# Router inputs are (router adds its own address as a SOURCE hop, [(step, bytes, time)])
+# as fuzz.router.Router runs them, against a router with two registered instances.
+
+
+@functools.lru_cache(maxsize=1)
+def router_target():
+    from fuzz.router import Router
+    return Router()
+
+
+# Over UDP the forwarded UDP length was the sender's field plus the growth: a field that
+# lied gave a wrong length, or (0xfffe) raised struct.error. Fixed in router/rewrite.py:
+# the length is the packet's.
+
+ROUTER_UDP_LENGTH_FIELD_WRONG = (False, [
+    ('packet', bytes.fromhex(
+        "450000788371400040110cdbc6130a01c6131401d434d43500680000d33f8fab000000001106df1710148000"
+        "a904cb910000000044c94cfc3e79cd9b20240000cd5c70e09726df6ed847c667ac876c7b40e65b291b9aac43"
+        "2f6eea63000000080000000089f14b620000000060ffe51900005b05ddf90f87"), 9.5),
+])
+
+ROUTER_UDP_LENGTH_FIELD_HUGE = (False, [
+    ('packet', bytes.fromhex(
+        "4500007e8c594000401103edc6130a01c6131401d434d435fffe000078cf417d000000001106563610148000"
+        "e945a65d0000000057cff50fa876cdc0202400008e1132dad5c2bcfdbffc1bb384a15b3c5ec0d648311f5e12"
+        "218ee630000000500000000047f3ac9a000000006002ffff71a80000020405b4e5d5292c22e9"), 6.0),
+])
+
+
+@pytest.mark.parametrize("inp", [ROUTER_UDP_LENGTH_FIELD_WRONG, ROUTER_UDP_LENGTH_FIELD_HUGE],
+                         ids=["wrong", "huge"])
+def test_router_udp_length_is_the_packets(inp):
+    router_target().run(inp)
