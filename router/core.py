@@ -156,11 +156,14 @@ class RouterCore:
         if target.action != Action.FORWARD:      # DELAY
             return self._hold(key, syn, now, counters) if not released else None
         instance: Instance = target.target
+        try:
+            head = with_source(syn.hdr, syn.ip.src, self.options.address)
+        except ValueError:       # no room for SOURCE: the header's length or extensions at their limit
+            return self._drop("no_room_for_source")
         self.affinity[key] = (target, now + self.options.affinity)
         self.affinity.move_to_end(key)
         counters["forwarded"] += 1
         self.stats["syn_forwarded"] += 1
-        head = with_source(syn.hdr, syn.ip.src, self.options.address)
         return forward_syn(syn.pkt, syn.ip.ihl, syn.sal_at, syn.sal_len, instance.address, head)
 
     def _sticky(self, key: tuple, entry, now: float):

@@ -31,6 +31,10 @@ def with_source(hdr: wire.SalHeader, original_source: bytes, hop: bytes | None) 
             break
     else:
         exts.append(wire.Source([original_source]))
+    # a receiver takes at most MAX_EXTENSIONS, a SOURCE of 62 addresses, 255 words
+    if len(exts) > wire.MAX_EXTENSIONS or any(isinstance(e, wire.Source) and len(e.addresses) > 62 for e in exts) \
+            or wire.BASE_LEN + sum(len(e.encode()) for e in exts) > 255 * 4:
+        raise ValueError("no room for SOURCE in this SAL header")
     return wire.SalHeader(hdr.src_flow, hdr.dst_flow, hdr.protocol, exts).encode()
 
 
