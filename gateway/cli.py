@@ -37,6 +37,7 @@ def run(args) -> int:
     from .daemon import Gateway
 
     gateway = Gateway(cfg, reactor)
+    gateway.cli_log_level = args.log_level
     try:
         gateway.start()
     except Exception as exc:

@@ -18,7 +18,7 @@ log = logging.getLogger("serval.gateway")
 # what a running gateway cannot take from a reloaded config (its rules and queues)
 NEEDS_RESTART = ("queue", "control_queue", "carriage", "virtual_network", "intercept_local",
                  "intercept_forwarded", "instance", "control_socket", "state_dir", "port_range",
-                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings")
+                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings", "metrics")
 SNAPSHOT_EVERY = 1.0
 
 
@@ -79,7 +79,8 @@ class LifecycleMixin:
             return
         t = self.translator
         t.timeouts, t.limits = new.timeouts, new.limits
-        logging.getLogger("serval").setLevel(new.log_level.upper())
+        # a --log-level given on the command line outranks the file
+        logging.getLogger("serval").setLevel((getattr(self, "cli_log_level", None) or new.log_level).upper())
         if new.role == "client":
             t.resolve.fixed = {(aton(s.address), s.port): s.service_id for s in new.services}
             self._swap_targets(new)

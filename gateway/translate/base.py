@@ -117,6 +117,8 @@ class Translator(MigrationMixin, LimitsMixin):
         # translated; what is for no flow of ours and not for us passes.
         self.local_addresses: set[bytes] = set()
         self.migration_times: list[float] = []    # seconds from move to confirmed path
+        self.handshake_times: list[float] = []    # seconds from the first SYN to established
+        self.forgotten_bytes_out = self.forgotten_bytes_in = 0   # of flows no longer held
 
     # --- flows ---------------------------------------------------------------------
     def _new_flow(self, now: float) -> Flow:
@@ -132,6 +134,11 @@ class Translator(MigrationMixin, LimitsMixin):
         self.stats["flows_opened"] += 1
         return flow
 
+    def _handshake_timed(self, flow: Flow, now: float) -> None:
+        self.stats["handshakes_completed"] += 1
+        self.handshake_times.append(now - flow.created)
+        del self.handshake_times[:-1000]
+
     def _adopt_common(self, flow: Flow, source: bytes, now: float) -> None:
         """Enter a flow restored from a snapshot into the shared tables."""
         self.flows[flow.sal.local_flow] = flow
@@ -142,7 +149,9 @@ class Translator(MigrationMixin, LimitsMixin):
 
     def _forget(self, flow: Flow) -> None:
         """Drop a flow from every table (subclasses remove their own keys)."""
-        self.flows.pop(flow.sal.local_flow, None)
+        if self.flows.pop(flow.sal.local_flow, None) is not None:
+            self.forgotten_bytes_out += flow.bytes_out
+            self.forgotten_bytes_in += flow.bytes_in
         self._retransmitting.discard(flow.sal.local_flow)
         self._holding.discard(flow.sal.local_flow)
         if flow.held:
@@ -269,6 +278,7 @@ class Translator(MigrationMixin, LimitsMixin):
                 flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
                 self._track_retransmit(flow)
                 self._handshake_done(flow)
+                self._handshake_timed(flow, now)
         else:
             events = self._sal_control(flow, ip, hdr, now, off < len(body), peer_port)
             if events is None:
@@ -313,8 +323,10 @@ class Translator(MigrationMixin, LimitsMixin):
         if pending is not None:
             self._emit_sal(flow, pending.encode())
         self._track_retransmit(flow)
-        if Event.ESTABLISHED in events and self.role == "server":
-            self._handshake_done(flow)       # (a client's waits for its legacy client's ACK)
+        if Event.ESTABLISHED in events:
+            self._handshake_timed(flow, now)
+            if self.role == "server":
+                self._handshake_done(flow)   # (a client's waits for its legacy client's ACK)
         if Event.RESET in events:
             self.stats["sal_resets_received"] += 1
             if not carries_segment:
