@@ -86,3 +86,26 @@ def test_systemd_units_verify(unit):
     complaints = [line for line in (r.stdout + r.stderr).splitlines()
                   if line.strip() and "/opt/serval/bin/serval is not executable" not in line]
     assert not complaints, complaints
+
+
+def test_own_server_image_is_a_one_line_edit(tmp_path):
+    """The README's edit: `<<: *demo-server` becomes `image: ...`, and both replicas run
+    that image, with nothing of the stand-in left (no build, no command, no user)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("docker-compose") is None:
+        pytest.skip("needs docker-compose (Debian: docker-compose)")
+    text = COMPOSE.read_text()
+    lines = [line for line in text.splitlines() if line.strip().startswith("<<: *demo-server")]
+    assert len(lines) == 1, lines
+    edited = tmp_path / "docker-compose.yml"
+    edited.write_text(text.replace(lines[0], "  image: registry.example/team/server:1.2"))
+    r = subprocess.run(["docker-compose", "-f", str(edited), "--project-directory", str(REPO), "config"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    for name in ("web-1", "web-2"):
+        block = re.search(rf"^  {name}:\n((?:    .*\n|      .*\n)+)", r.stdout, re.MULTILINE).group(1)
+        assert "image: registry.example/team/server:1.2" in block
+        assert "build:" not in block and "command:" not in block and "user:" not in block
+        assert "accept_local" in block                     # the sidecar's sysctls stay
