@@ -8,10 +8,13 @@ the same every time; a few seconds per target. The long runs are ``python -m fuz
 import functools
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from fuzz.targets import TARGETS
+pytest.importorskip("hypothesis", reason="hypothesis is in the test extra: pip install -e '.[test]'")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzz.targets import TARGETS  # noqa: E402
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
