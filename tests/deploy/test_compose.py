@@ -211,3 +211,13 @@ def test_a_crashed_replica_is_restarted_and_its_sidecar_follows(deployment):
     wait_for(lambda: router_instances() == 2, 20, "web-2 registered again")
     answers = {fetch().stdout.strip() for _ in range(20)}
     assert answers == {"hello from web-1", "hello from web-2"}, answers
+
+
+def test_a_restarted_client_gateway_takes_its_client_along(deployment):
+    """The legacy client shares the client gateway's namespace; a restarted gateway has a
+    new one, and the client's healthcheck (plain sh) restarts the client into it."""
+    assert fetch().returncode == 0
+    compose("restart", "client-gateway")
+    wait_for(lambda: fetch(timeout=3).returncode == 0, 30, "the client to reach the service again")
+    wait_healthy(timeout=60)
+    assert fetch().stdout.strip() in ("hello from web-1", "hello from web-2")
