@@ -82,10 +82,15 @@ def _atheris(target, inputs, seed, deadline, queue, found, out_dir) -> None:
         except Exception as exc:      # noqa: BLE001
             _record(target, inp, exc, found, out_dir)
         state["done"] += 1
-        if time.monotonic() - state["last"] > 1.0:
+        if state["done"] >= inputs:       # libFuzzer exits the process after its last run:
+            queue.put(("done", target.name, seed, state["done"], {repr(k): v for k, v in found.items()}))
+            queue.close()                 # flush the report first
+            queue.join_thread()
+        elif time.monotonic() - state["last"] > 1.0:
             queue.put(("progress", target.name, seed, state["done"], sum(found.values())))
             state["last"] = time.monotonic()
 
+    atheris.instrument_all()          # coverage of everything loaded (the code under test)
     atheris.Setup([sys.argv[0], f"-runs={inputs}", f"-seed={seed & 0x7FFFFFFF or 1}",
                    "-print_final_stats=0", "-max_len=4096"], one)
     try:
@@ -93,7 +98,8 @@ def _atheris(target, inputs, seed, deadline, queue, found, out_dir) -> None:
     except SystemExit:
         pass
     finally:
-        queue.put(("done", target.name, seed, state["done"], {repr(k): v for k, v in found.items()}))
+        if state["done"] < inputs:
+            queue.put(("done", target.name, seed, state["done"], {repr(k): v for k, v in found.items()}))
 
 
 def run_target(name: str, inputs: int, jobs: int, seed: int, max_seconds: float, engine: str) -> dict:
