@@ -200,6 +200,9 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
     # a client gets a default rule to each of its routers
+    if role == "server":
+        # a server gateway sees a whole client gateway (many legacy hosts) as one source
+        cfg.limits.max_flows_per_source = 65_536
     for key, value in data.get("limits", {}).items():
         if not hasattr(cfg.limits, key):
             fail("limits", None, key, f"unknown limit {key!r} ({', '.join(vars(Limits()))})")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass
 class Limits:
     max_flows: int = 262_144            # flows in the table, all states
-    max_flows_per_source: int = 4_096   # per legacy source (client) or SAL peer (server)
+    max_flows_per_source: int = 4_096   # per legacy source (a server gateway's config: 65,536 per SAL peer)
     max_half_open: int = 4_096          # handshakes not yet complete; the oldest is evicted
     max_held_packets: int = 65_536      # packets held during moves, all flows together
 
