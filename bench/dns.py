@@ -35,7 +35,6 @@ than 1 % of its queries, or gets an rcode other than NOERROR, fails the run (exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -44,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from bench.records import merge
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD, SERVAL, DNSMASQ, ORIGIN = "198.19.60.2", "198.19.60.1", "198.19.60.10", "198.19.60.11"
@@ -111,23 +111,6 @@ def percentile(values: list, p: float) -> float:
         return float("nan")
     k = min(len(values) - 1, max(0, int(round(p / 100 * len(values) + 0.5)) - 1))
     return values[k]
-
-
-def merge_records(path: Path, records: list) -> None:
-    existing = []
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-            if not isinstance(existing, list):
-                existing = []
-        except ValueError:
-            existing = []
-    names = {r["metric"] for r in records}
-    merged = [r for r in existing if r.get("metric") not in names] + records
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def record(metric, value, unit, baseline=None, values=None) -> dict:
@@ -216,7 +199,7 @@ def run(args) -> int:
         record("dns_p50_dnsmasq_cached", values["dns_p50_dnsmasq_cached"], "ms"),
     ]
     print_table(records)
-    merge_records(Path(args.json), records)
+    merge(records, Path(args.json))
     progress(f"records merged into {args.json}")
     return 0
 

@@ -27,6 +27,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
 from tests.integration.test_flood import FLOOD
+from bench.records import merge
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,13 +94,6 @@ def run(work: Path) -> list[dict]:
         {"metric": "restart_flow_survival", "value": survived / len(outs), "unit": "fraction",
          "baseline": None, "ratio": None},
     ]
-
-
-def merge(records: list[dict], path: Path) -> None:
-    old = json.loads(path.read_text()) if path.exists() else []
-    names = {r["metric"] for r in records}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r for r in old if r["metric"] not in names] + records, indent=2) + "\n")
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import struct
 import sys
@@ -36,6 +35,7 @@ from gateway.translate.limits import Limits  # noqa: E402
 from sal.ip import aton, transport_checksum  # noqa: E402
 from sal.serviceid import ServicePrefix, service_id_for  # noqa: E402
 from sal.service_table import Action, ServiceTable  # noqa: E402
+from bench.records import merge  # noqa: E402
 
 VIP, CGW, SGW, SGW_LAN, SERVER = (aton(a) for a in ("198.18.0.10", "198.19.2.1", "198.19.2.2", "198.19.3.1", "198.19.3.2"))
 SIDS = (service_id_for("web.svc.example", 80), service_id_for("web.svc.example", 81))
@@ -136,19 +136,6 @@ def measure(flows: int = 100_000, carriage: str = "ip") -> dict:
             "client": (full - no_client) / total, "server": (no_client - neither) / total}
 
 
-def merge_records(path: Path, records: list[dict]) -> None:
-    try:
-        existing = json.loads(path.read_text())
-        if not isinstance(existing, list):
-            existing = []
-    except (OSError, ValueError):
-        existing = []
-    names = {r["metric"] for r in records}
-    merged = [r for r in existing if r.get("metric") not in names] + records
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=2) + "\n")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--flows", type=int, default=100_000)
@@ -168,7 +155,7 @@ def main(argv=None) -> int:
         {"metric": "memory_bytes_per_flow_server", "value": round(res["server"], 1), "unit": "B",
          "baseline": None, "ratio": None},
     ]
-    merge_records(Path(args.json), records)
+    merge(records, Path(args.json))
     print(f"merged into {args.json}")
     return 0
 

@@ -19,7 +19,6 @@ Results are merged into ``build/bench.json`` (records of the same metric replace
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -33,6 +32,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
 from sal import pcap as pcapmod
+from bench.records import merge
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,13 +160,6 @@ def run(work: Path) -> list[dict]:
         {"metric": "migration_confirm_ms_p50", "value": stats.get("migration_ms_p50"), "unit": "ms",
          "baseline": None, "ratio": None},
     ]
-
-
-def merge(records: list[dict], path: Path) -> None:
-    old = json.loads(path.read_text()) if path.exists() else []
-    names = {r["metric"] for r in records}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r for r in old if r["metric"] not in names] + records, indent=2) + "\n")
 
 
 def main() -> int:

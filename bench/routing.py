@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.records import merge
 from lab.routed import Knobs, RoutedDeployment, start_backend, start_client
 from lab.topologies import routed_replicas
 from lab.topology import Lab
@@ -206,16 +207,6 @@ def drain_propagation(dep: RoutedDeployment, rounds: int = 10) -> list[float]:
                 raise RuntimeError("drain never reached the router")
         out.append((time.perf_counter() - t) * 1000)
     return out
-
-
-def merge(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        existing = json.loads(path.read_text())
-    except (OSError, ValueError):
-        existing = []
-    names = {r["metric"] for r in records}
-    path.write_text(json.dumps([r for r in existing if r.get("metric") not in names] + records, indent=2) + "\n")
 
 
 def record(metric, value, unit, baseline=None, base_value=None):

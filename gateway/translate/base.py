@@ -228,6 +228,16 @@ class Translator(MigrationMixin, LimitsMixin):
             return None
         return flow
 
+    def _fast_from_sal(self, pkt: bytes, now: float) -> bytes | None:
+        """from_sal's data fast path: the translated packet, or None for the full path."""
+        flow = self._data_flow(pkt)
+        if flow is None or flow.sal.state == State.SYN_RECEIVED:
+            return None
+        seg = pkt[self._body_at + 12:]
+        self._track_tcp(flow, seg, False, now)
+        self.stats["from_sal"] += 1
+        return self._to_legacy(flow, pkt, seg, now)
+
     def _parse_sal(self, pkt: bytes):
         """(ip, SalHeader, transport offset, peer port, body) or None (dropped, counted)."""
         try:

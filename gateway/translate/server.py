@@ -58,12 +58,9 @@ class ServerTranslator(Translator):
 
     # --- SAL side ------------------------------------------------------------------
     def from_sal(self, pkt: bytes, now: float):
-        flow = self._data_flow(pkt)
-        if flow is not None and flow.sal.state != State.SYN_RECEIVED:
-            seg = pkt[self._body_at + 12:]
-            self._track_tcp(flow, seg, False, now)
-            self.stats["from_sal"] += 1
-            return self._to_legacy(flow, pkt, seg, now)
+        out = self._fast_from_sal(pkt, now)
+        if out is not None:
+            return out
         parsed = self._parse_sal(pkt)
         if parsed is None or parsed is PASS:
             return parsed
