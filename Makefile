@@ -53,6 +53,7 @@ bench: venv
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
 	$(PY) -m bench.hardening
+	$(PY) -m bench.memory
 
 clean:
 	-$(PY) -m lab.cleanup
