@@ -43,7 +43,8 @@ class Flow:
                  "created", "last_seen", "packets_out", "packets_in", "bytes_out", "bytes_in",
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
-                 "migration_started", "prev_peer_addr", "source_key")
+                 "migration_started", "prev_peer_addr", "source_key", "remote_fin_end",
+                 "remote_fin_acked")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -53,6 +54,8 @@ class Flow:
         self.created = self.last_seen = now
         self.packets_out = self.packets_in = self.bytes_out = self.bytes_in = 0
         self.legacy_fin_end = None      # seq just past the legacy side's FIN
+        self.remote_fin_end = None      # ... and the remote side's
+        self.remote_fin_acked = False   # the legacy side acknowledged the remote FIN
         self.legacy_last_ack = 0
         self.send_handshake_ack = False
         self.closed_at = None
@@ -426,18 +429,27 @@ class Translator(MigrationMixin, LimitsMixin):
         flags = seg[13]
         if from_legacy:
             if flags & TCP_ACK:
-                flow.legacy_last_ack = _U32.unpack_from(seg, 8)[0]   # for a RST we may owe it
+                flow.legacy_last_ack = ack = _U32.unpack_from(seg, 8)[0]   # for a RST we may owe it
+                if flow.remote_fin_end is not None and _seq_geq(ack, flow.remote_fin_end):
+                    flow.remote_fin_acked = True
             if flags & TCP_FIN:
-                flow.legacy_fin_end = (_U32.unpack_from(seg, 4)[0] + len(seg) - (seg[12] >> 4) * 4 + 1) & 0xFFFFFFFF
-        elif flow.legacy_fin_end is not None and flags & TCP_ACK \
-                and _seq_geq(_U32.unpack_from(seg, 8)[0], flow.legacy_fin_end):
-            # the remote side acknowledged our legacy side's FIN: our SAL FIN
-            hdr = flow.sal.close(now)
-            if hdr is not None:
-                self._emit_sal(flow, hdr.encode())
-                self._track_retransmit(flow)
+                flow.legacy_fin_end = _fin_end(seg)
+        else:
+            if flags & TCP_FIN:
+                flow.remote_fin_end = _fin_end(seg)
+            if flow.legacy_fin_end is not None and flags & TCP_ACK \
+                    and _seq_geq(_U32.unpack_from(seg, 8)[0], flow.legacy_fin_end):
+                # the remote side acknowledged our legacy side's FIN: our SAL FIN
+                hdr = flow.sal.close(now)
+                if hdr is not None:
+                    self._emit_sal(flow, hdr.encode())
+                    self._track_retransmit(flow)
         if flags & TCP_RST:
             self.stats["tcp_resets_seen"] += 1
+            if flow.sal.fin_sent and flow.remote_fin_acked:
+                # both FINs were sent and acknowledged: the TCP connection was over, and
+                # this RST answers a late duplicate; the SAL close goes on as usual
+                return
             if flow.sal.state != State.RESET:
                 flow.sal.state = State.RESET
                 flow.sal.outstanding = None
@@ -485,6 +497,11 @@ class Translator(MigrationMixin, LimitsMixin):
                 "age": round(now - flow.created, 1),
             })
         return rows
+
+
+def _fin_end(seg: bytes) -> int:
+    """The sequence number just past a FIN segment (its data and the FIN itself)."""
+    return (_U32.unpack_from(seg, 4)[0] + len(seg) - (seg[12] >> 4) * 4 + 1) & 0xFFFFFFFF
 
 
 def _seq_geq(a: int, b: int) -> bool:

@@ -219,3 +219,27 @@ def test_keep_client_address_mode():
     client, server = make_pair(keep_client_address=True)
     sal_syn = client.from_legacy(tcp_packet(CLIENT, 40004, VIP, 80, 1, flags=SYN), 0.0)
     check_tcp(server.from_sal(sal_syn, 0.0), CGW, SERVER)
+
+
+def test_a_rst_after_both_fins_is_not_a_reset():
+    """A duplicate ACK reaching a backend whose socket is already gone draws a RST; the
+    TCP connection was over, so the flow still ends closed (the SAL close completes)."""
+    client, server = make_pair()
+    lport = handshake(client, server)
+    server.from_sal(client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, FIN | ACK), 1.0), 1.0)
+    ack_fin = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1002, FIN | ACK), 1.0)
+    client.from_sal(ack_fin, 1.0)                          # client's FIN acked: client SAL FIN
+    last = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1002, 5002, ACK), 1.0)
+    server.from_sal(last, 1.0)                             # server's FIN acked: server SAL FIN
+    rst = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5002, 0, RST), 1.0)
+    client.from_sal(rst, 1.0)
+    for _ in range(3):                                     # the SAL FIN/ACK exchange completes
+        c, s = list(client.outbox), list(server.outbox)
+        client.outbox.clear(), server.outbox.clear()
+        for pkt in c:
+            server.from_sal(pkt, 1.0)
+        for pkt in s:
+            client.from_sal(pkt, 1.0)
+    assert client.stats["tcp_resets_seen"] == 1 and server.stats["tcp_resets_seen"] == 1
+    assert client.stats["flows_closed"] == 1 and client.stats.get("flows_reset", 0) == 0
+    assert server.stats["flows_closed"] == 1 and server.stats.get("flows_reset", 0) == 0
