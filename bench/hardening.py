@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
 from tests.integration.test_flood import FLOOD
-from bench.records import merge
+from bench.records import run_part
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,21 +96,7 @@ def run(work: Path) -> list[dict]:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("[bench] needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="serval-bench-hard-") as work:
-        try:
-            records = run(Path(work))
-        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
-            print(f"[bench] FAILED: {exc}", file=sys.stderr)
-            return 1
-    print()
-    for r in records:
-        print(f"{r['metric']:34} {r['value']:>10} {r['unit']}")
-    merge(records, REPO / "build" / "bench.json")
-    progress("merged into build/bench.json")
-    return 0
+    return run_part(run, "serval-bench-hard-", 34)
 
 
 if __name__ == "__main__":

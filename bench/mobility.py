@@ -19,12 +19,10 @@ Results are merged into ``build/bench.json`` (records of the same metric replace
 """
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
 from sal import pcap as pcapmod
-from bench.records import merge
+from bench.records import run_part
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,21 +161,7 @@ def run(work: Path) -> list[dict]:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("[bench] needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="serval-bench-mob-") as work:
-        try:
-            records = run(Path(work))
-        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
-            print(f"[bench] FAILED: {exc}", file=sys.stderr)
-            return 1
-    print()
-    for r in records:
-        print(f"{r['metric']:40} {r['value']:>10} {r['unit']}")
-    merge(records, REPO / "build" / "bench.json")
-    progress("merged into build/bench.json")
-    return 0
+    return run_part(run, "serval-bench-mob-", 40)
 
 
 if __name__ == "__main__":

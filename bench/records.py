@@ -22,3 +22,27 @@ def merge(records: list[dict], path: Path = BENCH_JSON) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(merged, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def run_part(run, prefix: str, width: int = 40) -> int:
+    """A benchmark part's main: root check, a scratch folder, ``run(folder) -> records``,
+    a table, and the records merged into ``build/bench.json``. Exit status 1 on failure."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0:
+        print("[bench] needs root (network namespaces, iptables)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        try:
+            records = run(Path(work))
+        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+            print(f"[bench] FAILED: {exc}", file=sys.stderr)
+            return 1
+    print()
+    for r in records:
+        print(f"{r['metric']:{width}} {r['value']:>10} {r['unit']}")
+    merge(records)
+    print("[bench] merged into build/bench.json", flush=True)
+    return 0
