@@ -171,7 +171,8 @@ def test_routed_metrics_through_a_gateway_and_a_router_failure(requires_netns):
             d.wait_for(lambda: m.value(d.scrape("cgw"), "serval_gateway_router_up",
                                        router=f"{topo.router_addr(0)}:54326") == 0, 5, "r0 down in the metrics")
             health = [e for e in d.events("cgw") if e["event"] == "router_health"]
-            assert health and health[-1]["down"] == [topo.router_addr(0)], health
+            # (on a loaded machine another router may flap afterwards: look for r0's line)
+            assert any(e["down"] == [topo.router_addr(0)] for e in health), health
             assert set(d.stop_all().values()) == {0}
         finally:
             for name in list(d.procs):
