@@ -128,6 +128,13 @@ class LifecycleMixin:
         data["written"] = time.time()
         path = self.snapshot_path()
         tmp = path + ".tmp"
+        if not data["flows"]:
+            # nothing to resume: leave no file behind (one per namespace adds up)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "w") as f:
