@@ -239,7 +239,13 @@ def test_uplink_down_with_a_second_one_up_and_back(lab, www, tmp_path, back):
     assert dl.returncode == 0, err
     assert sha256_file(out) == sha256_file(src)
     stats = gws.stats("client")
-    assert stats["migrations_completed"] == (2 if back else 1), (stats, gws.log("client"))
+    (cflow,) = gws.ctl("client", "flows")
+    if not back:
+        assert stats["migrations_completed"] == 1, (stats, gws.log("client"))
+    else:
+        # back to the first link, unless the server gateway followed to the second one
+        # (its route to the client went there), which then is the preferred path to it
+        assert stats["migrations_completed"] == 2 or cflow["peer"] == "198.19.7.2", (stats, cflow)
     stop(pair, gws, before)
 
 
