@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from fuzz.translate import Translate, make_pair
+from fuzz.translate import Translate
 from gateway.translate import PASS
 from sal.checksum import update16
 from sal.ip import clamp_mss, transport_checksum, transport_checksum_ok
