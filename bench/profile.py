@@ -24,8 +24,8 @@ from lab.gateways import VIRTUAL_ADDR, GatewayError, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
 
-from bench.run import (BENCH, IPERF_PORT, TINY_PORT, TINY_SERVICE_PORT, BenchError, iperf, latency,
-                       progress, wait_line, wait_port)
+from bench.run import (TINY_PORT, TINY_SERVICE_PORT, BenchError, iperf, latency, progress,
+                       start_servers)
 
 
 def profiled(host, out: Path) -> None:
@@ -66,12 +66,7 @@ def main(argv=None) -> int:
         with Lab() as lab:
             progress(f"building the lab ({lab.prefix}-*)")
             pair = gateway_pair(lab, server_route_back=True)
-            pair.server.popen(["iperf3", "-s", "-p", str(IPERF_PORT)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            tiny = pair.server.popen([sys.executable, str(BENCH / "tiny_server.py"), str(TINY_PORT)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            wait_line(tiny, "ready", 10, "tiny server")
-            wait_port(pair.server, IPERF_PORT)
+            start_servers(pair)
             profiled(pair.cgw if args.role == "client" else pair.sgw, out)
             gws = RunningGateways(pair, carriage="ip", extra_services=[
                 ("echo.svc.example", TINY_SERVICE_PORT, VIRTUAL_ADDR, TINY_PORT)])

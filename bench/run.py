@@ -250,18 +250,23 @@ class Results:
         return "\n".join(lines)
 
 
+def start_servers(pair: GatewayPair) -> None:
+    """iperf3 and the tiny connect server on the server host, both listening."""
+    pair.server.popen(["iperf3", "-s", "-p", str(IPERF_PORT)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tiny = pair.server.popen([sys.executable, str(BENCH / "tiny_server.py"), str(TINY_PORT)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_line(tiny, "ready", 10, "tiny server")
+    wait_port(pair.server, IPERF_PORT)
+
+
 def run(args) -> Results:
     res = Results()
     t_start = time.monotonic()
     with Lab() as lab:
         progress(f"building the lab ({lab.prefix}-*): client --- cgw --- sgw --- server")
         pair = gateway_pair(lab, server_route_back=True)
-        pair.server.popen(["iperf3", "-s", "-p", str(IPERF_PORT)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        tiny = pair.server.popen([sys.executable, str(BENCH / "tiny_server.py"), str(TINY_PORT)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_line(tiny, "ready", 10, "tiny server")
-        wait_port(pair.server, IPERF_PORT)
+        start_servers(pair)
         direct = pair.server_addr
 
         # --- direct: plain forwarding through cgw and sgw -----------------------------

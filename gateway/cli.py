@@ -1,5 +1,4 @@
 """``serval gateway client|server --config FILE``: run one gateway in the foreground."""
-import logging
 import sys
 
 from serval.logs import add_json_flag as log_json_flag
@@ -34,16 +33,10 @@ def run(args) -> int:
         return 0
     from twisted.internet import reactor
 
+    from serval.runner import serve
+
     from .daemon import Gateway
 
     gateway = Gateway(cfg, reactor)
     gateway.cli_log_level = args.log_level
-    try:
-        gateway.start()
-    except Exception as exc:
-        logging.getLogger("serval.gateway").error("could not start: %s", exc)
-        return 1
-    reactor.addSystemEventTrigger("before", "shutdown", gateway.stop)
-    reactor.callWhenRunning(gateway.install_signals)
-    reactor.run()
-    return 0
+    return serve(gateway, reactor, "gateway", when_running=gateway.install_signals)

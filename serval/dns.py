@@ -4,7 +4,6 @@ Names under the configured service zones get virtual addresses that the client g
 maps back to serviceIDs (through the mappings file); every other name is forwarded to
 the upstream resolvers. See docs/resolver.md.
 """
-import logging
 import sys
 
 from serval.logs import add_json_flag as log_json_flag
@@ -40,17 +39,12 @@ def run(args) -> int:
 
     from dns_resolver.daemon import DnsDaemon
 
-    daemon = DnsDaemon(cfg, reactor)
-    try:
-        daemon.start()
-    except Exception as exc:
-        logging.getLogger("serval.dns").error("could not start: %s", exc)
-        return 1
-    reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
     import gc
-    gc.freeze()          # the config, zones and code stay: keep them out of the collector's walks
-    reactor.run()
-    return 0
+
+    from serval.runner import serve
+
+    # the config, zones and code stay: keep them out of the collector's walks
+    return serve(DnsDaemon(cfg, reactor), reactor, "dns", when_running=gc.freeze)
 
 
 def check(cfg) -> int:

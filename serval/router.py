@@ -1,5 +1,4 @@
 """``serval router --config FILE``: run a service router in the foreground."""
-import logging
 import sys
 
 from serval.logs import add_json_flag as log_json_flag
@@ -30,12 +29,6 @@ def run(args) -> int:
         return 0
     from twisted.internet import reactor
 
-    router = Router(cfg, reactor)
-    try:
-        router.start()
-    except Exception as exc:
-        logging.getLogger("serval.router").error("could not start: %s", exc)
-        return 1
-    reactor.addSystemEventTrigger("before", "shutdown", router.stop)
-    reactor.run()
-    return 0
+    from serval.runner import serve
+
+    return serve(Router(cfg, reactor), reactor, "router")
