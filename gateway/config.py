@@ -76,13 +76,16 @@ class GatewayConfig:
     # [mobility] when a preferred uplink comes back, move flows back to it (else stay
     # on the working one until it fails)
     return_to_preferred: bool = True
+    # established flows translated in the kernel (tc-BPF): "auto" where it loads,
+    # "on" refuses to start without it, "off" keeps every packet in Python
+    fast_path: str = "auto"
 
 
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
     "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
-    "resume_window",
+    "resume_window", "fast_path",
 }
 _GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
 
@@ -184,6 +187,9 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
             setattr(cfg, key, float(gw[key]))
     if "mappings" in gw:
         cfg.mappings = str(gw["mappings"])
+    cfg.fast_path = gw.get("fast_path", "auto")
+    if cfg.fast_path not in ("auto", "on", "off"):
+        fail("gateway", None, "fast_path", f"fast_path must be 'auto', 'on' or 'off', not {cfg.fast_path!r}")
     cfg.log_level = str(gw.get("log_level", "info")).lower()
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail("gateway", None, "log_level", "log_level must be debug, info, warning or error")

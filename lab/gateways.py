@@ -29,9 +29,10 @@ class RunningGateways:
 
     def __init__(self, pair: GatewayPair, carriage: str = "ip", client_address: str = "gateway",
                  backend_port: int = 8080, service_port: int = 80, extra_services=(),
-                 client_extra: str = "", metrics: bool = False):
+                 client_extra: str = "", metrics: bool = False, fast_path: str | None = None):
         """``client_extra``: TOML appended to the client gateway's config (a section);
-        ``metrics``: both gateways serve Prometheus metrics (``scrape(role)``)."""
+        ``metrics``: both gateways serve Prometheus metrics (``scrape(role)``);
+        ``fast_path``: "on", "off" or "auto" in both configs (None: the default)."""
         self.pair = pair
         self.dir = Path(tempfile.mkdtemp(prefix="serval-lab-"))
         self.carriage = carriage
@@ -44,6 +45,10 @@ class RunningGateways:
             "server": self._write("server.toml", server_config(pair, carriage, self.sockets["server"],
                                                                client_address, services)),
         }
+        if fast_path is not None:
+            for path in self.configs.values():
+                path.write_text(path.read_text().replace(
+                    "[gateway]\n", f'[gateway]\nfast_path = "{fast_path}"\n', 1))
         if metrics:
             for path in self.configs.values():
                 path.write_text(path.read_text().replace(

@@ -33,8 +33,14 @@ class GatewayPair:
     server_addr: str = "198.19.3.2"
 
 
-def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500) -> GatewayPair:
+def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500, wire: bool = False) -> GatewayPair:
     """Build the 4-host chain; both gateways forward as plain routers.
+
+    With ``wire`` the legacy hosts' links behave like a real wire rather than a veth:
+    their senders segment and checksum TCP themselves (TSO, GSO and TX checksum
+    offload off), so the gateways receive MTU-sized packets with complete checksums,
+    as from a NIC. The kernel fast path needs that; a veth otherwise hands 64 KB
+    super-packets across namespaces, which only the slow path can take.
 
     With server_route_back=False the server has no route beyond its own
     subnet: it can answer only packets whose source the server gateway has
@@ -53,6 +59,9 @@ def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500) -> G
     sgw.route("198.19.1.0/24", "198.19.2.1")
     if server_route_back:
         server.default_route("198.19.3.1")
+    if wire:
+        client.wire_like(client_if)
+        server.wire_like(server_if)
 
     return GatewayPair(client, cgw, sgw, server, client_if, cgw_lan_if,
                        cgw_sal_if, sgw_sal_if, sgw_lan_if, server_if)
