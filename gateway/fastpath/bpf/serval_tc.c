@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+/* The gateway's kernel fast path: established flows translated in tc ingress.
+ *
+ * One program, attached to the ingress of every interface a gateway translates on,
+ * takes the two kinds of packet it owns and rewrites them exactly as the Python
+ * translator does (gateway/translate/base.py, _to_sal and _to_legacy):
+ *
+ *   legacy TCP of a kernel flow   ->  SAL toward the peer (header inserted)
+ *   SAL data of a kernel flow     ->  legacy TCP toward the legacy host (header removed)
+ *
+ * Everything else leaves unchanged for netfilter and NFQUEUE: SYN, FIN and RST (which
+ * also hand the flow back to Python), SAL control packets and extensions, IP options,
+ * fragments, super-packets, unknown flows. Translated packets carry the gateway's mark,
+ * which its owned chains return before any queue rule.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "fastpath.h"
+
+#define IPPROTO_SAL 144
+#define SAL_LEN 12
+#define UDP_LEN 8
+#define IP_LEN 20
+#define TCP_MIN 20
+#define IP_DF 0x4000
+#define IP_MF_OFFSET 0x3fff
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SERVAL_MAX_FLOWS);
+	__type(key, __u32);               /* our flowID, as on the wire */
+	__type(value, struct flow);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} serval_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SERVAL_MAX_FLOWS);
+	__type(key, struct legacy_key);
+	__type(value, __u32);             /* the flowID in serval_flows */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} serval_legacy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} serval_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} serval_counters SEC(".maps");
+
+static __always_inline int count(__u32 which, int verdict)
+{
+	__u64 *c = bpf_map_lookup_elem(&serval_counters, &which);
+
+	if (c)
+		*c += 1;
+	return verdict;
+}
+
+/* The IPv4 header checksum, computed afresh (the header is 20 bytes, checksum zeroed). */
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+	__u16 *w = (__u16 *)ip;
+	__u32 sum = 0;
+
+	ip->check = 0;
+#pragma unroll
+	for (int i = 0; i < IP_LEN / 2; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum & 0xffff;
+}
+
+static __always_inline void seen(struct flow *f, __u64 *packets, __u64 *bytes, __u32 len)
+{
+	__sync_fetch_and_add(packets, 1);
+	__sync_fetch_and_add(bytes, len);
+	f->last_seen_ns = bpf_ktime_get_ns();
+}
+
+/* A FIN, RST or SYN: the flow is Python's from now on, in both directions, so that
+ * its close is followed segment by segment. The packet itself goes up unchanged. */
+static __always_inline int hand_back(struct flow *f)
+{
+	f->flags |= SERVAL_FLOW_SLOW;
+	return count(C_PASS_CONTROL, TC_ACT_OK);
+}
+
+/* Headers within reach of direct access (a NIC may leave them in fragments). */
+static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
+{
+	if (len > skb->len)
+		len = skb->len;
+	if ((long)skb->data + len <= (long)skb->data_end)
+		return 0;
+	return bpf_skb_pull_data(skb, len);
+}
+
+/* legacy TCP -> SAL */
+static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct tcphdr *th = data + ETH_HLEN + IP_LEN;
+	struct legacy_key key;
+	__u32 *fid, seg_len = tot - IP_LEN, grow = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
+	__u32 tcp_off = ETH_HLEN + IP_LEN;
+	struct flow *f;
+
+	if ((void *)(th + 1) > end)
+		return TC_ACT_OK;
+	key.src = ip->saddr;
+	key.dst = ip->daddr;
+	key.sport = th->source;
+	key.dport = th->dest;
+	fid = bpf_map_lookup_elem(&serval_legacy, &key);
+	if (!fid)
+		return TC_ACT_OK;
+	f = bpf_map_lookup_elem(&serval_flows, fid);
+	if (!f)
+		return TC_ACT_OK;
+	if (f->flags & SERVAL_FLOW_SLOW)
+		return count(C_PASS_SLOW, TC_ACT_OK);
+	if (th->syn || th->fin || th->rst)
+		return hand_back(f);
+	if (th->doff * 4 < TCP_MIN || th->doff * 4 > seg_len)
+		return count(C_PASS_MISMATCH, TC_ACT_OK);
+	if (skb->gso_size)
+		return count(C_PASS_GSO, TC_ACT_OK);
+	if (th->ack)
+		f->legacy_last_ack = th->ack_seq;
+	seen(f, &f->packets_out, &f->bytes_out, seg_len);
+
+	/* the segment: ports zeroed, checksum moved from the legacy addresses and ports to
+	 * the SAL pseudo-header (zero addresses over UDP) */
+	__u16 csum_at = tcp_off + offsetof(struct tcphdr, check);
+	__u32 zero = 0;
+	if (bpf_l4_csum_replace(skb, csum_at, 0, f->out_addr_diff, BPF_F_PSEUDO_HDR) ||
+	    bpf_l4_csum_replace(skb, csum_at, 0, f->out_port_diff, 0) ||
+	    bpf_skb_store_bytes(skb, tcp_off, &zero, 4, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+
+	/* room for the SAL header (and UDP) between IPv4 and TCP */
+	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_NET, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+	if (cfg->udp) {
+		struct udphdr udp = {
+			.source = cfg->udp_port,
+			.dest = f->peer_port,
+			.len = bpf_htons(UDP_LEN + SAL_LEN + seg_len),
+			.check = 0,
+		};
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN, &udp, UDP_LEN, BPF_F_RECOMPUTE_CSUM))
+			return count(C_ERROR, TC_ACT_SHOT);
+	}
+	/* a SAL header with its own valid checksum sums to zero: no checksum to fix */
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr, SAL_LEN, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return count(C_ERROR, TC_ACT_SHOT);
+	ip->tot_len = bpf_htons(tot + grow);
+	ip->frag_off &= bpf_htons(IP_DF);
+	ip->protocol = cfg->udp ? IPPROTO_UDP : IPPROTO_SAL;
+	ip->saddr = f->local_addr;
+	ip->daddr = f->peer_addr;
+	ip->check = ip_checksum(ip);
+	skb->mark = cfg->mark;
+	return count(C_TO_SAL, TC_ACT_OK);
+}
+
+static __always_inline int same_header(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+/* SAL data -> legacy TCP */
+static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 shrink = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
+	__u32 tcp_off = ETH_HLEN + IP_LEN + shrink, seg_len;
+	__u8 *sal = data + ETH_HLEN + IP_LEN + shrink - SAL_LEN;
+	struct tcphdr *th = data + tcp_off;
+	struct flow *f;
+	__u32 fid;
+
+	if ((void *)(th + 1) > end || tot < IP_LEN + shrink + TCP_MIN)
+		return TC_ACT_OK;
+	if (cfg->udp) {
+		struct udphdr *udp = data + ETH_HLEN + IP_LEN;
+		if (udp->dest != cfg->udp_port)
+			return TC_ACT_OK;
+	}
+	__builtin_memcpy(&fid, sal + 4, 4);
+	f = bpf_map_lookup_elem(&serval_flows, &fid);
+	if (!f)
+		return TC_ACT_OK;
+	if (f->flags & SERVAL_FLOW_SLOW)
+		return count(C_PASS_SLOW, TC_ACT_OK);
+	/* byte for byte the header this flow's data carries (no extensions, same flowIDs,
+	 * so the same checksum), from the peer, to us */
+	if (!same_header(sal, f->in_hdr) || ip->saddr != f->peer_addr ||
+	    ip->daddr != f->local_addr)
+		return count(C_PASS_MISMATCH, TC_ACT_OK);
+	if (th->syn || th->fin || th->rst)
+		return hand_back(f);
+	if (skb->gso_size)
+		return count(C_PASS_GSO, TC_ACT_OK);
+	seg_len = tot - IP_LEN - shrink;
+	seen(f, &f->packets_in, &f->bytes_in, seg_len);
+
+	__u16 csum_at = tcp_off + offsetof(struct tcphdr, check);
+	struct { __be16 sport, dport; } ports = { f->legacy_dport, f->legacy_sport };
+	if (bpf_l4_csum_replace(skb, csum_at, 0, f->in_addr_diff, BPF_F_PSEUDO_HDR) ||
+	    bpf_l4_csum_replace(skb, csum_at, 0, f->in_port_diff, 0) ||
+	    bpf_skb_store_bytes(skb, tcp_off, &ports, 4, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+	if (bpf_skb_adjust_room(skb, -(__s32)shrink, BPF_ADJ_ROOM_NET, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return count(C_ERROR, TC_ACT_SHOT);
+	ip->tot_len = bpf_htons(tot - shrink);
+	ip->frag_off &= bpf_htons(IP_DF);
+	ip->protocol = IPPROTO_TCP;
+	ip->saddr = f->legacy_dst;
+	ip->daddr = f->legacy_src;
+	ip->check = ip_checksum(ip);
+	skb->mark = cfg->mark;
+	return count(C_FROM_SAL, TC_ACT_OK);
+}
+
+SEC("tc")
+int serval_ingress(struct __sk_buff *skb)
+{
+	__u32 zero = 0, tot;
+	struct config *cfg;
+	struct iphdr *ip;
+	void *data, *end;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	cfg = bpf_map_lookup_elem(&serval_config, &zero);
+	if (!cfg || !cfg->mark)
+		return TC_ACT_OK;
+	if (ensure_linear(skb, ETH_HLEN + IP_LEN + UDP_LEN + SAL_LEN + TCP_MIN))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return TC_ACT_OK;
+	/* 20-byte headers only (adjust_room assumes it), no fragments */
+	if (*(__u8 *)ip != 0x45 || ip->frag_off & bpf_htons(IP_MF_OFFSET))
+		return TC_ACT_OK;
+	tot = bpf_ntohs(ip->tot_len);
+	if (tot < IP_LEN + TCP_MIN || skb->len < ETH_HLEN + tot)
+		return TC_ACT_OK;
+	if (ip->protocol == IPPROTO_TCP)
+		return to_sal(skb, cfg, tot);
+	if (ip->protocol == (cfg->udp ? IPPROTO_UDP : IPPROTO_SAL))
+		return from_sal(skb, cfg, tot);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
