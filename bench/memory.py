@@ -95,6 +95,8 @@ class Opener:
         sal_ack = self.client.from_legacy(bytes(ack), now)
         if self.server.from_sal(sal_ack, now) is None:
             raise RuntimeError("the handshake's ACK did not reach the backend")
+        self.client.events.clear()      # drained, as the daemon does after each batch
+        self.server.events.clear()
 
 
 def _flow_state(t) -> list:

@@ -108,6 +108,7 @@ class Gateway(LifecycleMixin):
         self.started = time.monotonic()
         self.stats = None
         self.snapshotter = None
+        self.fastpath = None         # established flows in the kernel (gateway/fastpath), or None
         self._config_targets = []    # (prefix, target) the config put in the service table
 
     # --- lifecycle -----------------------------------------------------------------
@@ -131,6 +132,7 @@ class Gateway(LifecycleMixin):
                                          bypass=cfg.queue_bypass, mark=MARK)
         self.interception.install(**plan)
         try:
+            self.fastpath = start_fast_path(cfg, self.translator, netlink.ipv4_interfaces())
             self.injector = Injector(MARK, self.stats)
             self.reader = QueueReader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
             self.reactor.addReader(self.reader)
@@ -142,6 +144,11 @@ class Gateway(LifecycleMixin):
             self.watcher = NetlinkWatcher(self._on_netlink)
             self.reactor.addReader(self.watcher)
             self.resume_snapshot()
+            self._flush()                       # resumed flows go back into the kernel
+            if self.fastpath is not None:
+                swept = self.fastpath.sweep()
+                if swept:
+                    log.info("fast path: %d kernel flow(s) of the previous run had no snapshot: removed", swept)
             self.snapshotter = LoopingCall(self.save_snapshot)
             self.snapshotter.start(SNAPSHOT_EVERY, now=False)
             self.routing.start()
@@ -166,6 +173,9 @@ class Gateway(LifecycleMixin):
         if self.snapshotter is not None and self.snapshotter.running:
             self.snapshotter.stop()
             self.save_snapshot(force=True)      # what is still live, for a quick restart
+        if self.fastpath is not None:           # its flows are Python's again
+            self.fastpath.stop()
+            self.fastpath = None
         if self.watcher is not None:
             self.reactor.removeReader(self.watcher)
             self.watcher.close()
@@ -202,6 +212,11 @@ class Gateway(LifecycleMixin):
             for packet in box:
                 self.injector.send(packet)
             box.clear()
+        events = self.translator.events
+        if events:
+            if self.fastpath is not None:
+                self.fastpath.handle(events)
+            events.clear()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -232,6 +247,11 @@ class Gateway(LifecycleMixin):
                 peers.setdefault(flow.peer_addr, set()).add(flow.local_addr)
         ours = netlink.address_interfaces()
         t.local_addresses = {aton(a) for a in ours}
+        if self.fastpath is not None:
+            try:
+                self.fastpath.attach(netlink.ipv4_interfaces())
+            except OSError as exc:
+                log.warning("fast path: cannot attach to a new interface: %s", exc)
         for peer, locals_ in peers.items():
             new = force_address
             if new is None:
@@ -289,12 +309,21 @@ class Gateway(LifecycleMixin):
                        if f.closed_at is None and f.legacy_key is not None})
 
     def _flows(self):
-        return self.translator.flow_rows(time.monotonic())
+        fp = self.fastpath
+        if fp is not None:
+            fp.refresh_all()
+        rows = self.translator.flow_rows(time.monotonic())
+        for row in rows:
+            row["path"] = "kernel" if fp is not None and fp.in_kernel(int(row["local_flow"], 16)) else "python"
+        return rows
 
     def _stats(self):
         stats = dict(self.stats)
         stats["flows_live"] = len(self.translator.flows)
         stats["uptime_s"] = round(time.monotonic() - self.started, 1)
+        stats["fastpath"] = "on" if self.fastpath is not None else "off"
+        if self.fastpath is not None:
+            stats.update(self.fastpath.stats())
         stats.update(kernel_queue_stats(self.cfg.queue))
         stats.update({k.replace("kernel_", "kernel_control_"): v
                       for k, v in kernel_queue_stats(self.cfg.control_queue).items()})
@@ -339,6 +368,27 @@ class Gateway(LifecycleMixin):
         keys = ("flows_opened", "to_sal", "from_sal", "malformed", "internal_errors")
         dropped = sum(v for k, v in self.stats.items() if k.startswith("dropped_"))
         return ", ".join(f"{k}={self.stats.get(k, 0)}" for k in keys) + f", dropped={dropped}"
+
+
+def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
+    """The kernel fast path for ``cfg.fast_path``: a started FastPath, or None (said in
+    one log line). With "on", a fast path that cannot start stops the gateway."""
+    if cfg.fast_path == "off":
+        log.info("fast path off (fast_path = \"off\"): every packet goes through Python")
+        return None
+    from .fastpath.manager import FastPath, FastPathUnavailable
+    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK)
+    try:
+        fp.start(interfaces)
+    except FastPathUnavailable as exc:
+        if cfg.fast_path == "on":
+            raise RuntimeError(f"the fast path cannot start (fast_path = \"on\"): {exc}") from None
+        log.warning("fast path unavailable, every packet goes through Python: %s", exc)
+        return None
+    translator.refresh = fp.refresh
+    log.info("fast path on: established flows translated in the kernel (tc ingress on %s)",
+             ", ".join(sorted(fp.links)) or "no interface yet")
+    return fp
 
 
 def kernel_queue_stats(queue: int) -> dict:

@@ -26,6 +26,7 @@ class LifecycleMixin:
     _draining = False
     _drain_check = None
     _snapshot_sig = None
+    fastpath = None
 
     # --- signals -------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -118,6 +119,8 @@ class LifecycleMixin:
         return os.path.join(self.cfg.state_dir, f"{self.cfg.instance}.net{netns_id()}.flows.json")
 
     def save_snapshot(self, force: bool = False) -> None:
+        if self.fastpath is not None:
+            self.fastpath.refresh_all()         # the kernel's counts, into the flows
         s = self.stats
         sig = (len(self.translator.flows), s["flows_opened"], s["flows_closed"], s["flows_reset"],
                s["flows_established"], s["migrations_completed"], s["peer_migrations_completed"])

@@ -195,6 +195,14 @@ def map_info(map_fd: int) -> tuple[str, int, int]:
     return name, key_size, value_size
 
 
+def prog_id(prog_fd: int) -> int:
+    """A loaded program's id (bpf_prog_info.id)."""
+    info = ctypes.create_string_buffer(_PROG_INFO_LEN)
+    size = ctypes.c_uint32(_PROG_INFO_LEN)
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "program info")
+    return int.from_bytes(info.raw[4:8], "little")
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"program id {prog_id}")
 

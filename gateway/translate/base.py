@@ -14,6 +14,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_c
 from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
+from .events import FlowClosed, FlowClosing, FlowEstablished
 from .limits import Limits, LimitsMixin
 from .migration import MigrationMixin
 
@@ -109,12 +110,16 @@ class Translator(MigrationMixin, LimitsMixin):
         self._body_at = 20 + carriage.overhead    # SAL header offset in a plain packet
         self.flows: dict[int, Flow] = {}          # by our flowID
         self.outbox: list[bytes] = []
+        self.events: list = []                    # typed records (events.py), drained by the daemon
+        # set by the daemon when packets are also counted elsewhere (the kernel fast
+        # path): folds those counts into a flow before its deadline is judged
+        self.refresh = None
         self.stats: Counter = Counter()
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
         self._init_limits(limits)
         self.accepting = True                     # False while draining: no new flows
-        self._holding: set[int] = set()           # flows holding packets during a move
+        self._holding: dict[int, tuple] = {}      # flows holding packets during a move: path before it
         # Our addresses, kept current by the daemon. SAL is queued whatever its
         # destination, so that packets still sent to an address we just lost are
         # translated; what is for no flow of ours and not for us passes.
@@ -147,7 +152,7 @@ class Translator(MigrationMixin, LimitsMixin):
         self.flows[flow.sal.local_flow] = flow
         heapq.heappush(self._expiry, (now + self.timeouts.idle, flow.sal.local_flow))
         self._opened(flow, source)
-        self._handshake_done(flow)
+        self._handshake_done(flow, None)
         self.stats["flows_resumed"] += 1
 
     def _forget(self, flow: Flow) -> None:
@@ -156,11 +161,18 @@ class Translator(MigrationMixin, LimitsMixin):
             self.forgotten_bytes_out += flow.bytes_out
             self.forgotten_bytes_in += flow.bytes_in
         self._retransmitting.discard(flow.sal.local_flow)
-        self._holding.discard(flow.sal.local_flow)
+        self._holding.pop(flow.sal.local_flow, None)
         if flow.held:
             self._held_total -= len(flow.held)
             flow.held = None
         self._closed_out(flow)
+        reason = flow.sal.state.value if flow.closed_at is not None and flow.sal.state else "expired"
+        self.events.append(FlowClosed(flow, reason, flow.bytes_out, flow.bytes_in))
+
+    def _handshake_done(self, flow: Flow, now: float | None) -> None:
+        """Both handshakes are complete: plain data from here on."""
+        super()._handshake_done(flow)
+        self.events.append(FlowEstablished(flow, None if now is None else now - flow.created))
 
     def _deadline(self, flow: Flow) -> float:
         state = flow.sal.state
@@ -174,6 +186,7 @@ class Translator(MigrationMixin, LimitsMixin):
     def _finish(self, flow: Flow, now: float, reason: str) -> None:
         if flow.closed_at is None:
             flow.closed_at = now
+            self.events.append(FlowClosing(flow))
             self.stats[f"flows_{reason}"] += 1
             heapq.heappush(self._expiry, (self._deadline(flow), flow.sal.local_flow))
 
@@ -211,6 +224,12 @@ class Translator(MigrationMixin, LimitsMixin):
             if deadline > now:
                 heapq.heappush(self._expiry, (deadline, fid))
             elif flow.closed_at is None:
+                if self.refresh is not None:
+                    self.refresh(flow)         # counted elsewhere since: still idle?
+                    deadline = self._deadline(flow)
+                    if deadline > now:
+                        heapq.heappush(self._expiry, (deadline, fid))
+                        continue
                 self.stats["flows_idle_expired"] += 1
                 self._forget(flow)
             else:
@@ -290,7 +309,7 @@ class Translator(MigrationMixin, LimitsMixin):
             if flow.sal.state == State.SYN_RECEIVED:
                 flow.sal.receive(hdr, now)     # data stands in for a lost handshake ACK
                 self._track_retransmit(flow)
-                self._handshake_done(flow)
+                self._handshake_done(flow, now)
                 self._handshake_timed(flow, now)
         else:
             events = self._sal_control(flow, ip, hdr, now, off < len(body), peer_port)
@@ -339,7 +358,7 @@ class Translator(MigrationMixin, LimitsMixin):
         if Event.ESTABLISHED in events:
             self._handshake_timed(flow, now)
             if self.role == "server":
-                self._handshake_done(flow)   # (a client's waits for its legacy client's ACK)
+                self._handshake_done(flow, now)   # (a client's waits for its legacy client's ACK)
         if Event.RESET in events:
             self.stats["sal_resets_received"] += 1
             if not carries_segment:
@@ -427,6 +446,8 @@ class Translator(MigrationMixin, LimitsMixin):
         """Follow TCP FINs and the ACKs that cover them: once a side's FIN is acknowledged,
         that side's SAL direction is finished (FIN, then SAL FIN, as the reference does)."""
         flags = seg[13]
+        if flags & (TCP_FIN | TCP_RST):
+            self.events.append(FlowClosing(flow))
         if from_legacy:
             if flags & TCP_ACK:
                 flow.legacy_last_ack = ack = _U32.unpack_from(seg, 8)[0]   # for a RST we may owe it
@@ -475,6 +496,8 @@ class Translator(MigrationMixin, LimitsMixin):
         """Tell the legacy host its connection is gone (a RST in its window)."""
         if flow.legacy_key is None:
             return
+        if self.refresh is not None:
+            self.refresh(flow)                 # the legacy host's last ACK may be newer there
         seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, flow.legacy_last_ack,
                           0, 0x50, TCP_RST, 0, 0, 0)
         csum = transport_checksum(flow.legacy_dst, flow.legacy_src, 6, seg, 16)

@@ -63,7 +63,7 @@ class ClientTranslator(Translator):
         if flow.send_handshake_ack:
             header = flow.sal.handshake_ack().encode()
             flow.send_handshake_ack = False
-            self._handshake_done(flow)       # the legacy client completed its handshake
+            self._handshake_done(flow, now)  # the legacy client completed its handshake
         self._track_tcp(flow, seg, True, now)
         if flow.held is not None:
             self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path

@@ -7,6 +7,8 @@ when the new path is known, so the legacy TCP does not have to time out.
 """
 from sal.flow import State
 
+from .events import FlowMoved, FlowMoving
+
 MAX_HELD_PER_FLOW = 256     # ~370 KB of 1448-byte segments: more than a window in flight
 HOLD_TIMEOUT = 1.0          # seconds; then held packets go to the current address anyway
 
@@ -21,9 +23,10 @@ class MigrationMixin:
                     or flow.local_addr == new_local or (peer is not None and flow.peer_addr != peer)
                     or (only is not None and not only(flow))):
                 continue
+            old = (flow.local_addr, flow.peer_addr)
             flow.local_addr = new_local
             flow.rebuild(self.carriage)
-            self._start_holding(flow, now)
+            self._start_holding(flow, now, old)
             flow.migration_started = now
             rsyn = flow.sal.migrate(now)
             if rsyn is not None:
@@ -33,11 +36,13 @@ class MigrationMixin:
             moved += 1
         return moved
 
-    def _start_holding(self, flow, now: float) -> None:
+    def _start_holding(self, flow, now: float, old: tuple) -> None:
         if flow.held is None:
             flow.held = []
         flow.hold_deadline = now + HOLD_TIMEOUT
-        self._holding.add(flow.sal.local_flow)
+        if flow.sal.local_flow not in self._holding:
+            self._holding[flow.sal.local_flow] = old
+            self.events.append(FlowMoving(flow))
 
     def _hold(self, flow, pkt: bytes) -> None:
         """Keep a legacy packet until the flow's path is confirmed (drop when full: TCP
@@ -55,7 +60,9 @@ class MigrationMixin:
         """Send what was held, translated toward the flow's current address."""
         held, flow.held = flow.held or [], None
         self._held_total -= len(held)
-        self._holding.discard(flow.sal.local_flow)
+        old = self._holding.pop(flow.sal.local_flow, None)
+        if old is not None:
+            self.events.append(FlowMoved(flow, old, (flow.local_addr, flow.peer_addr)))
         for pkt in held:
             self.outbox.append(self._to_sal(flow, pkt, pkt[(pkt[0] & 15) * 4:], now, flow.out_hdr))
         self.stats["packets_released"] += len(held)
@@ -71,7 +78,7 @@ class MigrationMixin:
 
     def _on_peer_moving(self, flow, addr: bytes, port: int, now: float) -> None:
         flow.moving_peer = (addr, port)
-        self._start_holding(flow, now)
+        self._start_holding(flow, now, (flow.local_addr, flow.peer_addr))
         self.stats["peer_migrations_seen"] += 1
 
     def _on_peer_moved(self, flow, addr: bytes, port: int, now: float) -> None:
@@ -88,7 +95,7 @@ class MigrationMixin:
         for fid in list(self._holding):
             flow = self.flows.get(fid)
             if flow is None:
-                self._holding.discard(fid)
+                self._holding.pop(fid, None)
             elif flow.hold_deadline <= now and not flow.sal.migrating:
                 self.stats["holds_timed_out"] += 1
                 self._release(flow, now)

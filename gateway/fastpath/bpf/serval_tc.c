@@ -8,7 +8,8 @@
  *   legacy TCP of a kernel flow   ->  SAL toward the peer (header inserted)
  *   SAL data of a kernel flow     ->  legacy TCP toward the legacy host (header removed)
  *
- * Everything else leaves unchanged for netfilter and NFQUEUE: SYN, FIN and RST (which
+ * A translated packet ends the filter chain (TC_ACT_OK); everything else goes on
+ * (TC_ACT_UNSPEC) unchanged, to netfilter and NFQUEUE: SYN, FIN and RST (which
  * also hand the flow back to Python), SAL control packets and extensions, IP options,
  * fragments, super-packets, unknown flows. Translated packets carry the gateway's mark,
  * which its owned chains return before any queue rule.
@@ -32,6 +33,8 @@
 #define TCP_MIN 20
 #define IP_DF 0x4000
 #define IP_MF_OFFSET 0x3fff
+/* not ours: on to the next filter (another instance's) and the stack, unchanged */
+#define PASS TC_ACT_UNSPEC
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -99,7 +102,7 @@ static __always_inline void seen(struct flow *f, __u64 *packets, __u64 *bytes, _
 static __always_inline int hand_back(struct flow *f)
 {
 	f->flags |= SERVAL_FLOW_SLOW;
-	return count(C_PASS_CONTROL, TC_ACT_OK);
+	return count(C_PASS_CONTROL, PASS);
 }
 
 /* Headers within reach of direct access (a NIC may leave them in fragments). */
@@ -124,25 +127,25 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 	struct flow *f;
 
 	if ((void *)(th + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	key.src = ip->saddr;
 	key.dst = ip->daddr;
 	key.sport = th->source;
 	key.dport = th->dest;
 	fid = bpf_map_lookup_elem(&serval_legacy, &key);
 	if (!fid)
-		return TC_ACT_OK;
+		return PASS;
 	f = bpf_map_lookup_elem(&serval_flows, fid);
 	if (!f)
-		return TC_ACT_OK;
+		return PASS;
 	if (f->flags & SERVAL_FLOW_SLOW)
-		return count(C_PASS_SLOW, TC_ACT_OK);
+		return count(C_PASS_SLOW, PASS);
 	if (th->syn || th->fin || th->rst)
 		return hand_back(f);
 	if (th->doff * 4 < TCP_MIN || th->doff * 4 > seg_len)
-		return count(C_PASS_MISMATCH, TC_ACT_OK);
+		return count(C_PASS_MISMATCH, PASS);
 	if (skb->gso_size)
-		return count(C_PASS_GSO, TC_ACT_OK);
+		return count(C_PASS_GSO, PASS);
 	if (th->ack)
 		f->legacy_last_ack = th->ack_seq;
 	seen(f, &f->packets_out, &f->bytes_out, seg_len);
@@ -208,27 +211,27 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 	__u32 fid;
 
 	if ((void *)(th + 1) > end || tot < IP_LEN + shrink + TCP_MIN)
-		return TC_ACT_OK;
+		return PASS;
 	if (cfg->udp) {
 		struct udphdr *udp = data + ETH_HLEN + IP_LEN;
 		if (udp->dest != cfg->udp_port)
-			return TC_ACT_OK;
+			return PASS;
 	}
 	__builtin_memcpy(&fid, sal + 4, 4);
 	f = bpf_map_lookup_elem(&serval_flows, &fid);
 	if (!f)
-		return TC_ACT_OK;
+		return PASS;
 	if (f->flags & SERVAL_FLOW_SLOW)
-		return count(C_PASS_SLOW, TC_ACT_OK);
+		return count(C_PASS_SLOW, PASS);
 	/* byte for byte the header this flow's data carries (no extensions, same flowIDs,
 	 * so the same checksum), from the peer, to us */
 	if (!same_header(sal, f->in_hdr) || ip->saddr != f->peer_addr ||
 	    ip->daddr != f->local_addr)
-		return count(C_PASS_MISMATCH, TC_ACT_OK);
+		return count(C_PASS_MISMATCH, PASS);
 	if (th->syn || th->fin || th->rst)
 		return hand_back(f);
 	if (skb->gso_size)
-		return count(C_PASS_GSO, TC_ACT_OK);
+		return count(C_PASS_GSO, PASS);
 	seg_len = tot - IP_LEN - shrink;
 	seen(f, &f->packets_in, &f->bytes_in, seg_len);
 
@@ -265,28 +268,28 @@ int serval_ingress(struct __sk_buff *skb)
 	void *data, *end;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return PASS;
 	cfg = bpf_map_lookup_elem(&serval_config, &zero);
 	if (!cfg || !cfg->mark)
-		return TC_ACT_OK;
+		return PASS;
 	if (ensure_linear(skb, ETH_HLEN + IP_LEN + UDP_LEN + SAL_LEN + TCP_MIN))
-		return TC_ACT_OK;
+		return PASS;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	/* 20-byte headers only (adjust_room assumes it), no fragments */
 	if (*(__u8 *)ip != 0x45 || ip->frag_off & bpf_htons(IP_MF_OFFSET))
-		return TC_ACT_OK;
+		return PASS;
 	tot = bpf_ntohs(ip->tot_len);
 	if (tot < IP_LEN + TCP_MIN || skb->len < ETH_HLEN + tot)
-		return TC_ACT_OK;
+		return PASS;
 	if (ip->protocol == IPPROTO_TCP)
 		return to_sal(skb, cfg, tot);
 	if (ip->protocol == (cfg->udp ? IPPROTO_UDP : IPPROTO_SAL))
 		return from_sal(skb, cfg, tot);
-	return TC_ACT_OK;
+	return PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

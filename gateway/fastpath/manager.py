@@ -1,0 +1,273 @@
+"""The fast-path manager: the kernel's flows kept in step with the translator's.
+
+It loads the program, attaches it to the ingress of the interfaces the gateway
+translates on (GRO and LRO off there, restored on stop), and follows the translator's
+events: a flow enters the kernel once both handshakes are done, leaves it while a move
+is unconfirmed (the slow path holds its packets) and comes back with the new path, and
+leaves for good at its first FIN or RST. The translator stays the owner of every flow;
+the kernel's per-flow counters are folded into it (``refresh``) before anything reads
+them: idle expiry, resets, snapshots, ``serval ctl flows``.
+
+What it attached is recorded in the instance's state file. A clean stop detaches it;
+after a crash the attached program keeps translating the established flows while no
+daemon runs, and the next start adopts its maps (or, when it cannot, removes it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from nat.state import StateFile
+from sal.flow import State
+
+from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving
+from . import build, maps, tc
+from .libbpf import BpfError, BpfObject, Map, map_fd_by_id, map_info, prog_fd_by_id, prog_id, prog_map_ids
+
+log = logging.getLogger("serval.fastpath")
+PROGRAM = "serval_ingress"
+SECTION = "fastpath"
+
+
+class FastPathUnavailable(RuntimeError):
+    """Why the fast path cannot run here (one line, for the log)."""
+
+
+def _possible_cpus() -> int:
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            return int(f.read().strip().split("-")[-1]) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+class _Installed:
+    """A flow in the kernel, and how much of the kernel's count is already folded in."""
+
+    __slots__ = ("legacy_key", "packets_out", "bytes_out", "packets_in", "bytes_in")
+
+    def __init__(self, legacy_key: bytes):
+        self.legacy_key = legacy_key
+        self.packets_out = self.bytes_out = self.packets_in = self.bytes_in = 0
+
+
+class FastPath:
+    def __init__(self, translator, instance: str, state_dir: str, mark: int):
+        self.t = translator
+        self.state = StateFile(instance, state_dir)
+        self.tag = self.state.tag
+        self.state_dir = state_dir
+        self.mark = mark
+        self.obj = None
+        self.prog_fd = -1
+        self.prog_id = 0
+        self.flows = self.legacy = self.config = self.counters = None
+        self.links: dict[str, dict] = {}        # ifname -> attach record (+ "offloads")
+        self.installed: dict[int, _Installed] = {}
+        self.adopted = 0                         # kernel flows a crashed run left translating
+        self._unclaimed: set[bytes] = set()      # adopted entries no resumed flow took yet
+        self.install_failures = 0
+
+    # --- start and stop --------------------------------------------------------------
+    def start(self, interfaces: list[str]) -> None:
+        """Load (or adopt) the program and attach it; FastPathUnavailable says why not."""
+        if os.geteuid() != 0:
+            raise FastPathUnavailable("needs root (CAP_BPF and CAP_NET_ADMIN)")
+        try:
+            if not self._adopt():
+                self._load()
+            self.config.update(b"\0\0\0\0", maps.config_value(self.mark, self.t.carriage))
+            self.attach(interfaces)
+        except (BpfError, build.BuildError, OSError) as exc:
+            self.stop()
+            raise FastPathUnavailable(str(exc)) from None
+
+    def _load(self) -> None:
+        path = build.object_path(self.state_dir)
+        self.obj = BpfObject(str(path))
+        self.prog_fd = self.obj.program_fd(PROGRAM)
+        self._open_maps({name: self.obj.map_fd(name) for name in
+                         ("serval_flows", "serval_legacy", "serval_config", "serval_counters")}, owned=False)
+        self.prog_id = prog_id(self.prog_fd)
+
+    def _open_maps(self, fds: dict, owned: bool) -> None:
+        self.flows = Map(fds["serval_flows"], 4, maps.FLOW.size, owned)
+        self.legacy = Map(fds["serval_legacy"], maps.LEGACY_KEY.size, 4, owned)
+        self.config = Map(fds["serval_config"], 4, maps.CONFIG.size, owned)
+        self.counters = Map(fds["serval_counters"], 4, 8 * _possible_cpus(), owned)
+
+    def _adopt(self) -> bool:
+        """Take over what a run that did not stop cleanly left attached. False when there
+        is nothing (or it cannot be taken: then it is removed)."""
+        record = self.state.get(SECTION)
+        if not record:
+            return False
+        live = {r["ifname"] for r in tc.attached(self.tag)}
+        try:
+            if not live:
+                raise BpfError(2, "no interface has its filter any more")
+            self.prog_fd = prog_fd_by_id(record["prog_id"])
+            fds = {}
+            for map_id in prog_map_ids(self.prog_fd):
+                fd = map_fd_by_id(map_id)
+                name = map_info(fd)[0]
+                fds[name] = fd
+            self._open_maps(fds, owned=True)
+        except (BpfError, KeyError) as exc:
+            log.info("removing the fast path a previous run left (%s)", exc)
+            self._undo(record)
+            self._close_fds()
+            return False
+        self.prog_id = record["prog_id"]
+        self.links = {r["ifname"]: r for r in record.get("links", []) if r["ifname"] in live}
+        self._unclaimed = set(self.flows.keys())
+        self.adopted = len(self._unclaimed)
+        log.info("adopted the fast path a previous run left: %d flow(s) were translated in the "
+                 "kernel while no daemon ran", self.adopted)
+        return True
+
+    def attach(self, interfaces: list[str]) -> None:
+        """Attach to the interfaces not attached yet (new links come and go)."""
+        for name in interfaces:
+            if name in self.links or name == "lo":
+                continue
+            record = tc.attach(name, self.prog_fd, self.tag)
+            try:
+                record["offloads"] = tc.set_offloads(name)
+            except OSError as exc:
+                record["offloads"] = {}
+                log.warning("cannot turn GRO off on %s (%s): its super-packets take the slow path", name, exc)
+            self.links[name] = record
+            self._save()
+
+    def _save(self) -> None:
+        self.state.update(SECTION, lambda _: {"prog_id": self.prog_id, "links": list(self.links.values())})
+
+    def stop(self) -> None:
+        """Detach everywhere, restore offloads, forget the state; flows stay Python's."""
+        record = {"links": list(self.links.values())}
+        self.links.clear()
+        self._undo(record)
+        self.installed.clear()
+        self._close_fds()
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def _undo(self, record: dict) -> None:
+        for link in record.get("links", []):
+            try:
+                tc.detach(link, self.tag)
+                tc.restore_offloads(link["ifname"], link.get("offloads") or {})
+            except Exception as exc:  # noqa: BLE001 - undo the rest
+                log.warning("fast path on %s: could not undo everything: %s", link.get("ifname"), exc)
+        self.state.update(SECTION, lambda _: None)
+
+    def _close_fds(self) -> None:
+        for m in (self.flows, self.legacy, self.config, self.counters):
+            if m is not None:
+                m.close()
+        self.flows = self.legacy = self.config = self.counters = None
+        if self.obj is None and self.prog_fd >= 0:
+            os.close(self.prog_fd)
+        self.prog_fd = -1
+
+    # --- following the translator ------------------------------------------------------
+    def handle(self, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, (FlowEstablished, FlowMoved)):
+                self.install(ev.flow)
+            elif isinstance(ev, (FlowMoving, FlowClosing, FlowClosed)):
+                self.remove(ev.flow)
+
+    def _eligible(self, flow) -> bool:
+        return (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None
+                and flow.sal.state == State.ESTABLISHED and flow.held is None and flow.moving_peer is None
+                and not flow.send_handshake_ack and not flow.sal.migrating and flow.legacy_key is not None
+                and flow.legacy_fin_end is None and flow.remote_fin_end is None)
+
+    def install(self, flow) -> None:
+        fid = flow.sal.local_flow
+        if fid in self.installed or self.flows is None or not self._eligible(flow):
+            return
+        key = maps.FLOW_KEY.pack(fid)
+        legacy_key = maps.legacy_key(flow)
+        try:
+            self.flows.update(key, maps.flow_value(flow, self.t.carriage))
+            self.legacy.update(legacy_key, key)
+        except BpfError as exc:
+            self.flows.delete(key)
+            self.install_failures += 1
+            if self.install_failures in (1, 10, 100, 1000):
+                log.warning("a flow stays on the slow path: %s (%d so far)", exc, self.install_failures)
+            return
+        self._unclaimed.discard(key)
+        self.installed[fid] = _Installed(legacy_key)
+
+    def remove(self, flow) -> None:
+        fid = flow.sal.local_flow
+        rec = self.installed.get(fid)
+        if rec is None:
+            return
+        key = maps.FLOW_KEY.pack(fid)
+        self.legacy.delete(rec.legacy_key)     # first: no new packet finds the flow
+        self._fold(flow, rec, self.flows.lookup(key))
+        self.flows.delete(key)
+        del self.installed[fid]
+
+    def sweep(self) -> int:
+        """Remove adopted kernel flows that no resumed flow claimed; returns how many."""
+        n = 0
+        for key in self._unclaimed:
+            raw = self.flows.lookup(key)
+            if raw is not None:
+                f = maps.FLOW.unpack(raw)
+                self.legacy.delete(maps.LEGACY_KEY.pack(f[2], f[3], f[4], f[5]))
+                self.flows.delete(key)
+                n += 1
+        self._unclaimed.clear()
+        return n
+
+    # --- counters ------------------------------------------------------------------
+    def refresh(self, flow) -> None:
+        """Fold what the kernel counted for ``flow`` since the last look into it."""
+        rec = self.installed.get(flow.sal.local_flow)
+        if rec is not None:
+            self._fold(flow, rec, self.flows.lookup(maps.FLOW_KEY.pack(flow.sal.local_flow)))
+
+    def refresh_all(self) -> None:
+        for fid in list(self.installed):
+            flow = self.t.flows.get(fid)
+            if flow is not None:
+                self.refresh(flow)
+
+    @staticmethod
+    def _fold(flow, rec: _Installed, raw: bytes | None) -> None:
+        if raw is None:
+            return
+        c = maps.KernelCounters(raw)
+        if c.packets_out != rec.packets_out:
+            flow.legacy_last_ack = c.legacy_last_ack
+        flow.packets_out += c.packets_out - rec.packets_out
+        flow.bytes_out += c.bytes_out - rec.bytes_out
+        flow.packets_in += c.packets_in - rec.packets_in
+        flow.bytes_in += c.bytes_in - rec.bytes_in
+        rec.packets_out, rec.bytes_out, rec.packets_in, rec.bytes_in = \
+            c.packets_out, c.bytes_out, c.packets_in, c.bytes_in
+        if c.last_seen > flow.last_seen:
+            flow.last_seen = c.last_seen
+
+    def stats(self) -> dict:
+        """The kernel's counters (summed over CPUs) and how many flows it holds."""
+        out = {"fastpath_flows": len(self.installed), "fastpath_interfaces": len(self.links),
+               "fastpath_install_failures": self.install_failures, "fastpath_adopted": self.adopted}
+        if self.counters is None:
+            return out
+        for i, name in enumerate(maps.COUNTERS):
+            raw = self.counters.lookup(i.to_bytes(4, "little"))
+            if raw is not None:
+                out[f"fastpath_{name}"] = sum(int.from_bytes(raw[j:j + 8], "little") for j in range(0, len(raw), 8))
+        return out
+
+    def in_kernel(self, fid: int) -> bool:
+        return fid in self.installed

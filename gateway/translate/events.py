@@ -1,0 +1,44 @@
+"""What happened to flows, as typed records the translator appends to ``events``.
+
+The daemon drains them after each batch of packets and each timer: the kernel fast
+path installs, parks and removes its map entries from them (gateway/fastpath), and
+they say when a flow was established, moved or closed without anyone diffing the flow
+table.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class FlowEstablished:
+    """Both handshakes are done: the flow carries plain data both ways."""
+    flow: object
+    rtt: float | None            # seconds from the first SYN (None for a resumed flow)
+
+
+@dataclass(slots=True)
+class FlowMoving:
+    """A move is unconfirmed: packets are held, only the slow path may carry them."""
+    flow: object
+
+
+@dataclass(slots=True)
+class FlowMoved:
+    """The flow's path is confirmed: (local, peer) addresses before and after."""
+    flow: object
+    old: tuple
+    new: tuple
+
+
+@dataclass(slots=True)
+class FlowClosing:
+    """A FIN or RST was seen: the close is followed packet by packet from here."""
+    flow: object
+
+
+@dataclass(slots=True)
+class FlowClosed:
+    """The flow left every table."""
+    flow: object
+    reason: str
+    bytes_out: int
+    bytes_in: int
