@@ -1,0 +1,164 @@
+"""The kernel fast path in real namespaces: transfers whose packets the kernel
+translates, a gateway killed while the kernel carries its flows, and nothing left
+behind. The lab's legacy links are wire-like (``gateway_pair(wire=True)``), so the
+gateways receive wire-sized packets as from a NIC."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab.gateways import VIRTUAL_ADDR, RunningGateways
+from lab.topologies import gateway_pair
+from tests.integration.helpers import make_file, ruleset, sha256_file, start_http, start_py_server
+
+MB = 1024 * 1024
+
+UPLOAD_PY = r'''
+import socket, sys, hashlib
+path, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.create_connection((addr, port), timeout=60)
+with open(path, "rb") as f:
+    while chunk := f.read(1 << 16):
+        s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+print(s.recv(200).decode())
+'''
+
+
+@pytest.fixture(autouse=True)
+def fast_path_required(requires_netns):
+    from tests.unit.test_fastpath_bpf import _unavailable
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("SERVAL_REQUIRE_FASTPATH"):
+            pytest.fail(f"SERVAL_REQUIRE_FASTPATH is set but {reason}")
+        pytest.skip(reason)
+
+
+def kernel_state(host) -> dict:
+    """What the fast path may change on a host: qdiscs, tc filters, GRO/LRO."""
+    state = {"qdisc": host.run(["tc", "qdisc", "show"]).stdout}
+    filters, offloads = [], []
+    for name in re.findall(r"^\d+: ([^:@]+)", host.run(["ip", "-o", "link", "show"]).stdout, re.M):
+        filters.append(name + ":" + host.run(["tc", "filter", "show", "dev", name, "ingress"]).stdout)
+        k = host.run(["ethtool", "-k", name], check=False).stdout
+        offloads.append(name + ":" + " ".join(l for l in k.splitlines() if "receive-offload" in l))
+    state["filters"], state["offloads"] = filters, offloads
+    return state
+
+
+def serval_programs() -> int:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+    return sum(1 for p in json.loads(out or "[]") if p.get("name") == "serval_ingress")
+
+
+def wait_for(what, condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def build(lab, tmp_path, carriage="ip", fast_path="on"):
+    www = tmp_path / "www"
+    www.mkdir()
+    pair = gateway_pair(lab, server_route_back=False, wire=True)
+    before = {h.name: (ruleset(h), kernel_state(h)) for h in (pair.cgw, pair.sgw)}
+    gws = RunningGateways(pair, carriage=carriage, fast_path=fast_path,
+                          extra_services=[("up.svc.example", 81, VIRTUAL_ADDR, 9000)]).start()
+    start_http(pair.server, www)
+    start_py_server(pair.server, "halfclose", 9000)
+    return pair, gws, before, www
+
+
+def finish(pair, gws, before):
+    assert gws.stop() == {"client": 0, "server": 0}
+    for h in (pair.cgw, pair.sgw):
+        rules, kernel = before[h.name]
+        assert ruleset(h) == rules
+        assert kernel_state(h) == kernel, "qdiscs, filters and offloads as before start"
+
+
+def kernel_flows(gws, role) -> list:
+    return [f for f in gws.ctl(role, "flows") if f.get("path") == "kernel"]
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_transfers_both_ways_are_translated_in_the_kernel(lab, tmp_path, carriage):
+    pair, gws, before, www = build(lab, tmp_path, carriage)
+    src = make_file(www, "50MB.bin", 50 * MB)
+    out = tmp_path / "got.bin"
+    dl = pair.client.popen(["curl", "-sS", "--fail", "-m", "120", "--limit-rate", "25M", "-o", str(out),
+                            f"http://{VIRTUAL_ADDR}/50MB.bin"], stderr=subprocess.PIPE, text=True)
+    wait_for("the download's flow in the kernel on both gateways",
+             lambda: kernel_flows(gws, "client") and kernel_flows(gws, "server"))
+    row = kernel_flows(gws, "client")[0]
+    assert row["state"] == "established"
+    _, err = dl.communicate(timeout=120)
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    # upload: the server reads to EOF (a half-close), then answers with what it got
+    up = make_file(tmp_path, "up.bin", 20 * MB)
+    r = pair.client.run([sys.executable, "-c", UPLOAD_PY, str(up), VIRTUAL_ADDR, "81"], timeout=90)
+    assert r.stdout.split() == [str(20 * MB), sha256_file(up)]
+    stats = {role: gws.stats(role) for role in ("client", "server")}
+    for role, s in stats.items():
+        assert s["fastpath"] == "on"
+        assert s["fastpath_errors"] == 0 and s.get("internal_errors", 0) == 0
+        kernel = s["fastpath_to_sal"] + s["fastpath_from_sal"]
+        python = s.get("to_sal", 0) + s.get("from_sal", 0)
+        assert kernel > 20 * python, f"{role}: {kernel} packets in the kernel, {python} in Python"
+    # the bytes the kernel carried are counted for the flows too (client: bytes in)
+    assert stats["client"]["fastpath_from_sal"] > 50 * MB // 1500
+    finish(pair, gws, before)
+
+
+def test_with_the_fast_path_off_every_packet_is_python(lab, tmp_path):
+    pair, gws, before, www = build(lab, tmp_path, fast_path="off")
+    src = make_file(www, "10MB.bin", 10 * MB)
+    out = tmp_path / "got.bin"
+    pair.client.run(["curl", "-sS", "--fail", "-m", "60", "-o", str(out), f"http://{VIRTUAL_ADDR}/10MB.bin"],
+                    timeout=70)
+    assert sha256_file(out) == sha256_file(src)
+    s = gws.stats("client")
+    assert s["fastpath"] == "off" and "fastpath_to_sal" not in s
+    assert s["from_sal"] > 10 * MB // 1500
+    assert "fast path off" in gws.log("client")
+    finish(pair, gws, before)
+
+
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_kill_9_during_a_kernel_transfer(lab, tmp_path, role):
+    """The kernel goes on translating while no daemon runs; the next start adopts it."""
+    programs_before = serval_programs()
+    pair, gws, before, www = build(lab, tmp_path)
+    src = make_file(www, "60MB.bin", 60 * MB)
+    out = tmp_path / "got.bin"
+    dl = pair.client.popen(["curl", "-sS", "--fail", "-m", "120", "--limit-rate", "10M", "-o", str(out),
+                            f"http://{VIRTUAL_ADDR}/60MB.bin"], stderr=subprocess.PIPE, text=True)
+    wait_for("the flow in the kernel", lambda: kernel_flows(gws, role))
+    wait_for("a snapshot", lambda: out.exists() and out.stat().st_size > 5 * MB, 30)
+    time.sleep(1.2)                               # a snapshot is written every second
+    gws.signal(role, signal.SIGKILL)
+    gws.procs[role].wait(5)
+    size = out.stat().st_size
+    wait_for("bytes while no daemon runs", lambda: out.stat().st_size > size + 4 * MB, 10)
+    gws.launch(role)
+    log = gws.log(role)
+    assert "adopted the fast path a previous run left: 1 flow(s)" in log, log
+    assert "resumed 1 established flow" in log, log
+    host = pair.cgw if role == "client" else pair.sgw
+    for name in ("eth0", "eth1"):
+        shown = host.run(["tc", "filter", "show", "dev", name, "ingress"]).stdout
+        assert shown.count("serval_ingress") == 1, shown     # adopted, not loaded twice
+    _, err = dl.communicate(timeout=120)
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    assert gws.stats(role)["fastpath_adopted"] == 1
+    finish(pair, gws, before)
+    wait_for("the programs to be freed", lambda: serval_programs() == programs_before)
