@@ -38,6 +38,14 @@ COPY router /src/router
 COPY dns_resolver /src/dns_resolver
 COPY serval /src/serval
 COPY lab /src/lab
+# The kernel fast path: `make` compiles it on the host (gateway/fastpath/bpf/serval_tc.o,
+# copied in above); where it did not, clang compiles it here.
+RUN set -eu; obj=/src/gateway/fastpath/bpf/serval_tc.o; \
+    if [ ! -e "$obj" ] || [ "$obj" -ot /src/gateway/fastpath/bpf/serval_tc.c ]; then \
+        apt-get update; apt-get install -y --no-install-recommends clang libbpf-dev gcc; \
+        clang -O2 -g -Wall -target bpf -I/usr/include/$(gcc -dumpmachine) \
+            -c /src/gateway/fastpath/bpf/serval_tc.c -o "$obj"; \
+    fi
 RUN /opt/serval/bin/pip install --no-index --no-deps --no-build-isolation /src \
  && /opt/serval/bin/pip uninstall -y setuptools wheel \
  && /opt/serval/bin/python -m compileall -q /opt/serval/lib
@@ -48,7 +56,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 # iptables (nft) and libnetfilter-queue for the interception; curl for the checks and the
 # stand-in legacy client of docker-compose.yml.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 iptables libnetfilter-queue1 iproute2 curl \
+ && apt-get install -y --no-install-recommends python3 iptables libnetfilter-queue1 libbpf1 iproute2 curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home-dir /var/lib/serval --shell /usr/sbin/nologin serval \
  && install -d -o serval -g serval -m 0755 /var/lib/serval \
@@ -57,8 +65,9 @@ RUN apt-get update \
 COPY --from=build /opt/serval /opt/serval
 ENV PATH=/opt/serval/bin:$PATH PYTHONUNBUFFERED=1
 # Unprivileged by default (the resolver, the stand-ins). The gateways and the router need
-# root in their container with exactly NET_ADMIN and NET_RAW (iptables, NFQUEUE, raw
-# sockets): docker-compose.yml sets `user: root` and those two capabilities, nothing more.
+# root in their container with NET_ADMIN and NET_RAW (iptables, NFQUEUE, raw sockets), and
+# the gateways BPF for the kernel fast path: docker-compose.yml sets `user: root` and
+# those capabilities, nothing more.
 USER serval
 WORKDIR /var/lib/serval
 CMD ["serval", "--help"]

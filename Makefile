@@ -6,7 +6,7 @@ APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iprout
                 iperf3 dnsutils conntrack build-essential python3-dev python3-venv procps dnsmasq-base dnsperf ethtool \
                 clang llvm libbpf-dev bpftool
 
-.PHONY: all deps venv test unit test-compose demo bench clean distclean
+.PHONY: all deps venv bpf test unit test-compose demo bench clean distclean
 
 all: venv
 
@@ -25,6 +25,13 @@ build/.deps:
 
 deps: build/.deps
 
+# The kernel fast path's program (gateway/fastpath/bpf): clang -target bpf.
+BPF_OBJ := gateway/fastpath/bpf/serval_tc.o
+$(BPF_OBJ): gateway/fastpath/bpf/serval_tc.c gateway/fastpath/bpf/fastpath.h build/.deps
+	clang -O2 -g -Wall -target bpf -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
+
+bpf: $(BPF_OBJ)
+
 $(VENV)/.installed: build/.deps setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -33,23 +40,23 @@ $(VENV)/.installed: build/.deps setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+test: venv bpf
 	$(PY) -m lab.cleanup
 	$(PY) -m pytest -q -rs tests
 
-unit: venv
+unit: venv bpf
 	$(PY) -m pytest -q -rs tests/unit
 
 # docker-compose.yml for real (Docker engine, a locally made base image; minutes the first
 # time, cached in build/ after). Not part of `make test`; CI runs both.
-test-compose: venv
+test-compose: venv bpf
 	SERVAL_TEST_COMPOSE=1 $(PY) -m pytest -q -rs -s tests/deploy
 
-demo: venv
+demo: venv bpf
 	$(PY) -m lab.demo
 
 # One lab per part; each part merges its records into build/bench.json.
-bench: venv
+bench: venv bpf
 	$(PY) -m bench.run
 	$(PY) -m bench.mobility
 	$(PY) -m bench.routing

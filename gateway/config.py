@@ -79,13 +79,14 @@ class GatewayConfig:
     # established flows translated in the kernel (tc-BPF): "auto" where it loads,
     # "on" refuses to start without it, "off" keeps every packet in Python
     fast_path: str = "auto"
+    bpffs: str = "/sys/fs/bpf"         # where the fast path pins its program and maps
 
 
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
     "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
-    "resume_window", "fast_path",
+    "resume_window", "fast_path", "bpffs",
 }
 _GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
 
@@ -190,6 +191,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     cfg.fast_path = gw.get("fast_path", "auto")
     if cfg.fast_path not in ("auto", "on", "off"):
         fail("gateway", None, "fast_path", f"fast_path must be 'auto', 'on' or 'off', not {cfg.fast_path!r}")
+    cfg.bpffs = str(gw.get("bpffs", "/sys/fs/bpf"))
     cfg.log_level = str(gw.get("log_level", "info")).lower()
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         fail("gateway", None, "log_level", "log_level must be debug, info, warning or error")

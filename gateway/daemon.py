@@ -377,7 +377,7 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
         log.info("fast path off (fast_path = \"off\"): every packet goes through Python")
         return None
     from .fastpath.manager import FastPath, FastPathUnavailable
-    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK)
+    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs)
     try:
         fp.start(interfaces)
     except FastPathUnavailable as exc:

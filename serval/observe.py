@@ -431,20 +431,27 @@ class GatewayObserver(Observer):
     # --- metrics ----------------------------------------------------------------------------
     def collect(self) -> list[Family]:
         now = self.clock()
+        fastpath = getattr(self.gw, "fastpath", None)
+        if fastpath is not None:
+            fastpath.refresh_all()                  # the kernel's counts, into the flows
         self.watch.sample(now, force=True)
         self.migration_feed.pull()
         if self.handshake_feed is not None:
             self.handshake_feed.pull()
         p, cfg = self.prefix, self.gw.cfg
-        s = _Used(self.gw.stats)
+        s = _Used({**self.gw.stats, **(fastpath.stats() if fastpath is not None else {})})
         bytes_out, bytes_in = self.watch.totals()
         fams = super().collect()
         fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which gateway this is")
                     .add(1, role=cfg.role, instance=cfg.instance, carriage=cfg.carriage))
         fams.append(Family(f"{p}_translated_packets_total", "counter",
                            "Packets translated: to_sal (legacy TCP carried on as SAL) and from_sal "
-                           "(SAL delivered as legacy TCP)")
-                    .add(s("to_sal"), direction="to_sal").add(s("from_sal"), direction="from_sal"))
+                           "(SAL delivered as legacy TCP), in Python and in the kernel's fast path")
+                    .add(s("to_sal") + s("fastpath_to_sal"), direction="to_sal")
+                    .add(s("from_sal") + s("fastpath_from_sal"), direction="from_sal"))
+        fams.append(Family(f"{p}_fastpath_flows", "gauge",
+                           "Established flows the kernel translates now (0 when the fast path is off)")
+                    .add(s("fastpath_flows")))
         fams.append(Family(f"{p}_translated_bytes_total", "counter",
                            "TCP bytes (headers included) translated, by direction, from the flows' counters")
                     .add(bytes_out, direction="to_sal").add(bytes_in, direction="from_sal"))

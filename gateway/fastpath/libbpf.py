@@ -66,6 +66,8 @@ def lib():
                 ("bpf_map_get_fd_by_id", [u32], c_int),
                 ("bpf_obj_get_info_by_fd", [c_int, vp, ctypes.POINTER(u32)], c_int),
                 ("bpf_prog_test_run_opts", [c_int, vp], c_int),
+                ("bpf_obj_pin", [c_int, ctypes.c_char_p], c_int),
+                ("bpf_obj_get", [ctypes.c_char_p], c_int),
                 ("libbpf_set_print", [vp], vp)):
             f = getattr(handle, fn)
             f.argtypes, f.restype = args, res
@@ -193,6 +195,27 @@ def map_info(map_fd: int) -> tuple[str, int, int]:
     key_size, value_size = int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[12:16], "little")
     name = raw[24:40].split(b"\0", 1)[0].decode()
     return name, key_size, value_size
+
+
+def pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"pinning {path}")
+
+
+def pinned(path: str) -> int:
+    """A descriptor for what is pinned at ``path`` (needs no CAP_SYS_ADMIN, unlike ids)."""
+    return _check(lib().bpf_obj_get(path.encode()), f"opening {path}")
+
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def is_bpffs(path: str) -> bool:
+    """Whether ``path`` is on a mounted bpf filesystem (where pins can live)."""
+    buf = ctypes.create_string_buffer(128)      # struct statfs: f_type first
+    _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    if _libc.statfs(path.encode(), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:8], "little") == BPF_FS_MAGIC
 
 
 def prog_id(prog_fd: int) -> int:

@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import os
 
-from nat.state import StateFile
+from nat.state import StateFile, netns_id
 from sal.flow import State
 
 from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving
 from . import build, maps, tc
-from .libbpf import BpfError, BpfObject, Map, map_fd_by_id, map_info, prog_fd_by_id, prog_id, prog_map_ids
+from .libbpf import (BpfError, BpfObject, Map, is_bpffs, map_fd_by_id, map_info, pin, pinned, prog_fd_by_id,
+                     prog_id, prog_map_ids)
 
 log = logging.getLogger("serval.fastpath")
 PROGRAM = "serval_ingress"
+MAPS = ("serval_flows", "serval_legacy", "serval_config", "serval_counters")
 SECTION = "fastpath"
 
 
@@ -52,12 +54,14 @@ class _Installed:
 
 
 class FastPath:
-    def __init__(self, translator, instance: str, state_dir: str, mark: int):
+    def __init__(self, translator, instance: str, state_dir: str, mark: int, bpffs: str = "/sys/fs/bpf"):
         self.t = translator
         self.state = StateFile(instance, state_dir)
         self.tag = self.state.tag
         self.state_dir = state_dir
         self.mark = mark
+        self.bpffs = bpffs
+        self.pins = None                         # where the program and maps are pinned, if anywhere
         self.obj = None
         self.prog_fd = -1
         self.prog_id = 0
@@ -86,9 +90,26 @@ class FastPath:
         path = build.object_path(self.state_dir)
         self.obj = BpfObject(str(path))
         self.prog_fd = self.obj.program_fd(PROGRAM)
-        self._open_maps({name: self.obj.map_fd(name) for name in
-                         ("serval_flows", "serval_legacy", "serval_config", "serval_counters")}, owned=False)
+        fds = {name: self.obj.map_fd(name) for name in MAPS}
+        self._open_maps(fds, owned=False)
         self.prog_id = prog_id(self.prog_fd)
+        self._pin(fds)
+
+    def _pin(self, fds: dict) -> None:
+        """Pin the program and maps in the bpffs, per instance and network namespace, so
+        the next start finds them by path (no CAP_SYS_ADMIN needed, unlike ids)."""
+        if not is_bpffs(self.bpffs):
+            log.info("no bpffs at %s: the fast path is not pinned (a restart finds it by id)", self.bpffs)
+            return
+        # (bpffs refuses names with a dot)
+        pins = os.path.join(self.bpffs, "serval", f"{self.tag}-net{netns_id()}")
+        os.makedirs(pins, exist_ok=True)
+        for name, fd in (("prog", self.prog_fd), *fds.items()):
+            path = os.path.join(pins, name)
+            if os.path.exists(path):
+                os.unlink(path)             # a crashed run's, not adopted
+            pin(fd, path)
+        self.pins = pins
 
     def _open_maps(self, fds: dict, owned: bool) -> None:
         self.flows = Map(fds["serval_flows"], 4, maps.FLOW.size, owned)
@@ -106,12 +127,17 @@ class FastPath:
         try:
             if not live:
                 raise BpfError(2, "no interface has its filter any more")
-            self.prog_fd = prog_fd_by_id(record["prog_id"])
-            fds = {}
-            for map_id in prog_map_ids(self.prog_fd):
-                fd = map_fd_by_id(map_id)
-                name = map_info(fd)[0]
-                fds[name] = fd
+            pins = record.get("pins")
+            if pins and os.path.exists(os.path.join(pins, "prog")):
+                self.prog_fd = pinned(os.path.join(pins, "prog"))
+                fds = {name: pinned(os.path.join(pins, name)) for name in MAPS}
+                self.pins = pins
+            else:
+                self.prog_fd = prog_fd_by_id(record["prog_id"])
+                fds = {}
+                for map_id in prog_map_ids(self.prog_fd):
+                    fd = map_fd_by_id(map_id)
+                    fds[map_info(fd)[0]] = fd
             self._open_maps(fds, owned=True)
         except (BpfError, KeyError) as exc:
             log.info("removing the fast path a previous run left (%s)", exc)
@@ -141,12 +167,14 @@ class FastPath:
             self._save()
 
     def _save(self) -> None:
-        self.state.update(SECTION, lambda _: {"prog_id": self.prog_id, "links": list(self.links.values())})
+        self.state.update(SECTION, lambda _: {"prog_id": self.prog_id, "pins": self.pins,
+                                              "links": list(self.links.values())})
 
     def stop(self) -> None:
         """Detach everywhere, restore offloads, forget the state; flows stay Python's."""
-        record = {"links": list(self.links.values())}
+        record = {"links": list(self.links.values()), "pins": self.pins}
         self.links.clear()
+        self.pins = None
         self._undo(record)
         self.installed.clear()
         self._close_fds()
@@ -161,6 +189,15 @@ class FastPath:
                 tc.restore_offloads(link["ifname"], link.get("offloads") or {})
             except Exception as exc:  # noqa: BLE001 - undo the rest
                 log.warning("fast path on %s: could not undo everything: %s", link.get("ifname"), exc)
+        pins = record.get("pins")
+        if pins and os.path.isdir(pins):
+            for name in os.listdir(pins):
+                os.unlink(os.path.join(pins, name))
+            os.rmdir(pins)
+            try:
+                os.rmdir(os.path.dirname(pins))     # the "serval" folder, when it is empty
+            except OSError:
+                pass
         self.state.update(SECTION, lambda _: None)
 
     def _close_fds(self) -> None:

@@ -64,13 +64,27 @@ def wait_for(what, condition, timeout=10.0):
         time.sleep(0.05)
 
 
-def build(lab, tmp_path, carriage="ip", fast_path="on"):
+@pytest.fixture
+def bpffs(tmp_path):
+    """A bpf filesystem of the test's own, mounted where the lab's namespaces see it."""
+    path = tmp_path / "bpffs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None):
     www = tmp_path / "www"
     www.mkdir()
     pair = gateway_pair(lab, server_route_back=False, wire=True)
     before = {h.name: (ruleset(h), kernel_state(h)) for h in (pair.cgw, pair.sgw)}
     gws = RunningGateways(pair, carriage=carriage, fast_path=fast_path,
-                          extra_services=[("up.svc.example", 81, VIRTUAL_ADDR, 9000)]).start()
+                          extra_services=[("up.svc.example", 81, VIRTUAL_ADDR, 9000)])
+    for path in gws.configs.values():       # where to pin (the default /sys/fs/bpf is not
+        path.write_text(path.read_text().replace(   # mounted under `ip netns exec`)
+            "[gateway]\n", f'[gateway]\nbpffs = "{bpffs or "/nonexistent"}"\n', 1))
+    gws.start()
     start_http(pair.server, www)
     start_py_server(pair.server, "halfclose", 9000)
     return pair, gws, before, www
@@ -132,11 +146,19 @@ def test_with_the_fast_path_off_every_packet_is_python(lab, tmp_path):
     finish(pair, gws, before)
 
 
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "by-id"])
 @pytest.mark.parametrize("role", ["client", "server"])
-def test_kill_9_during_a_kernel_transfer(lab, tmp_path, role):
-    """The kernel goes on translating while no daemon runs; the next start adopts it."""
+def test_kill_9_during_a_kernel_transfer(lab, tmp_path, role, pinned, request):
+    """The kernel goes on translating while no daemon runs; the next start adopts it
+    (from its pins in the bpffs, or by the ids in the state file)."""
     programs_before = serval_programs()
-    pair, gws, before, www = build(lab, tmp_path)
+    fs = request.getfixturevalue("bpffs") if pinned else None
+    fresh = set(fs.iterdir()) if fs is not None else None     # the kernel's own *.debug files
+    pair, gws, before, www = build(lab, tmp_path, bpffs=fs)
+    if fs is not None:
+        pins = list(fs.glob("serval/*"))
+        assert len(pins) == 2 and all(sorted(p.name for p in d.iterdir()) == [
+            "prog", "serval_config", "serval_counters", "serval_flows", "serval_legacy"] for d in pins), pins
     src = make_file(www, "60MB.bin", 60 * MB)
     out = tmp_path / "got.bin"
     dl = pair.client.popen(["curl", "-sS", "--fail", "-m", "120", "--limit-rate", "10M", "-o", str(out),
@@ -161,4 +183,6 @@ def test_kill_9_during_a_kernel_transfer(lab, tmp_path, role):
     assert sha256_file(out) == sha256_file(src)
     assert gws.stats(role)["fastpath_adopted"] == 1
     finish(pair, gws, before)
+    if fs is not None:
+        assert set(fs.iterdir()) == fresh, "the pins go on a clean stop"
     wait_for("the programs to be freed", lambda: serval_programs() == programs_before)
