@@ -138,6 +138,53 @@ def measure(flows: int = 100_000, carriage: str = "ip") -> dict:
             "client": (full - no_client) / total, "server": (no_client - neither) / total}
 
 
+def kernel_bytes_per_flow(flows_map, legacy_map, map_ids: set, flows: int = 20_000) -> float:
+    """What ``flows`` entries add to the two hash maps' memory, as the kernel reports
+    it (bpftool's bytes_memlock is the map's actual use since Linux 6.4), per flow."""
+    import json
+    import subprocess
+    from gateway.fastpath import maps
+
+    def used():
+        total = 0
+        for m in json.loads(subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True,
+                                           text=True, check=True).stdout):
+            if m.get("name") in ("serval_flows", "serval_legacy") and m.get("id") in map_ids:
+                total += int(m["bytes_memlock"])
+        return total
+
+    base = used()
+    value = bytes(maps.FLOW.size)
+    for i in range(1, flows + 1):
+        key = maps.FLOW_KEY.pack(0x7000_0000 + i)
+        flows_map.update(key, value)
+        legacy_map.update(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2"), key)
+    grown = used() - base
+    for i in range(1, flows + 1):
+        key = maps.FLOW_KEY.pack(0x7000_0000 + i)
+        flows_map.delete(key)
+        legacy_map.delete(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2"))
+    return grown / flows
+
+
+
+def kernel_flow_bytes() -> float | None:
+    """The fast path's kernel memory per flow, with a freshly loaded program (root)."""
+    from gateway.fastpath import build, maps
+    from gateway.fastpath.libbpf import BpfError, BpfObject, Map, prog_map_ids
+    try:
+        obj = BpfObject(str(build.object_path()))
+    except (BpfError, build.BuildError) as exc:
+        print(f"  (no kernel figure: {exc})")
+        return None
+    try:
+        flows = Map(obj.map_fd("serval_flows"), 4, maps.FLOW.size)
+        legacy = Map(obj.map_fd("serval_legacy"), maps.LEGACY_KEY.size, 4)
+        return kernel_bytes_per_flow(flows, legacy, set(prog_map_ids(obj.program_fd("serval_ingress"))))
+    finally:
+        obj.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--flows", type=int, default=100_000)
@@ -160,6 +207,11 @@ def main(argv=None) -> int:
         {"metric": "memory_bytes_per_flow_server", "value": round(res["server"], 1), "unit": "B",
          "baseline": None, "ratio": None},
     ]
+    kernel = kernel_flow_bytes()
+    if kernel is not None:
+        print(f"  fastpath_kernel_bytes_per_flow {kernel:7.0f} B  (both hash maps, as the kernel counts them)")
+        records.append({"metric": "fastpath_kernel_bytes_per_flow", "value": round(kernel, 1), "unit": "B",
+                        "baseline": None, "ratio": None})
     merge(records, Path(args.json))
     print(f"merged into {args.json}")
     return 0

@@ -48,9 +48,17 @@ class ClientTranslator(Translator):
         flow = self.by_legacy.get((pkt[12:16], sport, pkt[16:20], dport))
         if flags & TCP_SYN and not flags & TCP_ACK:
             if flow is not None:
-                if flow.sal.state == State.SYN_SENT and _U32.unpack_from(seg, 4)[0] == flow.syn_seq:
+                if _U32.unpack_from(seg, 4)[0] != flow.syn_seq or flow.closed_at is not None:
+                    self._replace(flow, now)              # a new connection on the same ports
+                elif flow.sal.state == State.SYN_SENT:
                     return self._resend_syn(flow, now)
-                self._replace(flow, now)
+                else:
+                    # The legacy client's SYN again (its SYN-ACK is late, on a long round
+                    # trip): the connection stands; the backend answers the repeat as TCP
+                    # does (its SYN-ACK again, or an ACK), so carry it like data.
+                    self.stats["syn_repeated"] += 1
+                    seg, csum_delta = self._clamp(seg, flow.out_delta)
+                    return self._data_to_sal(flow, pkt, seg, now, csum_delta)
             return self._open(ip or IPv4(pkt), pkt, seg, sport, dport, now)
         if flow is None:
             self.stats["dropped_no_flow"] += 1
@@ -59,6 +67,9 @@ class ClientTranslator(Translator):
         if flow.sal.state == State.SYN_SENT:
             self.stats["dropped_before_established"] += 1
             return None
+        return self._data_to_sal(flow, pkt, seg, now)
+
+    def _data_to_sal(self, flow: Flow, pkt: bytes, seg: bytes, now: float, csum_delta: int | None = None):
         header = flow.out_hdr
         if flow.send_handshake_ack:
             header = flow.sal.handshake_ack().encode()
@@ -69,7 +80,7 @@ class ClientTranslator(Translator):
             self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
             return None
         self.stats["to_sal"] += 1
-        return self._to_sal(flow, pkt, seg, now, header)
+        return self._to_sal(flow, pkt, seg, now, header, csum_delta)
 
     def _check_legacy(self, pkt: bytes):
         """The full checks, for what the fast test in from_legacy did not accept:

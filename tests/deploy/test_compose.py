@@ -152,6 +152,10 @@ def test_page_by_name_from_the_legacy_client(deployment):
     assert router_instances() == 2
     stats = ctl("client-gateway", "/run/serval-ctl/client.sock", "stats")
     assert stats.get("flows_established", 0) >= 20, stats
+    # the replies came through the kernel's fast path (sidecars: SAL in at tc ingress)
+    assert stats["fastpath"] == "on" and stats["fastpath_from_sal"] > 0, stats
+    for replica in ("server-gateway-1", "server-gateway-2"):
+        assert ctl(replica, "/run/serval/server.sock", "stats")["fastpath"] == "on"
 
 
 def test_what_serval_ctl_shows(deployment):

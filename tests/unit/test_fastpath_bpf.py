@@ -49,10 +49,12 @@ def kernel():
         pytest.skip(reason)
     from gateway.fastpath import build
     from gateway.fastpath.libbpf import BpfObject, Map
+    from gateway.fastpath.libbpf import prog_map_ids
     obj = BpfObject(str(build.object_path("/tmp/serval-test-bpf")))
     k = Kernel(obj.program_fd("serval_ingress"), Map(obj.map_fd("serval_flows"), 4, maps.FLOW.size),
                Map(obj.map_fd("serval_legacy"), maps.LEGACY_KEY.size, 4),
                Map(obj.map_fd("serval_config"), 4, maps.CONFIG.size))
+    k.map_ids = set(prog_map_ids(k.prog))
     yield k
     obj.close()
 
@@ -156,8 +158,8 @@ def passes(kernel, translator, packet):
 
 
 @pytest.mark.parametrize("carriage", ["ip", "udp"])
-@pytest.mark.parametrize("flag", [FIN, RST, SYN])
-def test_fin_rst_syn_go_up_and_hand_the_flow_back(kernel, carriage, flag):
+@pytest.mark.parametrize("flag", [FIN, RST])
+def test_fin_and_rst_go_up_and_hand_the_flow_back(kernel, carriage, flag):
     client, server, lport = established(kernel, carriage, 41002)
     (cflow,) = client.flows.values()
     passes(kernel, client, segment(CLIENT, 41002, VIP, 80, 3000, 5001, ACK | flag, b""))
@@ -172,6 +174,10 @@ def test_fin_rst_syn_go_up_and_hand_the_flow_back(kernel, carriage, flag):
 def test_what_the_program_does_not_own_passes_unchanged(kernel, carriage):
     client, server, lport = established(kernel, carriage, 41003)
     data = segment(CLIENT, 41003, VIP, 80, 4000, 5001, ACK, b"abc")
+    # a repeated SYN goes up, and the flow stays in the kernel
+    passes(kernel, client, segment(CLIENT, 41003, VIP, 80, 1000, 0, SYN, b""))
+    (cflow,) = client.flows.values()
+    assert not kernel.counters(cflow).flags & maps.FLOW_SLOW
     # an unknown flow, IP options, a fragment
     passes(kernel, client, segment(CLIENT, 41999, VIP, 80, 4000, 5001, ACK, b"abc"))
     with_options = bytearray(data[:20] + b"\x01\x01\x01\x00" + data[20:])
@@ -208,3 +214,8 @@ def test_the_server_role_and_the_client_role_agree_on_a_whole_exchange(kernel):
     assert k_backend == server.from_sal(client.from_legacy(up, 1.0), 1.0)
     assert k_backend[12:16] == aton(SGW_LAN) and k_backend[16:20] == aton(SERVER)
     assert aton(CGW) != aton(SGW)   # the pair's addresses are distinct
+
+
+def test_a_kernel_flow_costs_at_most_256_bytes(kernel):
+    from bench.memory import kernel_bytes_per_flow
+    assert kernel_bytes_per_flow(kernel.flows, kernel.legacy, kernel.map_ids) <= 256

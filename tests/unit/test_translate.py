@@ -243,3 +243,29 @@ def test_a_rst_after_both_fins_is_not_a_reset():
     assert client.stats["tcp_resets_seen"] == 1 and server.stats["tcp_resets_seen"] == 1
     assert client.stats["flows_closed"] == 1 and client.stats.get("flows_reset", 0) == 0
     assert server.stats["flows_closed"] == 1 and server.stats.get("flows_reset", 0) == 0
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_a_late_repeated_syn_keeps_the_connection(carriage):
+    """On a long round trip the legacy client sends its SYN again after the SAL handshake
+    completed: the flow stands, and the repeat reaches the backend (which answers it as
+    TCP does) instead of replacing the flow."""
+    client, server = make_pair(carriage)
+    syn = tcp_packet(CLIENT, 40000, VIP, 80, 1000, flags=SYN, mss=1460)
+    sal_syn = client.from_legacy(syn, 0.0)
+    to_backend = server.from_sal(sal_syn, 0.0)
+    lport = TCP(to_backend[20:]).sport
+    synack = tcp_packet(SERVER, 8080, SGW_LAN, lport, 5000, 1001, SYN | ACK, mss=1460)
+    client.from_sal(server.from_backend(synack, 0.0), 0.0)
+    (flow,) = client.flows.values()
+    again = client.from_legacy(syn, 1.0)              # the retransmission, after the SYN-ACK left
+    ip, hdr, seg = check_sal(again, carriage)
+    assert hdr.flags == wire.ACK, "it completes the SAL handshake like any first segment"
+    t = check_tcp(server.from_sal(again, 1.0), SGW_LAN, SERVER)
+    assert (t.flags, t.seq, t.sport, t.dport) == (SYN, 1000, lport, 8080)
+    assert list(client.flows.values()) == [flow] and client.stats["syn_repeated"] == 1
+    assert client.stats["sal_resets_sent"] == 0
+    # a SYN with another ISN on the same ports is a new connection: the old one goes
+    fresh = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 77777, flags=SYN, mss=1460), 2.0)
+    assert check_sal(fresh, carriage)[1].flags == wire.SYN
+    assert flow not in client.flows.values()

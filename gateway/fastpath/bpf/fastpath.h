@@ -9,7 +9,7 @@
 #define SERVAL_MAX_FLOWS 262144
 
 /* flow.flags */
-#define SERVAL_FLOW_SLOW 1u   /* a FIN, RST or SYN was seen: Python owns the flow now */
+#define SERVAL_FLOW_SLOW 1u   /* a FIN or RST was seen: Python owns the flow now */
 
 /* A legacy packet as it arrives: its source, destination and ports. */
 struct legacy_key {
@@ -47,7 +47,7 @@ enum serval_counter {
 	C_TO_SAL,             /* translated legacy -> SAL */
 	C_FROM_SAL,           /* translated SAL -> legacy */
 	C_PASS_GSO,           /* a super-packet: the slow path segments it */
-	C_PASS_CONTROL,       /* SYN, FIN or RST on a kernel flow (the flow turns slow) */
+	C_PASS_CONTROL,       /* SYN, FIN or RST on a kernel flow (FIN and RST turn it slow) */
 	C_PASS_SLOW,          /* a flow the slow path owns */
 	C_PASS_MISMATCH,      /* a kernel flow's packet with unexpected addresses or header */
 	C_ERROR,              /* a helper failed: the packet is dropped */

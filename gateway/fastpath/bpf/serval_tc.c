@@ -97,7 +97,7 @@ static __always_inline void seen(struct flow *f, __u64 *packets, __u64 *bytes, _
 	f->last_seen_ns = bpf_ktime_get_ns();
 }
 
-/* A FIN, RST or SYN: the flow is Python's from now on, in both directions, so that
+/* A FIN or RST: the flow is Python's from now on, in both directions, so that
  * its close is followed segment by segment. The packet itself goes up unchanged. */
 static __always_inline int hand_back(struct flow *f)
 {
@@ -140,8 +140,10 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 		return PASS;
 	if (f->flags & SERVAL_FLOW_SLOW)
 		return count(C_PASS_SLOW, PASS);
-	if (th->syn || th->fin || th->rst)
+	if (th->fin || th->rst)
 		return hand_back(f);
+	if (th->syn)        /* a repeated SYN: Python carries it (the flow stays here) */
+		return count(C_PASS_CONTROL, PASS);
 	if (th->doff * 4 < TCP_MIN || th->doff * 4 > seg_len)
 		return count(C_PASS_MISMATCH, PASS);
 	if (skb->gso_size)
@@ -228,8 +230,10 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 	if (!same_header(sal, f->in_hdr) || ip->saddr != f->peer_addr ||
 	    ip->daddr != f->local_addr)
 		return count(C_PASS_MISMATCH, PASS);
-	if (th->syn || th->fin || th->rst)
+	if (th->fin || th->rst)
 		return hand_back(f);
+	if (th->syn)
+		return count(C_PASS_CONTROL, PASS);
 	if (skb->gso_size)
 		return count(C_PASS_GSO, PASS);
 	seg_len = tot - IP_LEN - shrink;
