@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sal import wire
 from sal.checksum import apply_delta, delta, fold
 from sal.flow import Event, Rejected, SalFlow, State
-from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_checksum
+from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_checksum, transport_checksum_ok
 from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
@@ -256,6 +256,8 @@ class Translator(MigrationMixin, LimitsMixin):
         if flow is None or flow.sal.state == State.SYN_RECEIVED:
             return None
         seg = pkt[self._body_at + 12:]
+        if seg[13] & (TCP_FIN | TCP_RST):
+            return None          # checked on the full path before anyone acts on it
         self._track_tcp(flow, seg, False, now)
         self.stats["from_sal"] += 1
         return self._to_legacy(flow, pkt, seg, now)
@@ -321,7 +323,8 @@ class Translator(MigrationMixin, LimitsMixin):
                 self.stats["dropped_empty"] += 1   # neither control nor data
             return None          # control only: consumed here
         seg = body[off:]
-        self._track_tcp(flow, seg, False, now)
+        if not self._track_tcp(flow, seg, False, now, self.carriage.pseudo(ip.src, ip.dst)):
+            return None
         self.stats["from_sal"] += 1
         return self._to_legacy(flow, pkt, seg, now, self._in_delta_for(flow, ip))
 
@@ -442,11 +445,18 @@ class Translator(MigrationMixin, LimitsMixin):
         self.stats["mss_clamped"] += 1
         return bytes(buf), fold(csum_delta + (~old & 0xFFFF) + new)
 
-    def _track_tcp(self, flow: Flow, seg: bytes, from_legacy: bool, now: float) -> None:
+    def _track_tcp(self, flow: Flow, seg: bytes, from_legacy: bool, now: float,
+                   sal_pseudo: tuple | None = None) -> bool:
         """Follow TCP FINs and the ACKs that cover them: once a side's FIN is acknowledged,
-        that side's SAL direction is finished (FIN, then SAL FIN, as the reference does)."""
+        that side's SAL direction is finished (FIN, then SAL FIN, as the reference does).
+        A FIN or RST whose checksum fails is dropped (False): one flipped bit on the path
+        must not end a flow that the receiving TCP would have kept."""
         flags = seg[13]
         if flags & (TCP_FIN | TCP_RST):
+            pseudo = (flow.legacy_src, flow.legacy_dst) if from_legacy else sal_pseudo
+            if not transport_checksum_ok(*pseudo, 6, seg):
+                self.stats["dropped_fin_rst_bad_checksum"] += 1
+                return False
             self.events.append(FlowClosing(flow))
         if from_legacy:
             if flags & TCP_ACK:
@@ -470,11 +480,12 @@ class Translator(MigrationMixin, LimitsMixin):
             if flow.sal.fin_sent and flow.remote_fin_acked:
                 # both FINs were sent and acknowledged: the TCP connection was over, and
                 # this RST answers a late duplicate; the SAL close goes on as usual
-                return
+                return True
             if flow.sal.state != State.RESET:
                 flow.sal.state = State.RESET
                 flow.sal.outstanding = None
             self._finish(flow, now, "reset")
+        return True
 
     def _refuse(self, ip: IPv4, seg: bytes) -> None:
         """Answer a legacy segment that matches nothing with a TCP RST (never a RST)."""

@@ -75,7 +75,8 @@ class ClientTranslator(Translator):
             header = flow.sal.handshake_ack().encode()
             flow.send_handshake_ack = False
             self._handshake_done(flow, now)  # the legacy client completed its handshake
-        self._track_tcp(flow, seg, True, now)
+        if not self._track_tcp(flow, seg, True, now):
+            return None
         if flow.held is not None:
             self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
             return None

@@ -164,7 +164,8 @@ class ServerTranslator(Translator):
                 self._finish(flow, now, "refused")
                 self.stats["to_sal"] += 1
                 return self._to_sal(flow, pkt, seg, now, header)
-        self._track_tcp(flow, seg, True, now)
+        if not self._track_tcp(flow, seg, True, now):
+            return None
         if flow.held is not None:
             self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
             return None

@@ -269,3 +269,27 @@ def test_a_late_repeated_syn_keeps_the_connection(carriage):
     fresh = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 77777, flags=SYN, mss=1460), 2.0)
     assert check_sal(fresh, carriage)[1].flags == wire.SYN
     assert flow not in client.flows.values()
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+@pytest.mark.parametrize("side", ["legacy", "sal"])
+def test_a_damaged_rst_or_fin_changes_nothing(carriage, side):
+    """One flipped bit that sets RST (or FIN) on a data segment: its checksum fails, the
+    receiving TCP would drop it, so the gateway drops it too, without ending the flow."""
+    client, server = make_pair(carriage)
+    lport = handshake(client, server, carriage=carriage)
+    (cflow,) = client.flows.values()
+    for flag in (RST, FIN):
+        if side == "legacy":
+            pkt = bytearray(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK, b"data"))
+            pkt[33] |= flag                  # the flag bit flipped after the checksum was made
+            assert client.from_legacy(bytes(pkt), 1.0) is None
+        else:
+            sal = bytearray(server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1001, ACK, b"z"), 1.0))
+            sal[(20 if carriage == "ip" else 28) + 12 + 13] |= flag
+            assert client.from_sal(bytes(sal), 1.0) is None
+    assert client.stats["dropped_fin_rst_bad_checksum"] == 2
+    assert cflow.closed_at is None and cflow.state == State.ESTABLISHED and cflow.legacy_fin_end is None
+    # an intact RST still ends the flow
+    client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, RST | ACK), 2.0)
+    assert cflow.closed_at is not None
