@@ -248,7 +248,11 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
         fail("name", "every [[service]] needs a name")
     port = _int(svc.get("port", 0), 0, 65535, lambda m: fail("port", m))
     try:
-        sid = parse_service_id(svc["service_id"]) if "service_id" in svc else service_id_for(name, port)
+        given = svc.get("service_id")
+        if isinstance(given, bool) or not isinstance(given, (str, int, type(None))):
+            fail("service_id", "service_id is a string (64 hex digits or name:port) or a number")
+        # a bare TOML integer is the reference's small-decimal form (16385)
+        sid = parse_service_id(str(given)) if given is not None else service_id_for(name, port)
     except ServiceIDError as exc:
         fail("service_id", str(exc))
     out = ServiceConfig(name, port, sid, weight=_int(svc.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)),

@@ -117,3 +117,14 @@ def test_limits_section(tmp_path):
     assert cfg.limits.max_half_open == 50 and cfg.limits.max_flows == 262_144
     with pytest.raises(ConfigError, match="unknown limit"):
         load(write(tmp_path, CLIENT + "\n[limits]\nmax_cats = 5\n"), "client")
+
+
+def test_a_service_id_written_as_a_toml_integer_is_the_reference_decimal_form(tmp_path):
+    from gateway.config import ConfigError, load
+    path = tmp_path / "server.toml"
+    path.write_text('[gateway]\n[[service]]\nname = "echo"\nport = 7\nservice_id = 16385\nbackend = "198.19.3.2:7"\n')
+    cfg = load(str(path), "server")
+    assert cfg.services[0].service_id == (16385).to_bytes(4, "big") + bytes(28)
+    path.write_text('[gateway]\n[[service]]\nname = "echo"\nport = 7\nservice_id = 1.5\nbackend = "198.19.3.2:7"\n')
+    with pytest.raises(ConfigError, match=r"server.toml:5: service_id"):
+        load(str(path), "server")
