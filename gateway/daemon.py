@@ -1,6 +1,7 @@
 """A gateway process: config → translator, interception rules, queue reader, injector,
 control socket and timers, wired to the Twisted reactor; and undone again on stop."""
 import logging
+import os
 import time
 
 from sal.ip import aton
@@ -123,6 +124,10 @@ class Gateway(LifecycleMixin):
         from .routing import routing_agent
 
         cfg = self.cfg
+        if control.in_use(cfg.control_socket):
+            # a second copy must not take the running one's rules and socket away
+            raise RuntimeError(f"a gateway already answers on {cfg.control_socket} (instance "
+                               f"{cfg.instance!r} is running): not starting, nothing changed")
         self.translator = build_translator(cfg, netlink.source_for, self._config_targets)
         self.stats = self.translator.stats
         self.routing = routing_agent(self)
@@ -190,6 +195,10 @@ class Gateway(LifecycleMixin):
         if self.port is not None:
             self.port.stopListening()
             self.port = None
+            try:
+                os.unlink(self.cfg.control_socket)      # no stale socket after a clean stop
+            except OSError:
+                pass
         if self.injector is not None:
             self.injector.close()
             self.injector = None

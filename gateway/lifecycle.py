@@ -125,6 +125,12 @@ class LifecycleMixin:
         sig = (len(self.translator.flows), s["flows_opened"], s["flows_closed"], s["flows_reset"],
                s["flows_established"], s["migrations_completed"], s["peer_migrations_completed"])
         if sig == self._snapshot_sig and not force:
+            # nothing opened, closed or moved: the file still says it all, and its time
+            # says it is current (a steady flow must stay resumable however old it is)
+            try:
+                os.utime(self.snapshot_path())
+            except OSError:
+                pass
             return
         self._snapshot_sig = sig
         data = snapshot.dump(self.translator, time.monotonic())
@@ -157,7 +163,11 @@ class LifecycleMixin:
         except (OSError, ValueError) as exc:
             log.warning("ignoring the flow snapshot %s: %s", path, exc)
             return 0
-        age = time.time() - data.get("written", 0)
+        try:
+            written = max(data.get("written", 0), os.path.getmtime(path))
+        except OSError:
+            written = data.get("written", 0)
+        age = time.time() - written
         if age > self.cfg.resume_window:
             log.info("flow snapshot is %.0f s old (resume_window %.0f s): starting afresh",
                      age, self.cfg.resume_window)

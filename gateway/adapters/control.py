@@ -38,6 +38,20 @@ class ControlFactory(Factory):
         self.commands = commands
 
 
+def in_use(path: str) -> bool:
+    """Whether a live daemon answers on ``path`` (a crashed run's socket answers nothing)."""
+    import socket
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def listen(reactor, path: str, commands: dict):
     """Listen on ``path`` (replacing a stale socket left by a crashed run)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -34,13 +34,14 @@ def dump(translator, now: float) -> dict:
             row["port"] = port
             row["peer_key"] = [peer_key[0].hex(), peer_key[1]]
         flows.append(row)
-    return {"version": VERSION, "role": translator.role, "flows": flows}
+    return {"version": VERSION, "role": translator.role, "carriage": translator.carriage.name, "flows": flows}
 
 
 def restore(translator, data: dict, now: float) -> int:
     """Put the snapshot's flows back into ``translator``; returns how many."""
-    if data.get("version") != VERSION or data.get("role") != translator.role:
-        return 0
+    if data.get("version") != VERSION or data.get("role") != translator.role \
+            or data.get("carriage", translator.carriage.name) != translator.carriage.name:
+        return 0          # another kind of run: its flows cannot continue here
     restored = 0
     for row in data.get("flows", []):
         if row["local_flow"] in translator.flows:

@@ -185,4 +185,5 @@ def test_kill_9_during_a_kernel_transfer(lab, tmp_path, role, pinned, request):
     finish(pair, gws, before)
     if fs is not None:
         assert set(fs.iterdir()) == fresh, "the pins go on a clean stop"
-    wait_for("the programs to be freed", lambda: serval_programs() == programs_before)
+    # (an earlier test's programs may still have been on their way out when counted)
+    wait_for("the programs to be freed", lambda: serval_programs() <= programs_before)

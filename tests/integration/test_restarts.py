@@ -1,9 +1,11 @@
 """Restarts during live traffic: SIGHUP reloads, SIGTERM drains, kill -9 resumes."""
+import os
 import signal
 import subprocess
+import sys
 import time
 
-from lab.gateways import VIRTUAL_ADDR, RunningGateways
+from lab.gateways import REPO, VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from tests.integration.helpers import make_file, ruleset, sha256_file, start_http
 
@@ -104,3 +106,39 @@ def test_kill_9_then_restart_resumes_live_flows(lab, tmp_path):
     assert sha256_file(out) == sha256_file(src)
     assert curl(pair, f"http://{VIRTUAL_ADDR}/").stdout == "hello\n"
     finish(pair, gws, before)                  # the restarted run's rules go too: as before start
+
+
+def test_a_second_copy_of_a_running_gateway_refuses_and_changes_nothing(lab, tmp_path):
+    pair, gws, before, www = build(lab, tmp_path)
+    running = ruleset(pair.cgw)
+    second = pair.cgw.run([sys.executable, "-m", "serval", "gateway", "client", "--config",
+                           str(gws.configs["client"])], check=False, timeout=30, cwd=str(REPO),
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert second.returncode == 1
+    assert "already answers" in second.stdout + second.stderr
+    assert ruleset(pair.cgw) == running                    # the running one's rules stay
+    assert curl(pair, f"http://{VIRTUAL_ADDR}/").stdout == "hello\n"
+    finish(pair, gws, before)
+
+
+def test_a_steady_flow_older_than_the_resume_window_is_resumed(lab, tmp_path):
+    """The snapshot of an unchanged flow table stays current: a flow that has been
+    steady longer than resume_window still resumes after a kill -9."""
+    pair, gws, before, www = build(lab, tmp_path)
+    cfg = gws.configs["client"]
+    cfg.write_text(cfg.read_text().replace("[gateway]\n", "[gateway]\nresume_window = 2\n", 1))
+    gws.stop()
+    gws.start()
+    src = make_file(www, "30MB.bin", 30 * 1024 * 1024)
+    out = tmp_path / "got.bin"
+    dl = download(pair, out, rate="6M")
+    wait_size(out, 2 * 1024 * 1024)
+    time.sleep(3.5)                      # steady: nothing opened or closed for > resume_window
+    gws.signal("client", signal.SIGKILL)
+    gws.procs["client"].wait(5)
+    gws.launch("client")
+    assert "resumed 1 established flow" in gws.log("client"), gws.log("client")
+    _, err = dl.communicate(timeout=120)
+    assert dl.returncode == 0, err
+    assert sha256_file(out) == sha256_file(src)
+    finish(pair, gws, before)

@@ -33,3 +33,13 @@ def test_half_open_and_closed_flows_are_not_saved():
     client, server = make_pair()
     client.from_legacy(tcp_packet(CLIENT, 40005, VIP, 80, 1, flags=0x02), 0.0)
     assert snapshot.dump(client, 1.0)["flows"] == []
+
+
+def test_a_snapshot_of_another_carriage_is_not_resumed():
+    client, server = make_pair("ip")
+    handshake(client, server)
+    data = json.loads(json.dumps(snapshot.dump(client, 5.0)))
+    udp_client, _ = make_pair("udp")
+    assert snapshot.restore(udp_client, data, 6.0) == 0 and not udp_client.flows
+    ip_client, _ = make_pair("ip")
+    assert snapshot.restore(ip_client, data, 6.0) == 1
