@@ -102,7 +102,9 @@ class Gateway(LifecycleMixin):
         self.translator = None
         self.interception = None
         self.reader = self.control_reader = None
-        self.injector = self.port = self.ticker = self.watcher = None
+        self.injector = self.port = self.watcher = None
+        self._timer = None           # one reactor call at the translator's next deadline
+        self._timer_at = None
         self._path_check = None
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
@@ -144,8 +146,6 @@ class Gateway(LifecycleMixin):
             self.control_reader = QueueReader(cfg.control_queue, self._handle, self._flush, self.stats)
             self.reactor.addReader(self.control_reader)
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
-            self.ticker = LoopingCall(self._tick)
-            self.ticker.start(0.05, now=False)
             self.watcher = NetlinkWatcher(self._on_netlink)
             self.reactor.addReader(self.watcher)
             self.resume_snapshot()
@@ -173,8 +173,9 @@ class Gateway(LifecycleMixin):
         if self.observer is not None:
             self.observer.stop()
             self.observer = None
-        if self.ticker is not None and self.ticker.running:
-            self.ticker.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self.snapshotter is not None and self.snapshotter.running:
             self.snapshotter.stop()
             self.save_snapshot(force=True)      # what is still live, for a quick restart
@@ -226,13 +227,34 @@ class Gateway(LifecycleMixin):
             if self.fastpath is not None:
                 self.fastpath.handle(events)
             events.clear()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """One timer, at the translator's next deadline (retransmission, hold, expiry),
+        moved whenever a batch of packets or a command changed it."""
+        if self.reactor is None or self.translator is None:
+            return
+        deadline = self.translator.next_deadline()
+        if deadline == self._timer_at and (deadline is None or (self._timer and self._timer.active())):
+            return
+        self._timer_at = deadline
+        if deadline is None:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            return
+        delay = max(0.0, deadline - time.monotonic())
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self.reactor.callLater(delay, self._tick)
 
     def _tick(self) -> None:
+        self._timer = self._timer_at = None
         now = time.monotonic()
         deadline = self.translator.next_deadline()
         if deadline is not None and deadline <= now:
             self.translator.handle_timer(now)
-            self._flush()
+        self._flush()                           # and the timer for what comes next
 
     # --- mobility ------------------------------------------------------------------
     def _on_netlink(self, events) -> None:
