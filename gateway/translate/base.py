@@ -186,6 +186,7 @@ class Translator(MigrationMixin, LimitsMixin):
     def _finish(self, flow: Flow, now: float, reason: str) -> None:
         if flow.closed_at is None:
             flow.closed_at = now
+            self._source_done(flow)            # only live flows count against a source
             self.events.append(FlowClosing(flow))
             self.stats[f"flows_{reason}"] += 1
             heapq.heappush(self._expiry, (self._deadline(flow), flow.sal.local_flow))

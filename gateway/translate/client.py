@@ -127,6 +127,7 @@ class ClientTranslator(Translator):
             self.stats[f"dropped_rule_{target.action.value}"] += 1
             return None
         if not self._admit(ip.src):
+            self._refuse(ip, seg)              # told at once (a RST), counted by the cap
             return None
         flow = self._new_flow(now)
         self._opened(flow, ip.src)

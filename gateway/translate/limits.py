@@ -70,6 +70,11 @@ class LimitsMixin:
     def _closed_out(self, flow) -> None:
         """Forget the flow's place in every cap (from ``_forget``)."""
         self._half_open.pop(flow.sal.local_flow, None)
+        self._source_done(flow)
+
+    def _source_done(self, flow) -> None:
+        """The flow no longer counts against its source: it closed (lingering closed
+        flows must not lock a busy client out) or it is gone."""
         key = flow.source_key
         if key is not None:
             left = self._per_source.get(key, 0) - 1

@@ -95,3 +95,22 @@ def test_server_eviction_resets_the_backend_half_open_connection():
     t, sent = TCP(rst[20:]), TCP(to_backend[20:])
     assert IPv4(rst).dst == aton("198.19.3.2") and t.flags == 0x04
     assert (t.sport, t.dport, t.seq) == (sent.sport, sent.dport, sent.seq + 1)
+
+
+def test_closed_flows_do_not_count_against_their_source_and_a_refusal_answers():
+    """A busy client closing connections as fast as it opens them is never capped by
+    flows that are only lingering; a SYN a cap refuses is answered with a RST."""
+    from tests.unit.packets import ACK, FIN, RST
+    client, server = make_pair()
+    client.limits = Limits(max_flows_per_source=2)
+    for port in (42000, 42001):
+        handshake(client, server, cport=port)
+        client.from_legacy(tcp_packet(CLIENT, port, VIP, 80, 1001, 5001, RST | ACK), 1.0)
+    assert len(client.flows) == 2 and all(f.closed_at is not None for f in client.flows.values())
+    handshake(client, server, cport=42002)            # lingering ones do not count
+    handshake(client, server, cport=42003)
+    client.outbox.clear()
+    assert client.from_legacy(syn(CLIENT, 42004), 1.0) is None             # two live: the cap
+    (rst,) = client.outbox
+    assert rst[33] == RST | ACK and rst[16:20] == aton(CLIENT)
+    assert client.stats["limit_flows_per_source"] == 1 and client.stats["legacy_resets_sent"] >= 1
