@@ -172,6 +172,8 @@ class Translator(MigrationMixin, LimitsMixin):
     def _handshake_done(self, flow: Flow, now: float | None) -> None:
         """Both handshakes are complete: plain data from here on."""
         super()._handshake_done(flow)
+        # from now on the idle timeout applies, which may be shorter than the handshake's
+        heapq.heappush(self._expiry, (flow.last_seen + self.timeouts.idle, flow.sal.local_flow))
         self.events.append(FlowEstablished(flow, None if now is None else now - flow.created))
 
     def _deadline(self, flow: Flow) -> float:
@@ -232,6 +234,11 @@ class Translator(MigrationMixin, LimitsMixin):
                         heapq.heappush(self._expiry, (deadline, fid))
                         continue
                 self.stats["flows_idle_expired"] += 1
+                if flow.sal.state == State.ESTABLISHED:
+                    # both legacy ends hear it: ours directly, the peer's through its gateway
+                    self._emit_sal(flow, flow.sal.reset().encode())
+                    self.stats["sal_resets_sent"] += 1
+                    self._reset_legacy(flow)
                 self._forget(flow)
             else:
                 self._forget(flow)

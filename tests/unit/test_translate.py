@@ -293,3 +293,24 @@ def test_a_damaged_rst_or_fin_changes_nothing(carriage, side):
     # an intact RST still ends the flow
     client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, RST | ACK), 2.0)
     assert cflow.closed_at is not None
+
+
+def test_idle_expiry_is_on_time_and_tells_both_legacy_ends():
+    client, server = make_pair()
+    client.timeouts = Timeouts(idle=10.0)
+    lport = handshake(client, server)
+    (cflow,) = client.flows.values()
+    client.outbox.clear()
+    client.handle_timer(9.0)
+    assert client.flows                                   # not yet
+    client.handle_timer(10.5)                             # idle 10 s: well before the handshake's 60
+    assert not client.flows and client.stats["flows_idle_expired"] == 1
+    legacy = [p for p in client.outbox if p[9] == 6]
+    sal = [p for p in client.outbox if p[9] == 144]
+    assert len(legacy) == 1 and legacy[0][33] & RST and legacy[0][16:20] == aton(CLIENT)
+    assert len(sal) == 1 and check_sal(sal[0])[1].flags == wire.RST
+    # the server gateway passes it on: the backend hears a RST too
+    server.from_sal(sal[0], 10.5)
+    to_backend = [p for p in server.outbox if p[9] == 6]
+    assert len(to_backend) == 1 and to_backend[0][33] & RST and to_backend[0][16:20] == aton(SERVER)
+    assert TCP(to_backend[0][20:]).dport == 8080 and TCP(to_backend[0][20:]).sport == lport
