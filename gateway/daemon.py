@@ -226,6 +226,8 @@ class Gateway(LifecycleMixin):
         if events:
             if self.fastpath is not None:
                 self.fastpath.handle(events)
+            if self.observer is not None:
+                self.observer.flow_events(events)
             events.clear()
         self._arm_timer()
 

@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # argparse gives an optional positional (ctl's SERVICE) nothing when a flag comes
+    # first: `serval ctl drain --cancel web.svc.example` leaves the name over
+    if rest and getattr(args, "drain_service", "") is None and len(rest) == 1 and not rest[0].startswith("-"):
+        args.drain_service = rest.pop()
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

@@ -4,9 +4,10 @@
 The sans-IO cores (translators, router core, resolver core) count events and log
 nothing. An observer, started and stopped by its daemon, reads them:
 
-* every second (``tick``): per-flow lines at DEBUG (from a look at the flow table), and
-  the rare events promptly: migrations completed, registrations acknowledged, refused,
-  appearing or ending;
+* as the daemon drains a translator's flow events (``flow_events``): per-flow lines at
+  DEBUG (opened, moved, closed);
+* every second (``tick``): the rare events promptly: migrations completed, registrations
+  acknowledged, refused, appearing or ending;
 * every minute (``summarize``): one INFO line per subject in which something happened
   (flows opened and closed, packets dropped by reason, queries by result...), and
   warnings for limits hit and packets the kernel dropped at our queues;
@@ -32,7 +33,6 @@ log_router = logging.getLogger("serval.router")
 log_dns = logging.getLogger("serval.dns")
 TICK = 1.0                   # seconds between looks at the counters
 SUMMARY_EVERY = 60.0         # seconds between summary lines
-FLOWS_PER_SECOND_SCANNED = 50_000   # a bigger table is looked at less often than every tick
 
 
 def _ntoa(addr) -> str:
@@ -84,30 +84,6 @@ class TimesFeed:
         for v in values:
             self.histogram.observe(v)
         return values
-
-
-def tap_handshakes(translator, observe) -> bool:
-    """Until the translator records handshake times itself: time each flow from its
-    creation (the SYN) to the SAL ESTABLISHED event (client: the SYN-ACK arrived; server:
-    the handshake's ACK arrived), by wrapping the translator's ``_after_control`` (called
-    for control packets only, never on the data path). Returns False if it cannot."""
-    original = getattr(translator, "_after_control", None)
-    if original is None:
-        return False
-    from sal.flow import Event
-
-    def after_control(flow, *args, **kwargs):
-        result = original(flow, *args, **kwargs)
-        try:
-            events = args[-1] if args else kwargs.get("events", ())
-            if Event.ESTABLISHED in events:
-                observe(max(0.0, time.monotonic() - flow.created))
-        except Exception:  # noqa: BLE001, S110 - observing must never hurt the data path
-            pass
-        return result
-
-    translator._after_control = after_control
-    return True
 
 
 # --- the common part ----------------------------------------------------------------------
@@ -189,62 +165,39 @@ class _Used(dict):
 
 # --- gateways -------------------------------------------------------------------------------
 class FlowWatch:
-    """The translator's flow table, looked at every tick: bytes of flows since gone stay
-    counted, and (at DEBUG) a line per flow opened, closed, reset or moved.
-
-    Bytes come from the flows' own counters (TCP segments, headers included, as the
-    translators count them). A flow forgotten between two looks keeps the bytes of the
-    last look: a closed flow lingers for seconds, so only bytes sent after that look are
-    missed (and flows replaced or evicted within a second)."""
+    """Per-flow lines at DEBUG (opened, moved, closed), from the translator's events
+    (gateway/translate/events.py) as the daemon drains them; and, at each scrape, the
+    flow table's states and byte totals."""
 
     def __init__(self, translator, services):
         self.t = translator
         self.services = services                 # () -> the config's [[service]] list (a reload replaces it)
         self._names = (None, {})                 # (that list, serviceID -> name)
-        self.seen: dict[int, list] = {}          # flowID -> [flow, bytes out, bytes in, closed_at, local, peer, state]
-        self.bytes_out = self.bytes_in = 0
-        self.last = None
+        self._said_closed: set[int] = set()      # flowIDs whose close was told (until they go)
 
-    def sample(self, now: float, force: bool = False) -> None:
-        flows = self.t.flows
-        if not force and self.last is not None and now - self.last < max(0.0, len(flows) / FLOWS_PER_SECOND_SCANNED):
+    def handle(self, events) -> None:
+        if not flow_log.isEnabledFor(logging.DEBUG):
             return
-        self.last = now
-        debug = flow_log.isEnabledFor(logging.DEBUG)
-        seen = self.seen
-        for fid, flow in flows.items():
-            s = seen.get(fid)
-            if s is None or s[0] is not flow:
-                if s is not None:
-                    self._gone(seen.pop(fid), now, debug)
-                seen[fid] = [flow, flow.bytes_out, flow.bytes_in, flow.closed_at, flow.local_addr,
-                             flow.peer_addr, flow.sal.state]
-                self.bytes_out += flow.bytes_out
-                self.bytes_in += flow.bytes_in
-                if debug:
-                    self._opened(flow)
-                    if flow.closed_at is not None:
-                        self._closed(flow, now)
-                continue
-            out, in_ = flow.bytes_out, flow.bytes_in
-            if out != s[1]:
-                self.bytes_out += out - s[1]
-                s[1] = out
-            if in_ != s[2]:
-                self.bytes_in += in_ - s[2]
-                s[2] = in_
-            if debug:
-                if flow.closed_at is not None and s[3] is None:
-                    self._closed(flow, now)
-                if s[6] is not None and s[6].value == "established":
-                    if flow.local_addr != s[4]:
-                        self._moved(flow, "our address", s[4], flow.local_addr)
-                    if flow.peer_addr != s[5]:
-                        self._moved(flow, "peer", s[5], flow.peer_addr)
-                s[3], s[4], s[5], s[6] = flow.closed_at, flow.local_addr, flow.peer_addr, flow.sal.state
-        if len(seen) > len(flows):
-            for fid in [f for f, s in seen.items() if flows.get(f) is not s[0]]:
-                self._gone(seen.pop(fid), now, debug)
+        from gateway.translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved
+        for ev in events:
+            flow = ev.flow
+            if isinstance(ev, FlowEstablished):
+                self._opened(flow)
+            elif isinstance(ev, FlowMoved):
+                (old_local, old_peer), (new_local, new_peer) = ev.old, ev.new
+                if old_local != new_local:
+                    self._moved(flow, "our address", old_local, new_local)
+                if old_peer != new_peer:
+                    self._moved(flow, "peer", old_peer, new_peer)
+            elif isinstance(ev, FlowClosing):
+                if flow.closed_at is not None and flow.sal.local_flow not in self._said_closed:
+                    self._said_closed.add(flow.sal.local_flow)
+                    self._closed(flow)
+            elif isinstance(ev, FlowClosed):
+                if flow.sal.local_flow in self._said_closed:
+                    self._said_closed.discard(flow.sal.local_flow)
+                else:
+                    self._gone(flow, ev.reason)
 
     # --- per-flow lines (DEBUG) ----------------------------------------------------------
     def _describe(self, flow) -> dict:
@@ -264,7 +217,7 @@ class FlowWatch:
         event(flow_log, logging.DEBUG, "flow_opened", "flow %s opened: %s, service %s, peer %s (%s)",
               d["flow"], d["legacy"], d["service"], d["peer"], state, state=state, **d)
 
-    def _closed(self, flow, now: float) -> None:
+    def _closed(self, flow) -> None:
         d = self._describe(flow)
         reason = flow.sal.state.value if flow.sal.state else "closed"
         age = max(0.0, flow.closed_at - flow.created)
@@ -278,28 +231,21 @@ class FlowWatch:
               d["flow"], what, _ntoa(old), _ntoa(new), d["legacy"], side="local" if what == "our address" else "peer",
               previous=_ntoa(old), **d)
 
-    def _gone(self, s: list, now: float, debug: bool) -> None:
-        flow = s[0]
-        if not debug or s[3] is not None:
-            return                                # closed before: already said
-        idle = now - flow.last_seen
-        timeouts = getattr(self.t, "timeouts", None)
-        reason = "idle" if timeouts is not None and idle >= min(timeouts.idle, timeouts.handshake) - 1 \
-            else "replaced or evicted"
+    def _gone(self, flow, reason: str) -> None:
+        """A flow that left the tables without closing: idle, evicted or replaced."""
         d = self._describe(flow)
+        age = max(0.0, flow.last_seen - flow.created)
         event(flow_log, logging.DEBUG, "flow_closed", "flow %s forgotten (%s) after %.1f s: %s, service %s",
-              d["flow"], reason, now - flow.created, d["legacy"], d["service"], reason=reason,
-              seconds=round(now - flow.created, 3), bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, **d)
+              d["flow"], reason, age, d["legacy"], d["service"], reason=reason,
+              seconds=round(age, 3), bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, **d)
 
     def totals(self) -> tuple[int, int]:
-        """Bytes (to SAL, from SAL) so far: exact when the translator keeps the bytes of
-        the flows it forgot (``forgotten_bytes_out``/``_in``), else from the looks."""
+        """Bytes (to SAL, from SAL) so far: those of the flows the translator forgot and
+        of its live flows."""
         t = self.t
-        if hasattr(t, "forgotten_bytes_out"):
-            flows = t.flows.values()
-            return (t.forgotten_bytes_out + sum(f.bytes_out for f in flows),
-                    t.forgotten_bytes_in + sum(f.bytes_in for f in flows))
-        return self.bytes_out, self.bytes_in
+        flows = t.flows.values()
+        return (t.forgotten_bytes_out + sum(f.bytes_out for f in flows),
+                t.forgotten_bytes_in + sum(f.bytes_in for f in flows))
 
     def states(self) -> Counter:
         return Counter(f.sal.state.value if f.sal.state else "new" for f in self.t.flows.values())
@@ -320,15 +266,19 @@ class GatewayObserver(Observer):
         self.handshakes, self.migrations = Histogram(), Histogram()
         self.migration_feed = TimesFeed(lambda: t.migration_times,
                                         lambda: t.stats.get("migrations_completed", 0), self.migrations)
-        self.handshake_feed = None
-        if hasattr(t, "handshake_times"):
-            self.handshake_feed = TimesFeed(lambda: t.handshake_times,
-                                            lambda: t.stats.get("handshakes_completed", 0), self.handshakes)
-        else:
-            tap_handshakes(t, self.handshakes.observe)
+        self.handshake_feed = TimesFeed(lambda: t.handshake_times,
+                                        lambda: t.stats.get("handshakes_completed", 0), self.handshakes)
         self.prompt = Deltas(lambda: self.gw.stats)
         self.periodic = Deltas(self._periodic_counters)
         self.router_states: dict = {}
+
+    def flow_events(self, events) -> None:
+        """The translator's events, as the daemon drains them (never raises)."""
+        try:
+            self.watch.handle(events)
+        except Exception:          # observing must never hurt the data path
+            log.log(logging.DEBUG if self.failed else logging.ERROR, "observer flow events", exc_info=True)
+            self.failed = True
 
     def queues(self) -> dict:
         cfg = self.gw.cfg
@@ -344,9 +294,7 @@ class GatewayObserver(Observer):
 
     # --- lines ------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        self.watch.sample(now)
-        if self.handshake_feed is not None:
-            self.handshake_feed.pull()
+        self.handshake_feed.pull()
         times = self.migration_feed.pull()
         d = self.prompt.take()
         done = d.get("migrations_completed", 0)
@@ -434,10 +382,8 @@ class GatewayObserver(Observer):
         fastpath = getattr(self.gw, "fastpath", None)
         if fastpath is not None:
             fastpath.refresh_all()                  # the kernel's counts, into the flows
-        self.watch.sample(now, force=True)
         self.migration_feed.pull()
-        if self.handshake_feed is not None:
-            self.handshake_feed.pull()
+        self.handshake_feed.pull()
         p, cfg = self.prefix, self.gw.cfg
         s = _Used({**self.gw.stats, **(fastpath.stats() if fastpath is not None else {})})
         bytes_out, bytes_in = self.watch.totals()
@@ -512,7 +458,7 @@ class GatewayObserver(Observer):
         fams.append(Family(f"{p}_migration_seconds", "histogram",
                            "Time from moving a flow (RSYN sent) to the confirmed path").add_histogram(self.migrations))
         fams.append(Family(f"{p}_internal_errors_total", "counter",
-                           "Packets whose handling raised (accepted unchanged; see the log)").add(s("internal_errors")))
+                           "Packets whose handling raised (dropped; see the log)").add(s("internal_errors")))
         fams.append(Family(f"{p}_injected_packets_total", "counter",
                            "Packets we sent ourselves (control packets, resets, released SYNs)").add(s("injected")))
         s("syn_redirected")            # the same event as syns_redirected, counted per flow

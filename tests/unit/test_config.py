@@ -128,3 +128,11 @@ def test_a_service_id_written_as_a_toml_integer_is_the_reference_decimal_form(tm
     path.write_text('[gateway]\n[[service]]\nname = "echo"\nport = 7\nservice_id = 1.5\nbackend = "198.19.3.2:7"\n')
     with pytest.raises(ConfigError, match=r"server.toml:5: service_id"):
         load(str(path), "server")
+
+
+def test_ctl_drain_cancel_takes_the_service_after_the_flag():
+    from serval.cli import main
+    for argv in (["ctl", "drain", "--cancel", "web.svc.example"], ["ctl", "drain", "web.svc.example", "--cancel"]):
+        assert main(argv + ["--socket", "/nonexistent/x.sock"]) == 2     # parsed; the socket is absent
+    with pytest.raises(SystemExit):
+        main(["ctl", "stats", "one", "two", "--socket", "/nonexistent/x.sock"])
