@@ -203,8 +203,20 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
         if not isinstance(value, (int, float)) or value <= 0:
             fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds")
         setattr(cfg.timeouts, key, float(value))
+    seen = {}
     for i, svc in enumerate(_table_list(data, "service", fail)):
-        cfg.services.append(_service(svc, role, lambda k, m, i=i: fail("service", i, k, m)))
+        parsed = _service(svc, role, lambda k, m, i=i: fail("service", i, k, m))
+        # what a packet is matched on must name one service, or the later silently wins
+        key = (parsed.address, parsed.port) if role == "client" else (parsed.service_id, parsed.backend)
+        if key in seen:
+            what = ("virtual address %s:%d" % key if role == "client"
+                    else f"service {parsed.name}:{parsed.port} with backend %s:%d" % parsed.backend)
+            fail("service", i, None, f"{what} is configured twice (also [[service]] number {seen[key] + 1})")
+        seen[key] = i
+        if role == "client" and ipaddress.IPv4Address(parsed.address) not in ipaddress.IPv4Network(cfg.virtual_network):
+            fail("service", i, "address", f"virtual address {parsed.address} is outside virtual_network "
+                 f"{cfg.virtual_network}: only that range is intercepted (move it, or widen virtual_network)")
+        cfg.services.append(parsed)
     for i, rule in enumerate(_table_list(data, "route", fail)):
         cfg.rules.append(_rule(rule, cfg.services, lambda k, m, i=i: fail("route", i, k, m)))
     # a client gets a default rule to each of its routers

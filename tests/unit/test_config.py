@@ -136,3 +136,18 @@ def test_ctl_drain_cancel_takes_the_service_after_the_flag():
         assert main(argv + ["--socket", "/nonexistent/x.sock"]) == 2     # parsed; the socket is absent
     with pytest.raises(SystemExit):
         main(["ctl", "stats", "one", "two", "--socket", "/nonexistent/x.sock"])
+
+
+@pytest.mark.parametrize("role,body,where,says", [
+    ("client", '[[service]]\nname = "a"\naddress = "198.18.0.1"\nport = 80\n'
+               '[[service]]\nname = "b"\naddress = "198.18.0.1"\nport = 80\n', 7, "configured twice"),
+    ("client", '[[service]]\nname = "a"\naddress = "10.9.9.9"\nport = 80\n', 5, "outside virtual_network"),
+    ("server", '[[service]]\nname = "a"\nport = 80\nbackend = "198.19.3.2:8080"\n'
+               '[[service]]\nname = "a"\nport = 80\nbackend = "198.19.3.2:8080"\n', 7, "configured twice"),
+])
+def test_ambiguous_or_unreachable_services_are_refused_with_the_line(tmp_path, role, body, where, says):
+    path = tmp_path / f"{role}.toml"
+    route = '[[route]]\nprefix = "default"\nnext_hop = "198.19.2.2"\n' if role == "client" else ""
+    path.write_text("[gateway]\n\n" + body + route)
+    with pytest.raises(ConfigError, match=rf"{role}.toml:{where}: .*{says}"):
+        load(str(path), role)
