@@ -55,9 +55,30 @@ test-compose: venv bpf
 demo: venv bpf
 	$(PY) -m lab.demo
 
+# The tools of bench/fastpath.py (HAProxy, socat, memcached, PostgreSQL, an HTTP server and
+# their load generators): only installed when one is missing, and not by `make test`.
+# A policy-rc.d during the install keeps apt from starting these daemons on the host
+# (the benchmark runs its own, inside the lab's namespaces).
+BENCH_APT_PACKAGES := haproxy socat memcached libmemcached-tools postgresql apache2-utils lighttpd
+
+.PHONY: bench-deps
+bench-deps:
+	@if ! command -v haproxy >/dev/null || ! command -v socat >/dev/null || ! command -v memcached >/dev/null \
+	    || ! command -v memcaslap >/dev/null || ! command -v pgbench >/dev/null || ! command -v ab >/dev/null \
+	    || ! command -v lighttpd >/dev/null || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  echo "installing benchmark tools: $(BENCH_APT_PACKAGES)"; \
+	  made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null; \
+	  rc=$$?; if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
+	fi
+
+bench: bench-deps
+
 # One lab per part; each part merges its records into build/bench.json.
 bench: venv bpf
 	$(PY) -m bench.run
+	$(PY) -m bench.fastpath
 	$(PY) -m bench.mobility
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
