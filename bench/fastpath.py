@@ -101,7 +101,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.records import BENCH_JSON, merge
+from bench.records import BENCH_JSON, merge, table
 from bench.run import GBIT, BenchError, wait_line, wait_port
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import GatewayPair, gateway_pair
@@ -649,26 +649,6 @@ def records(steps: Steps) -> list[dict]:
                 "baseline": None, "ratio": None,
                 "failures": [f"{name}: {why}" for name, why in steps.failures]})
     return out
-
-
-def table(recs: list[dict]) -> str:
-    rows = [("metric", "value", "unit", "baseline", "ratio")]
-    for r in recs:
-        v = r["value"]
-        if v is None:
-            v = "FAILED"
-        elif isinstance(v, float):
-            v = f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
-        rows.append((r["metric"], str(v), r["unit"], r["baseline"] or "-",
-                     "-" if r["ratio"] is None else f"{r['ratio']:.3f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append("  ".join(cell.rjust(w) if i in (1, 4) else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

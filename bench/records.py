@@ -24,6 +24,28 @@ def merge(records: list[dict], path: Path = BENCH_JSON) -> None:
     os.replace(tmp, path)
 
 
+def table(records: list[dict]) -> str:
+    """Records as an aligned text table (metric, value, unit, baseline, ratio); a value
+    of None is a step that failed."""
+    rows = [("metric", "value", "unit", "baseline", "ratio")]
+    for r in records:
+        v = r["value"]
+        if v is None:
+            v = "FAILED"
+        elif isinstance(v, float):
+            v = f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
+        rows.append((r["metric"], str(v), r["unit"], r["baseline"] or "-",
+                     "-" if r["ratio"] is None else f"{r['ratio']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.rjust(w) if i in (1, 4) else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def run_part(run, prefix: str, width: int = 40) -> int:
     """A benchmark part's main: root check, a scratch folder, ``run(folder) -> records``,
     a table, and the records merged into ``build/bench.json``. Exit status 1 on failure."""

@@ -63,6 +63,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.records import table
 from lab.gateways import VIRTUAL_ADDR, GatewayError, RunningGateways
 from lab.topologies import GatewayPair, gateway_pair
 from lab.topology import Host, Lab
@@ -233,21 +234,7 @@ class Results:
         self.values.setdefault(metric, value)
 
     def table(self) -> str:
-        rows = [("metric", "value", "unit", "baseline", "ratio")]
-        for r in self.records:
-            v = r["value"]
-            if isinstance(v, float):
-                v = f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}"
-            rows.append((r["metric"], str(v), r["unit"], r["baseline"] or "-",
-                         "-" if r["ratio"] is None else f"{r['ratio']:.3f}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = []
-        for n, row in enumerate(rows):
-            lines.append("  ".join(cell.rjust(w) if i in (1, 4) else cell.ljust(w)
-                                   for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return table(self.records)
 
 
 def start_servers(pair: GatewayPair) -> None:
