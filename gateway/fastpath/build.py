@@ -36,7 +36,7 @@ def compile_object(out: Path) -> Path:
         if shutil.which("gcc") else ""
     include = [f"-I/usr/include/{arch}"] if arch else []
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.o")
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.o")     # two gateways may start at once
     run = subprocess.run([clang, "-O2", "-g", "-Wall", "-target", "bpf", *include, "-c", str(SOURCE),
                           "-o", str(tmp)], capture_output=True, text=True)
     if run.returncode:

@@ -485,6 +485,15 @@ class Translator(MigrationMixin, LimitsMixin):
                     self._track_retransmit(flow)
         if flags & TCP_RST:
             self.stats["tcp_resets_seen"] += 1
+            if not from_legacy and flow.legacy_last_ack:
+                if self.refresh is not None:
+                    self.refresh(flow)
+                if _U32.unpack_from(seg, 4)[0] != flow.legacy_last_ack:
+                    # RFC 5961: only a RST at exactly the next expected sequence number
+                    # resets; the legacy TCP answers any other with a challenge ACK, and
+                    # a peer that really reset answers that with an exact RST
+                    self.stats["tcp_resets_not_exact"] += 1
+                    return True
             if flow.sal.fin_sent and flow.remote_fin_acked:
                 # both FINs were sent and acknowledged: the TCP connection was over, and
                 # this RST answers a late duplicate; the SAL close goes on as usual

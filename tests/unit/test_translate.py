@@ -314,3 +314,20 @@ def test_idle_expiry_is_on_time_and_tells_both_legacy_ends():
     to_backend = [p for p in server.outbox if p[9] == 6]
     assert len(to_backend) == 1 and to_backend[0][33] & RST and to_backend[0][16:20] == aton(SERVER)
     assert TCP(to_backend[0][20:]).dport == 8080 and TCP(to_backend[0][20:]).sport == lport
+
+
+def test_a_rst_from_the_peer_ends_the_flow_only_at_the_exact_sequence_number():
+    """RFC 5961: a RST inside the window but not at the next expected byte is passed on
+    (the legacy TCP answers it with a challenge ACK) and the flow stays; the exact one,
+    which a peer that really reset sends, ends it."""
+    client, server = make_pair()
+    lport = handshake(client, server)
+    (cflow,) = client.flows.values()
+    client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK), 1.0)     # expects 5001
+    blind = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5900, 0, RST), 1.0)
+    out = client.from_sal(blind, 1.0)
+    assert check_tcp(out, VIP, CLIENT).flags == RST          # passed on to the legacy TCP
+    assert cflow.closed_at is None and client.stats["tcp_resets_not_exact"] == 1
+    exact = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 0, RST), 1.1)
+    client.from_sal(exact, 1.1)
+    assert cflow.closed_at is not None

@@ -90,6 +90,26 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 	return ~sum & 0xffff;
 }
 
+/* The IPv4 header after the rewrite, as the translator writes it: the same TOS, ident,
+ * TTL and DF, no other flag; a header checksum of its own. Packet pointers are read
+ * afresh (the helpers before it may have moved the data). */
+static __always_inline int new_ip_header(struct __sk_buff *skb, __u32 tot, __u8 protocol,
+					 __be32 saddr, __be32 daddr)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > end)
+		return -1;
+	ip->tot_len = bpf_htons(tot);
+	ip->frag_off &= bpf_htons(IP_DF);
+	ip->protocol = protocol;
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = ip_checksum(ip);
+	return 0;
+}
+
 static __always_inline void seen(struct flow *f, __u64 *packets, __u64 *bytes, __u32 len)
 {
 	__sync_fetch_and_add(packets, 1);
@@ -178,17 +198,8 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 	if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr, SAL_LEN, 0))
 		return count(C_ERROR, TC_ACT_SHOT);
 
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > end)
+	if (new_ip_header(skb, tot + grow, cfg->udp ? IPPROTO_UDP : IPPROTO_SAL, f->local_addr, f->peer_addr))
 		return count(C_ERROR, TC_ACT_SHOT);
-	ip->tot_len = bpf_htons(tot + grow);
-	ip->frag_off &= bpf_htons(IP_DF);
-	ip->protocol = cfg->udp ? IPPROTO_UDP : IPPROTO_SAL;
-	ip->saddr = f->local_addr;
-	ip->daddr = f->peer_addr;
-	ip->check = ip_checksum(ip);
 	skb->mark = cfg->mark;
 	return count(C_TO_SAL, TC_ACT_OK);
 }
@@ -248,17 +259,8 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 	if (bpf_skb_adjust_room(skb, -(__s32)shrink, BPF_ADJ_ROOM_NET, 0))
 		return count(C_ERROR, TC_ACT_SHOT);
 
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > end)
+	if (new_ip_header(skb, tot - shrink, IPPROTO_TCP, f->legacy_dst, f->legacy_src))
 		return count(C_ERROR, TC_ACT_SHOT);
-	ip->tot_len = bpf_htons(tot - shrink);
-	ip->frag_off &= bpf_htons(IP_DF);
-	ip->protocol = IPPROTO_TCP;
-	ip->saddr = f->legacy_dst;
-	ip->daddr = f->legacy_src;
-	ip->check = ip_checksum(ip);
 	skb->mark = cfg->mark;
 	return count(C_FROM_SAL, TC_ACT_OK);
 }
