@@ -36,6 +36,9 @@ Phases, in order:
 5. the gateway pair with ``fast_path = "off"``: every packet through Python.
 6. the gateway pair with ``fast_path = "on"``: established flows translated by the
    tc-BPF program. If the gateways refuse to start, the phase is reported failed.
+7. the same with ``fast_path_redirect = true``: translated packets go straight to the
+   next hop's interface (``bpf_redirect`` after ``bpf_fib_lookup``), past the gateway
+   hosts' routing and netfilter.
 
 Metrics (a ``_p4`` suffix: 4 parallel flows, ``iperf3 -P 4``; ``_reverse``: the server
 sends, ``iperf3 -R``; ``_p4_reverse``: both):
@@ -47,7 +50,10 @@ sends, ``iperf3 -R``; ``_p4_reverse``: both):
     the wire settings themselves, before any gateway).
 ``throughput_gateway_pair_fastpath``
     iperf3 to 198.18.0.10:80 through the pair, fast path on. Shown twice: against
-    ``throughput_direct_fastpath_offloads`` and against ``throughput_gateway_pair_slowpath``
+    ``throughput_direct_fastpath_offloads`` and against ``throughput_gateway_pair_fastpath_redirect``
+    The same with ``fast_path_redirect = true`` (phase 7); baseline
+    ``throughput_direct_fastpath_offloads``.
+``throughput_gateway_pair_slowpath``
     (what the kernel program gains over Python).
 ``throughput_gateway_pair_slowpath``
     The same with the fast path off; baseline ``throughput_direct_fastpath_offloads``.
@@ -128,9 +134,11 @@ VARIANTS = (("", 1, False), ("_p4", 4, False), ("_reverse", 1, True), ("_p4_reve
 APPS = (("memcached_ops", "ops/s", "memcached_ops_ratio"),
         ("pgbench_tps", "tps", "pgbench_tps_ratio"),
         ("ab_keepalive_rps", "req/s", "ab_keepalive_ratio"))
-APP_PATHS = ("direct", "haproxy", "gateway_pair_slowpath", "gateway_pair_fastpath")
+APP_PATHS = ("direct", "haproxy", "gateway_pair_slowpath", "gateway_pair_fastpath",
+             "gateway_pair_fastpath_redirect")
 CONNECT_PATHS = {"direct": "direct_wire", "haproxy": "haproxy",
-                 "gateway_pair_slowpath": "gateway_slowpath", "gateway_pair_fastpath": "gateway_fastpath"}
+                 "gateway_pair_slowpath": "gateway_slowpath", "gateway_pair_fastpath": "gateway_fastpath",
+                 "gateway_pair_fastpath_redirect": "gateway_fastpath_redirect"}
 
 
 T0 = time.monotonic()
@@ -526,11 +534,14 @@ class FastPathBench:
         finally:
             stop(proc)
 
-    def gateway_pair(self, mode: str) -> None:
-        tag = "fastpath" if mode == "on" else "slowpath"
-        phase = 6 if mode == "on" else 5
+    def gateway_pair(self, mode: str, redirect: bool = False) -> None:
+        tag = ("fastpath_redirect" if redirect else "fastpath") if mode == "on" else "slowpath"
+        phase = (7 if redirect else 6) if mode == "on" else 5
         gws = RunningGateways(self.pair, carriage="ip", backend_port=IPERF_PORT,
                               service_port=IPERF_SERVICE_PORT, extra_services=EXTRA_SERVICES, fast_path=mode)
+        if redirect:
+            for path in gws.configs.values():
+                path.write_text(path.read_text().replace("[gateway]\n", "[gateway]\nfast_path_redirect = true\n", 1))
         ports = {"memcached": MEMCACHED_PORT, "pg": PG_PORT, "http": HTTP_PORT, "tiny": TINY_SERVICE_PORT}
 
         def start():
@@ -550,7 +561,7 @@ class FastPathBench:
         def finish():
             stats = {role: gws.stats(role) for role in ("client", "server")}
             out = {}
-            if mode == "on":
+            if mode == "on" and not redirect:
                 out["gateway_pair_fastpath_kernel_packets"] = sum(
                     s.get("fastpath_to_sal", 0) + s.get("fastpath_from_sal", 0) for s in stats.values())
                 out["gateway_pair_fastpath_kernel_passed"] = sum(
@@ -567,8 +578,8 @@ class FastPathBench:
 
         started = False
         try:
-            started = self.steps.step(f"phase {phase}, the gateway pair with fast_path = \"{mode}\" "
-                                      "(carriage ip)", start)
+            started = self.steps.step(f"phase {phase}, the gateway pair with fast_path = \"{mode}\""
+                                      + (", fast_path_redirect = true" if redirect else "") + " (carriage ip)", start)
             if started:
                 self.throughput(f"gateway_pair_{tag}", VIRTUAL_ADDR, IPERF_SERVICE_PORT, alive)
                 self.apps(f"gateway_pair_{tag}", VIRTUAL_ADDR, ports, alive)
@@ -594,6 +605,7 @@ class FastPathBench:
         self.socat()
         self.gateway_pair("off")
         self.gateway_pair("on")
+        self.gateway_pair("on", redirect=True)
         return self.steps
 
 
@@ -631,6 +643,7 @@ def records(steps: Steps) -> list[dict]:
         add(direct, "Gbit/s", f"throughput_direct_full_offloads{suffix}")
         add(f"throughput_gateway_pair_fastpath{suffix}", "Gbit/s", direct)
         add(f"throughput_gateway_pair_fastpath{suffix}", "Gbit/s", slow)
+        add(f"throughput_gateway_pair_fastpath_redirect{suffix}", "Gbit/s", direct)
         add(slow, "Gbit/s", direct)
         add(f"throughput_haproxy{suffix}", "Gbit/s", direct)
         add(f"throughput_socat{suffix}", "Gbit/s", direct)

@@ -80,13 +80,16 @@ class GatewayConfig:
     # "on" refuses to start without it, "off" keeps every packet in Python
     fast_path: str = "auto"
     bpffs: str = "/sys/fs/bpf"         # where the fast path pins its program and maps
+    # the fast path hands translated packets straight to the next hop's interface,
+    # past this host's routing and netfilter (no NAT or filter rules apply to them)
+    fast_path_redirect: bool = False
 
 
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
     "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
-    "resume_window", "fast_path", "bpffs",
+    "resume_window", "fast_path", "bpffs", "fast_path_redirect",
 }
 _GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
 
@@ -165,7 +168,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
         cfg.virtual_network = str(ipaddress.IPv4Network(gw.get("virtual_network", DEFAULT_VIRTUAL_NETWORK)))
     except ValueError as exc:
         fail("gateway", None, "virtual_network", f"virtual_network: {exc}")
-    for key in ("intercept_local", "intercept_forwarded", "queue_bypass"):
+    for key in ("intercept_local", "intercept_forwarded", "queue_bypass", "fast_path_redirect"):
         if key in gw:
             if not isinstance(gw[key], bool):
                 fail("gateway", None, key, f"{key} must be true or false")

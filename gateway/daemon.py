@@ -410,7 +410,7 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
         log.info("fast path off (fast_path = \"off\"): every packet goes through Python")
         return None
     from .fastpath.manager import FastPath, FastPathUnavailable
-    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs)
+    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect)
     try:
         fp.start(interfaces)
     except FastPathUnavailable as exc:

@@ -54,13 +54,15 @@ class _Installed:
 
 
 class FastPath:
-    def __init__(self, translator, instance: str, state_dir: str, mark: int, bpffs: str = "/sys/fs/bpf"):
+    def __init__(self, translator, instance: str, state_dir: str, mark: int, bpffs: str = "/sys/fs/bpf",
+                 redirect: bool = False):
         self.t = translator
         self.state = StateFile(instance, state_dir)
         self.tag = self.state.tag
         self.state_dir = state_dir
         self.mark = mark
         self.bpffs = bpffs
+        self.redirect = redirect
         self.pins = None                         # where the program and maps are pinned, if anywhere
         self.obj = None
         self.prog_fd = -1
@@ -80,7 +82,7 @@ class FastPath:
         try:
             if not self._adopt():
                 self._load()
-            self.config.update(b"\0\0\0\0", maps.config_value(self.mark, self.t.carriage))
+            self.config.update(b"\0\0\0\0", maps.config_value(self.mark, self.t.carriage, self.redirect))
             self.attach(interfaces)
         except (BpfError, build.BuildError, OSError) as exc:
             self.stop()

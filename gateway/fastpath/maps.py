@@ -13,9 +13,9 @@ FLOW_SLOW = 1
 FLOW = struct.Struct("=4s4s4s4s2s2s2s2x12s12sIIIII4sQQQQQ")
 FLOW_KEY = struct.Struct("!I")
 LEGACY_KEY = struct.Struct("=4s4s2s2s")
-CONFIG = struct.Struct("=IBx2s")
+CONFIG = struct.Struct("=IBB2s")
 COUNTERS = ("to_sal", "from_sal", "passed_gso", "passed_control", "passed_slow",
-            "passed_mismatch", "errors")
+            "passed_mismatch", "errors", "redirected")
 _PORTS = struct.Struct("!HH")
 
 
@@ -63,7 +63,7 @@ class KernelCounters:
         self.last_seen = fields[19] / 1e9
 
 
-def config_value(mark: int, carriage) -> bytes:
+def config_value(mark: int, carriage, redirect: bool = False) -> bytes:
     udp = carriage.name == "udp"
     port = carriage.local_port if udp else 0
-    return CONFIG.pack(mark, 1 if udp else 0, port.to_bytes(2, "big"))
+    return CONFIG.pack(mark, 1 if udp else 0, 1 if redirect else 0, port.to_bytes(2, "big"))

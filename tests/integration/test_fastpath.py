@@ -74,7 +74,7 @@ def bpffs(tmp_path):
     subprocess.run(["umount", str(path)], check=True)
 
 
-def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None):
+def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None, redirect=False):
     www = tmp_path / "www"
     www.mkdir()
     pair = gateway_pair(lab, server_route_back=False, wire=True)
@@ -83,7 +83,8 @@ def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None):
                           extra_services=[("up.svc.example", 81, VIRTUAL_ADDR, 9000)])
     for path in gws.configs.values():       # where to pin (the default /sys/fs/bpf is not
         path.write_text(path.read_text().replace(   # mounted under `ip netns exec`)
-            "[gateway]\n", f'[gateway]\nbpffs = "{bpffs or "/nonexistent"}"\n', 1))
+            "[gateway]\n", f'[gateway]\nbpffs = "{bpffs or "/nonexistent"}"\n'
+            f'fast_path_redirect = {"true" if redirect else "false"}\n', 1))
     gws.start()
     start_http(pair.server, www)
     start_py_server(pair.server, "halfclose", 9000)
@@ -129,6 +130,23 @@ def test_transfers_both_ways_are_translated_in_the_kernel(lab, tmp_path, carriag
         assert kernel > 20 * python, f"{role}: {kernel} packets in the kernel, {python} in Python"
     # the bytes the kernel carried are counted for the flows too (client: bytes in)
     assert stats["client"]["fastpath_from_sal"] > 50 * MB // 1500
+    finish(pair, gws, before)
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_redirect_hands_translated_packets_to_the_next_hop(lab, tmp_path, carriage):
+    pair, gws, before, www = build(lab, tmp_path, carriage, redirect=True)
+    src = make_file(www, "30MB.bin", 30 * MB)
+    out = tmp_path / "got.bin"
+    pair.client.run(["curl", "-sS", "--fail", "-m", "60", "-o", str(out), f"http://{VIRTUAL_ADDR}/30MB.bin"],
+                    timeout=70)
+    assert sha256_file(out) == sha256_file(src)
+    for role in ("client", "server"):
+        s = gws.stats(role)
+        assert s["fastpath_errors"] == 0
+        # nearly every translated packet went straight out (the first ones may find no
+        # neighbour entry yet and take the stack)
+        assert s["fastpath_redirected"] > 0.9 * (s["fastpath_to_sal"] + s["fastpath_from_sal"]), s
     finish(pair, gws, before)
 
 

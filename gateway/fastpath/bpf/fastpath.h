@@ -38,7 +38,7 @@ struct flow {
 struct config {
 	__u32 mark;           /* what translated packets carry: the owned chains return them */
 	__u8 udp;             /* carriage: 0 IP protocol 144, 1 UDP */
-	__u8 pad0;
+	__u8 redirect;        /* 1: hand translated packets to their next hop's interface */
 	__be16 udp_port;      /* UDP carriage: our port */
 };
 
@@ -51,6 +51,7 @@ enum serval_counter {
 	C_PASS_SLOW,          /* a flow the slow path owns */
 	C_PASS_MISMATCH,      /* a kernel flow's packet with unexpected addresses or header */
 	C_ERROR,              /* a helper failed: the packet is dropped */
+	C_REDIRECTED,         /* translated and sent straight to the next hop (redirect on) */
 	C_MAX,
 };
 

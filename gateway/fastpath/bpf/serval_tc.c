@@ -135,6 +135,43 @@ static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
 	return bpf_skb_pull_data(skb, len);
 }
 
+/* With cfg->redirect: send the translated packet straight to its next hop's interface,
+ * as the stack's forwarding would (TTL decremented, the neighbour's MAC), skipping the
+ * host's routing and netfilter on the way. What the FIB cannot hand over (a local
+ * destination, no neighbour entry yet, TTL running out, too big) takes the stack. */
+static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, int counter)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct bpf_fib_lookup fib = {};
+
+	skb->mark = cfg->mark;
+	if (!cfg->redirect || (void *)(ip + 1) > end || ip->ttl <= 1)
+		return count(counter, TC_ACT_OK);
+	fib.family = 2;		/* AF_INET */
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ifindex = skb->ingress_ifindex;
+	fib.tos = ip->tos;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return count(counter, TC_ACT_OK);
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return count(counter, TC_ACT_OK);
+	ip->ttl -= 1;
+	ip->check = ip_checksum(ip);
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	count(C_REDIRECTED, 0);
+	return count(counter, bpf_redirect(fib.ifindex, 0));
+}
+
 /* legacy TCP -> SAL */
 static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
@@ -200,8 +237,7 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 
 	if (new_ip_header(skb, tot + grow, cfg->udp ? IPPROTO_UDP : IPPROTO_SAL, f->local_addr, f->peer_addr))
 		return count(C_ERROR, TC_ACT_SHOT);
-	skb->mark = cfg->mark;
-	return count(C_TO_SAL, TC_ACT_OK);
+	return forward(skb, cfg, C_TO_SAL);
 }
 
 static __always_inline int same_header(const __u8 *a, const __u8 *b)
@@ -261,8 +297,7 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 
 	if (new_ip_header(skb, tot - shrink, IPPROTO_TCP, f->legacy_dst, f->legacy_src))
 		return count(C_ERROR, TC_ACT_SHOT);
-	skb->mark = cfg->mark;
-	return count(C_FROM_SAL, TC_ACT_OK);
+	return forward(skb, cfg, C_FROM_SAL);
 }
 
 SEC("tc")
