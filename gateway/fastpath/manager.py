@@ -84,9 +84,10 @@ class FastPath:
                 self._load()
             self.config.update(b"\0\0\0\0", maps.config_value(self.mark, self.t.carriage, self.redirect))
             self.attach(interfaces)
-        except (BpfError, build.BuildError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the gateway runs without it
             self.stop()
-            raise FastPathUnavailable(str(exc)) from None
+            known = isinstance(exc, (OSError, build.BuildError))
+            raise FastPathUnavailable(str(exc) if known else f"{type(exc).__name__}: {exc}") from None
 
     def _load(self) -> None:
         path = build.object_path(self.state_dir)
