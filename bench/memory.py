@@ -102,7 +102,7 @@ class Opener:
 def _flow_state(t) -> list:
     """Everything a translator keeps per flow (emptied to measure what it held)."""
     names = ("flows", "by_legacy", "by_peer", "by_backend", "_expiry", "_half_open", "_per_source",
-             "_retransmitting", "_holding")
+             "_retransmitting", "_rtx_heap", "_holding")
     return [getattr(t, n) for n in names if hasattr(t, n)]
 
 

@@ -117,6 +117,7 @@ class Translator(MigrationMixin, LimitsMixin):
         self.stats: Counter = Counter()
         self._expiry: list = []                   # heap of (deadline, flowID)
         self._retransmitting: set[int] = set()
+        self._rtx_heap: list = []                 # (retransmission deadline, flowID), checked lazily
         self._init_limits(limits)
         self.accepting = True                     # False while draining: no new flows
         self._holding: dict[int, tuple] = {}      # flows holding packets during a move: path before it
@@ -195,8 +196,19 @@ class Translator(MigrationMixin, LimitsMixin):
 
     # --- timers --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        times = [self.flows[f].sal.next_deadline() for f in self._retransmitting if f in self.flows]
-        times = [t for t in times if t is not None]
+        """The earliest timer: cheap enough to ask after every batch of packets (the
+        retransmission and expiry heaps are checked at the top only)."""
+        heap = self._rtx_heap
+        while heap:
+            at, fid = heap[0]
+            flow = self.flows.get(fid)
+            real = flow.sal.next_deadline() if flow is not None and fid in self._retransmitting else None
+            if real == at:
+                break
+            heapq.heappop(heap)                 # stale: answered, resent, or gone
+            if real is not None:
+                heapq.heappush(heap, (real, fid))
+        times = [heap[0][0]] if heap else []
         times += [self.flows[f].hold_deadline for f in self._holding if f in self.flows]
         if self._expiry:
             times.append(self._expiry[0][0])
@@ -204,9 +216,12 @@ class Translator(MigrationMixin, LimitsMixin):
 
     def handle_timer(self, now: float) -> None:
         self._expire_holds(now)
-        for fid in list(self._retransmitting):
+        heap, due = self._rtx_heap, set()
+        while heap and heap[0][0] <= now:
+            due.add(heapq.heappop(heap)[1])
+        for fid in due:
             flow = self.flows.get(fid)
-            if flow is None or flow.sal.outstanding is None:
+            if flow is None or flow.sal.outstanding is None or fid not in self._retransmitting:
                 self._retransmitting.discard(fid)
                 continue
             events, resend = flow.sal.handle_timer(now)
@@ -218,6 +233,8 @@ class Translator(MigrationMixin, LimitsMixin):
                 self.stats["flows_failed_control_timeout"] += 1
                 self._reset_legacy(flow)
                 self._finish(flow, now, "failed")
+            else:
+                self._track_retransmit(flow)    # its next deadline (or a stale entry's)
         while self._expiry and self._expiry[0][0] <= now:
             _, fid = heapq.heappop(self._expiry)
             flow = self.flows.get(fid)
@@ -382,6 +399,7 @@ class Translator(MigrationMixin, LimitsMixin):
     def _track_retransmit(self, flow: Flow) -> None:
         if flow.sal.outstanding is not None:
             self._retransmitting.add(flow.sal.local_flow)
+            heapq.heappush(self._rtx_heap, (flow.sal.outstanding.deadline, flow.sal.local_flow))
         else:
             self._retransmitting.discard(flow.sal.local_flow)
 
