@@ -127,6 +127,7 @@ class FastPath:
         if not record:
             return False
         live = {r["ifname"] for r in tc.attached(self.tag)}
+        fds = {}
         try:
             if not live:
                 raise BpfError(2, "no interface has its filter any more")
@@ -137,13 +138,19 @@ class FastPath:
                 self.pins = pins
             else:
                 self.prog_fd = prog_fd_by_id(record["prog_id"])
-                fds = {}
                 for map_id in prog_map_ids(self.prog_fd):
                     fd = map_fd_by_id(map_id)
                     fds[map_info(fd)[0]] = fd
+            for name, key_size, value_size in (("serval_flows", 4, maps.FLOW.size),
+                                               ("serval_legacy", maps.LEGACY_KEY.size, 4),
+                                               ("serval_config", 4, maps.CONFIG.size)):
+                if map_info(fds[name])[1:] != (key_size, value_size):
+                    raise BpfError(22, f"{name} has another layout (left by another release)")
             self._open_maps(fds, owned=True)
         except (BpfError, KeyError) as exc:
             log.info("removing the fast path a previous run left (%s)", exc)
+            for fd in fds.values():
+                os.close(fd)
             self._undo(record)
             self._close_fds()
             return False
