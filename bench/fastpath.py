@@ -108,7 +108,7 @@ import time
 from pathlib import Path
 
 from bench.records import BENCH_JSON, merge, table
-from bench.run import GBIT, BenchError, wait_line, wait_port
+from bench.run import GBIT, BenchError, iperf3_end, wait_line, wait_port
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import GatewayPair, gateway_pair
 from lab.topology import Host, Lab
@@ -183,22 +183,7 @@ class Steps:
 
 def iperf(client: Host, addr: str, port: int, seconds: int, streams: int, reverse: bool) -> float:
     """Receiver-side Gbit/s of an iperf3 TCP test."""
-    argv = ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
-    if streams > 1:
-        argv += ["-P", str(streams)]
-    if reverse:
-        argv.append("-R")
-    r = client.run(argv, check=False, timeout=seconds + 30)
-    try:
-        result = json.loads(r.stdout)
-    except ValueError:
-        raise BenchError(f"iperf3 to {addr}:{port}: exit {r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]}")
-    if r.returncode or "error" in result:
-        raise BenchError(f"iperf3 to {addr}:{port}: exit {r.returncode}: {result.get('error')}")
-    received = result["end"]["sum_received"]
-    if received["bytes"] <= 0:
-        raise BenchError(f"iperf3 to {addr}:{port} moved no data")
-    return received["bits_per_second"] / GBIT
+    return iperf3_end(client, addr, port, seconds, streams, reverse)["sum_received"]["bits_per_second"] / GBIT
 
 
 def memcached_ops(client: Host, addr: str, port: int, seconds: int) -> float:

@@ -105,21 +105,32 @@ def wait_port(host: Host, port: int, timeout: float = 10.0) -> None:
     raise BenchError(f"nothing listens on {host.name}:{port}")
 
 
-def iperf(pair: GatewayPair, addr: str, port: int, seconds: int) -> dict:
-    """One iperf3 TCP flow from the client; receiver-side Gbit/s and sender retransmits."""
-    r = pair.client.run(["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J"],
-                        check=False, timeout=seconds + 40)
+def iperf3_end(client: Host, addr: str, port: int, seconds: int, streams: int = 1,
+               reverse: bool = False) -> dict:
+    """An iperf3 TCP test from ``client``: its JSON ``end`` section (BenchError if it
+    failed or moved nothing)."""
+    argv = ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    if reverse:
+        argv.append("-R")
+    r = client.run(argv, check=False, timeout=seconds + 40)
     try:
         result = json.loads(r.stdout)
     except ValueError:
         raise BenchError(f"iperf3 to {addr}:{port}: exit {r.returncode}: {r.stdout[-500:]} {r.stderr[-500:]}")
     if r.returncode or "error" in result:
         raise BenchError(f"iperf3 to {addr}:{port}: exit {r.returncode}: {result.get('error')}")
-    end = result["end"]
-    gbps = end["sum_received"]["bits_per_second"] / GBIT
-    if end["sum_received"]["bytes"] <= 0:
+    if result["end"]["sum_received"]["bytes"] <= 0:
         raise BenchError(f"iperf3 to {addr}:{port} moved no data")
-    return {"gbps": gbps, "retransmits": end["sum_sent"].get("retransmits")}
+    return result["end"]
+
+
+def iperf(pair: GatewayPair, addr: str, port: int, seconds: int) -> dict:
+    """One iperf3 TCP flow from the client; receiver-side Gbit/s and sender retransmits."""
+    end = iperf3_end(pair.client, addr, port, seconds)
+    return {"gbps": end["sum_received"]["bits_per_second"] / GBIT,
+            "retransmits": end["sum_sent"].get("retransmits")}
 
 
 def probe(pair: GatewayPair, *args, timeout: float) -> dict:
