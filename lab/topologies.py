@@ -31,9 +31,15 @@ class GatewayPair:
     sgw_sal: str = "198.19.2.2"
     sgw_lan: str = "198.19.3.1"
     server_addr: str = "198.19.3.2"
+    # with a middle router (gateway_pair(middle=True)): cgw 198.19.2.1 --- .254 mid
+    # 198.19.5.254 --- 198.19.5.2 sgw; mid_cgw_if / mid_sgw_if are mid's two ends
+    mid: Host | None = None
+    mid_cgw_if: str | None = None
+    mid_sgw_if: str | None = None
 
 
-def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500, wire: bool = False) -> GatewayPair:
+def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500, wire: bool = False,
+                 middle: bool = False, middle_mtu: int | None = None) -> GatewayPair:
     """Build the 4-host chain; both gateways forward as plain routers.
 
     With ``wire`` the legacy hosts' links behave like a real wire rather than a veth:
@@ -46,17 +52,37 @@ def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500, wire
     subnet: it can answer only packets whose source the server gateway has
     rewritten into 198.19.3.0/24, and a direct client->server baseline fails.
     Other sysctls (rp_filter, ...) are whatever a new namespace inherits.
+
+    With ``middle`` a plain IP router ``mid`` stands between the gateways, as the
+    Internet does: its link toward the server gateway has ``middle_mtu`` (a PPPoE line,
+    a tunnel), it sends ICMP errors as routers do, and it is where tests impair the
+    path (delay, loss, bit flips) or put a NAT.
     """
     client, cgw, sgw, server = (lab.add_host(n) for n in ("client", "cgw", "sgw", "server"))
     client_if, cgw_lan_if = lab.link(client, cgw, "198.19.1.2/24", "198.19.1.1/24", mtu)
-    cgw_sal_if, sgw_sal_if = lab.link(cgw, sgw, "198.19.2.1/24", "198.19.2.2/24", mtu)
+    mid = mid_cgw_if = mid_sgw_if = None
+    if middle:
+        mid = lab.add_host("mid")
+        mid.sysctl("net.ipv4.ip_forward", 1)
+        cgw_sal_if, mid_cgw_if = lab.link(cgw, mid, "198.19.2.1/24", "198.19.2.254/24", mtu)
+        mid_sgw_if, sgw_sal_if = lab.link(mid, sgw, "198.19.5.254/24", "198.19.5.2/24", middle_mtu or mtu)
+        sgw_sal = "198.19.5.2"
+    else:
+        cgw_sal_if, sgw_sal_if = lab.link(cgw, sgw, "198.19.2.1/24", "198.19.2.2/24", mtu)
+        sgw_sal = "198.19.2.2"
     sgw_lan_if, server_if = lab.link(sgw, server, "198.19.3.1/24", "198.19.3.2/24", mtu)
 
     client.default_route("198.19.1.1")
     for gw in (cgw, sgw):
         gw.sysctl("net.ipv4.ip_forward", 1)
-    cgw.route("198.19.3.0/24", "198.19.2.2")
-    sgw.route("198.19.1.0/24", "198.19.2.1")
+    if middle:
+        cgw.default_route("198.19.2.254")
+        sgw.default_route("198.19.5.254")
+        mid.route("198.19.1.0/24", "198.19.2.1")
+        mid.route("198.19.3.0/24", "198.19.5.2")
+    else:
+        cgw.route("198.19.3.0/24", "198.19.2.2")
+        sgw.route("198.19.1.0/24", "198.19.2.1")
     if server_route_back:
         server.default_route("198.19.3.1")
     if wire:
@@ -64,7 +90,8 @@ def gateway_pair(lab: Lab, server_route_back: bool = True, mtu: int = 1500, wire
         server.wire_like(server_if)
 
     return GatewayPair(client, cgw, sgw, server, client_if, cgw_lan_if,
-                       cgw_sal_if, sgw_sal_if, sgw_lan_if, server_if)
+                       cgw_sal_if, sgw_sal_if, sgw_lan_if, server_if, sgw_sal=sgw_sal,
+                       mid=mid, mid_cgw_if=mid_cgw_if, mid_sgw_if=mid_sgw_if)
 
 
 @dataclass(frozen=True)
