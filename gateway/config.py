@@ -59,7 +59,7 @@ class GatewayConfig:
     intercept_forwarded: bool = True
     client_address: str = "gateway"
     port_range: tuple[int, int] = (10000, 32767)
-    mtu: int = 1500
+    mtu: int | str = "auto"            # "auto": the smallest MTU of this host's links
     queue_bypass: bool = True
     control_socket: str = ""
     mappings: str | None = None        # the resolver's mappings file (client gateway)
@@ -124,6 +124,16 @@ class _Locator:
         return start
 
 
+def line_of(path: str, table: str, key: str | None = None, index: int | None = None) -> int | None:
+    """The line of ``key`` in ``[table]`` of the file at ``path``, for a check made
+    after loading (against this host's links, say); None when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _Locator(f.read()).line(table, index, key)
+    except OSError:
+        return None
+
+
 def load(path: str, role: str) -> GatewayConfig:
     try:
         with open(path, "rb") as f:
@@ -181,7 +191,9 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
         if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
             fail("gateway", None, "port_range", "port_range must look like '10000-32767' (1024..65535)")
         cfg.port_range = (int(m.group(1)), int(m.group(2)))
-    cfg.mtu = _int(gw.get("mtu", 1500), 576, 65535, lambda m: fail("gateway", None, "mtu", m))
+    cfg.mtu = gw.get("mtu", "auto")
+    if cfg.mtu != "auto":
+        cfg.mtu = _int(cfg.mtu, 576, 65535, lambda m: fail("gateway", None, "mtu", f"mtu: 'auto' or {m}"))
     cfg.control_socket = str(gw.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
     cfg.state_dir = str(gw.get("state_dir", "/run/serval"))
     for key in ("drain_timeout", "resume_window"):

@@ -18,12 +18,32 @@ log = logging.getLogger("serval.gateway")
 MARK = 0x5E7A1
 
 
-def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None = None):
+def path_mtu(cfg: GatewayConfig, link_mtus: dict[str, int]) -> int:
+    """The MTU translated packets are sized for (the MSS clamp follows it): with
+    ``mtu = "auto"`` the smallest MTU of this host's links (a PPPoE uplink's 1492, a
+    tunnel's), lowered later per peer by what ICMP teaches. A configured ``mtu`` no
+    link here can carry is refused: every large packet would be lost."""
+    if cfg.mtu == "auto":
+        return min(link_mtus.values(), default=1500)
+    if link_mtus and cfg.mtu > max(link_mtus.values()):
+        from .config import ConfigError, line_of
+        links = ", ".join(f"{name} {mtu}" for name, mtu in sorted(link_mtus.items()))
+        raise ConfigError(cfg.path, line_of(cfg.path, "gateway", "mtu"),
+                          f"mtu = {cfg.mtu} is larger than every link here ({links}): "
+                          f"use mtu = \"auto\" or at most {max(link_mtus.values())}")
+    return cfg.mtu
+
+
+def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None = None,
+                     link_mtus: dict[str, int] | None = None):
     """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``.
     The service-table targets the config made are appended to ``config_targets``."""
     config_targets = [] if config_targets is None else config_targets
     carriage = make_carriage(cfg.carriage, cfg.role)
-    common = dict(mtu=cfg.mtu, timeouts=cfg.timeouts, limits=cfg.limits)
+    if link_mtus is None:
+        from .adapters import netlink
+        link_mtus = netlink.link_mtus()
+    common = dict(mtu=path_mtu(cfg, link_mtus), timeouts=cfg.timeouts, limits=cfg.limits)
     table = ServiceTable()
     if cfg.role == "client":
         for rule in cfg.rules:
@@ -77,9 +97,21 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
         for svc in cfg.services:
             host, port = svc.backend
             match = ["-p", "tcp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"]
-            syn = ToQueue(match + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
-            pre += [syn, match]
-            out += [syn, match]   # a backend on this very host (a sidecar) replies via OUTPUT
+            # fail closed: while no daemon runs (a crash, before the restart), the
+            # backend's packets are dropped, not handed to this host's TCP, which would
+            # answer them with a RST and end flows a restart would have resumed
+            syn = ToQueue(match + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue, bypass=False)
+            data = ToQueue(match, cfg.queue, bypass=False)
+            pre += [syn, data]
+            out += [syn, data]    # a backend on this very host (a sidecar) replies via OUTPUT
+    # ICMP errors, about translated packets or not (the translator passes what is not
+    # about a flow of its own): from routers on the path, and from this host's own
+    # stack (a forwarded packet too big for the next link, a backend that does not
+    # answer ARP), which are locally generated
+    icmp_errors = [ToQueue(["-p", "icmp", "--icmp-type", kind], cfg.control_queue)
+                   for kind in ("destination-unreachable", "time-exceeded")]
+    pre += icmp_errors
+    out += icmp_errors
     # Rewritten packets carry one of our own addresses as source on input
     # (accept_local), may arrive where the reverse path differs (rp_filter), and are
     # forwarded on (ip_forward).
@@ -214,6 +246,8 @@ class Gateway(LifecycleMixin):
         t = self.translator
         if payload[9] == 6:
             return t.from_legacy(payload, now) if t.role == "client" else t.from_backend(payload, now)
+        if payload[9] == 1:
+            return t.from_icmp(payload, now)
         return t.from_sal(payload, now)
 
     def _flush(self) -> None:

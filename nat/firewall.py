@@ -125,9 +125,12 @@ def chain_names(tag: str) -> dict[str, str]:
 
 
 class ToQueue(NamedTuple):
-    """A rule for another queue than the instance's own (e.g. a priority queue)."""
+    """A rule for another queue than the instance's own (e.g. a priority queue), or
+    one that fails closed: with ``bypass=False`` its packets are dropped, not passed,
+    while no daemon reads the queue."""
     match: Sequence[str]
     queue: int
+    bypass: bool | None = None     # None: the instance's setting
 
 
 def render_install(tag: str, queue: int, bypass: bool, mark: int,
@@ -138,8 +141,9 @@ def render_install(tag: str, queue: int, bypass: bool, mark: int,
     chains = chain_names(tag)
     comment = COMMENT_PREFIX + tag
 
-    def target(q: int) -> list[str]:
-        return ['-j', 'NFQUEUE', '--queue-num', str(int(q))] + (['--queue-bypass'] if bypass else [])
+    def target(q: int, bp: bool | None) -> list[str]:
+        return ['-j', 'NFQUEUE', '--queue-num', str(int(q))] + (
+            ['--queue-bypass'] if (bypass if bp is None else bp) else [])
 
     out = ['*' + TABLE] + [f':{c} - [0:0]' for c in chains.values()]  # declaring flushes
     if current is not None:  # drop old jumps so the fresh one is the only copy
@@ -150,14 +154,14 @@ def render_install(tag: str, queue: int, bypass: bool, mark: int,
         # Packets the gateway injects carry SO_MARK=mark: never queue them again.
         out.append(f'-A {chain} -m mark --mark {mark:#x} -j RETURN')
         for match in rules.get(hook, ()):
-            q = queue
+            q, bp = queue, None
             if isinstance(match, ToQueue):
-                match, q = match
+                match, q, bp = match
             if isinstance(match, str):
                 raise TypeError(f'a rule is a list of arguments, not a string: {match!r}')
             if any(a in ('-j', '--jump', '-g', '--goto') for a in match):
                 raise ValueError(f'rule must not name a target, it is added: {match!r}')
-            out.append(' '.join(['-A', chain] + [_quote(str(a)) for a in match] + target(q)))
+            out.append(' '.join(['-A', chain] + [_quote(str(a)) for a in match] + target(q, bp)))
     out += [f'-I {hook} 1 -m comment --comment {comment} -j {chain}'
             for hook, chain in chains.items()]
     out.append('COMMIT')

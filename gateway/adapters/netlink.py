@@ -47,6 +47,14 @@ def has_route(destination: str) -> bool:
         return False
 
 
+def link_mtus() -> dict[str, int]:
+    """The MTU of each interface that carries an IPv4 address (not loopback)."""
+    with _ipr() as ipr:
+        with_v4 = {a["index"] for a in ipr.get_addr(family=2)}
+        return {link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_MTU") for link in ipr.get_links()
+                if link["index"] in with_v4 and link.get_attr("IFLA_IFNAME") != "lo"}
+
+
 def ipv4_interfaces() -> list[str]:
     """Names of the interfaces that carry an IPv4 address (not loopback)."""
     with _ipr() as ipr:

@@ -15,10 +15,10 @@ from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
 from .events import FlowClosed, FlowClosing, FlowEstablished
+from .icmp import IcmpMixin
 from .limits import Limits, LimitsMixin
 from .migration import MigrationMixin
-
-PASS = object()  # verdict: accept the packet unchanged
+from .verdict import PASS
 
 _TCP_PORTS = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
@@ -94,7 +94,7 @@ class Flow:
         return self.sal.state
 
 
-class Translator(MigrationMixin, LimitsMixin):
+class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
     """The shared machinery; ``ClientTranslator`` and ``ServerTranslator`` add each side."""
 
     role = "?"
@@ -104,7 +104,8 @@ class Translator(MigrationMixin, LimitsMixin):
                  limits: Limits | None = None):
         self.carriage = carriage
         self.timeouts = timeouts or Timeouts()
-        self.mss_limit = mtu - IPV4_TCP_HEADERS - wire.BASE_LEN - carriage.overhead
+        self._mss_overhead = IPV4_TCP_HEADERS + wire.BASE_LEN + carriage.overhead
+        self.mss_limit = mtu - self._mss_overhead
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.rto_initial = rto_initial
         self._body_at = 20 + carriage.overhead    # SAL header offset in a plain packet
@@ -119,6 +120,7 @@ class Translator(MigrationMixin, LimitsMixin):
         self._retransmitting: set[int] = set()
         self._rtx_heap: list = []                 # (retransmission deadline, flowID), checked lazily
         self._init_limits(limits)
+        self._init_icmp()
         self.accepting = True                     # False while draining: no new flows
         self._holding: dict[int, tuple] = {}      # flows holding packets during a move: path before it
         # Our addresses, kept current by the daemon. SAL is queued whatever its
@@ -461,10 +463,14 @@ class Translator(MigrationMixin, LimitsMixin):
         back_legacy = flow.legacy_dst + flow.legacy_src + _TCP_PORTS.pack(flow.legacy_dport, flow.legacy_sport)
         return delta(pseudo_peer + pseudo_local + b"\0\0\0\0", back_legacy)
 
-    def _clamp(self, seg: bytes, csum_delta: int) -> tuple[bytes, int]:
-        """Clamp the MSS of a SYN segment; returns the segment and an extra checksum delta."""
+    def _clamp(self, seg: bytes, csum_delta: int, peer: bytes | None = None,
+               now: float = 0.0) -> tuple[bytes, int]:
+        """Clamp the MSS of a SYN segment to what fits the path toward ``peer`` (the
+        configured MTU, or less where an ICMP taught it); returns the segment and an
+        extra checksum delta."""
         buf = bytearray(seg)
-        changed = clamp_mss(buf, (buf[12] >> 4) * 4, self.mss_limit)
+        limit = self.mss_limit if peer is None else self.mss_limit_toward(peer, now)
+        changed = clamp_mss(buf, (buf[12] >> 4) * 4, limit)
         if changed is None:
             return seg, csum_delta
         old, new = changed
@@ -539,13 +545,19 @@ class Translator(MigrationMixin, LimitsMixin):
         self.stats["legacy_resets_sent"] += 1
 
     def _reset_legacy(self, flow: Flow) -> None:
-        """Tell the legacy host its connection is gone (a RST in its window)."""
+        """Tell the legacy host its connection is gone (a RST in its window). A legacy
+        client still waiting for its SYN-ACK takes only a RST that acknowledges its SYN
+        (RFC 793, SYN-SENT): it hears "connection refused"."""
         if flow.legacy_key is None:
             return
         if self.refresh is not None:
             self.refresh(flow)                 # the legacy host's last ACK may be newer there
-        seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, flow.legacy_last_ack,
-                          0, 0x50, TCP_RST, 0, 0, 0)
+        if self.role == "client" and not flow.sal.remote_flow and flow.syn_seq is not None:
+            seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, 0,
+                              (flow.syn_seq + 1) & 0xFFFFFFFF, 0x50, TCP_RST | TCP_ACK, 0, 0, 0)
+        else:
+            seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, flow.legacy_last_ack,
+                              0, 0x50, TCP_RST, 0, 0, 0)
         csum = transport_checksum(flow.legacy_dst, flow.legacy_src, 6, seg, 16)
         seg = seg[:16] + _U16.pack(csum) + seg[18:]
         self.outbox.append(ip_header(flow.legacy_dst, flow.legacy_src, 6, 40, 0, 64, 0, 0) + seg)

@@ -55,6 +55,10 @@ class IPCarriage:
             return None
         return pkt[ihl:total], 0
 
+    def unwrap_quoted(self, quoted: bytes, ihl: int) -> bytes | None:
+        """The SAL bytes of a packet we sent, as an ICMP error quotes it."""
+        return quoted[ihl:]
+
 
 class UDPCarriage:
     """The UDP checksum is left 0 (none, as IPv4 allows): the SAL header and the
@@ -88,6 +92,13 @@ class UDPCarriage:
         if dport != self.local_port:
             return None
         return pkt[ihl + 8:total], sport
+
+    def unwrap_quoted(self, quoted: bytes, ihl: int) -> bytes | None:
+        """The SAL bytes of a packet we sent, as an ICMP error quotes it (None when
+        the quoted datagram is not from our port)."""
+        if quoted[ihl:ihl + 2] != self._port_bytes:
+            return None
+        return quoted[ihl + 8:]
 
 
 def make_carriage(name: str, role: str):

@@ -139,7 +139,7 @@ class ClientTranslator(Translator):
         flow.syn_seq = _U32.unpack_from(seg, 4)[0]
         flow.rebuild(self.carriage)
         self.by_legacy[flow.legacy_key] = flow
-        seg, csum_delta = self._clamp(seg, flow.out_delta)
+        seg, csum_delta = self._clamp(seg, flow.out_delta, flow.peer_addr, now)
         tseg = self._sal_segment(flow, seg, csum_delta)
         header = flow.sal.connect(service_id, tseg, now)
         self._track_retransmit(flow)
@@ -201,6 +201,10 @@ class ClientTranslator(Translator):
         super()._forget(flow)
         if self.by_legacy.get(flow.legacy_key) is flow:
             del self.by_legacy[flow.legacy_key]
+
+    def _flow_of_legacy_quote(self, src: bytes, dst: bytes, sport: int, dport: int):
+        # we sent it toward the legacy client: from the virtual address it talks to
+        return self.by_legacy.get((dst, dport, src, sport))
 
     # --- SAL side ------------------------------------------------------------------
     def from_sal(self, pkt: bytes, now: float):

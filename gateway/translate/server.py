@@ -128,7 +128,7 @@ class ServerTranslator(Translator):
         # the SYN's checksum is over its own addresses, which need not be the flow's
         # (a SOURCE naming another peer, a repeated SYN to another of our addresses)
         in_delta = self._in_delta_for(flow, ip)
-        seg, csum_delta = self._clamp(seg, flow.in_delta if in_delta is None else in_delta)
+        seg, csum_delta = self._clamp(seg, flow.in_delta if in_delta is None else in_delta, flow.peer_addr, now)
         self.stats["from_sal"] += 1
         return self._to_legacy(flow, pkt, seg, now, csum_delta)
 
@@ -149,7 +149,7 @@ class ServerTranslator(Translator):
         state = flow.sal.state
         if state in (State.SYN_SEEN, State.SYN_RECEIVED):
             if flags & TCP_SYN and flags & TCP_ACK:
-                seg, csum_delta = self._clamp(seg, flow.out_delta)
+                seg, csum_delta = self._clamp(seg, flow.out_delta, flow.peer_addr, now)
                 tseg = self._sal_segment(flow, seg, csum_delta)
                 header = flow.sal.syn_ack(tseg, now)
                 self._track_retransmit(flow)
@@ -196,6 +196,11 @@ class ServerTranslator(Translator):
         # SYN-ACK: a RST frees it at once
         if flow.legacy_key is not None:
             self._reset_legacy(flow)
+
+    def _flow_of_legacy_quote(self, src: bytes, dst: bytes, sport: int, dport: int):
+        # we sent it toward the backend: from our port on our address facing it
+        flow = self.by_backend.get((dst, dport, sport))
+        return flow if flow is not None and flow.legacy_dst == src else None
 
     def live_flows_by_backend(self) -> dict[tuple[bytes, int], int]:
         """Open flows per backend (address, port), for the services view."""
