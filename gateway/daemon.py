@@ -102,8 +102,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
             # answer them with a RST and end flows a restart would have resumed
             syn = ToQueue(match + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue, bypass=False)
             data = ToQueue(match, cfg.queue, bypass=False)
+            # a backend on this very host (a sidecar) replies over loopback: its packets
+            # are queued here too, as they come in on lo (where the kernel fast path
+            # also sees them first); OUTPUT, before lo, would take them from it
             pre += [syn, data]
-            out += [syn, data]    # a backend on this very host (a sidecar) replies via OUTPUT
     # ICMP errors, about translated packets or not (the translator passes what is not
     # about a flow of its own): from routers on the path, and from this host's own
     # stack (a forwarded packet too big for the next link, a backend that does not
@@ -245,7 +247,15 @@ class Gateway(LifecycleMixin):
         now = time.monotonic()
         t = self.translator
         if payload[9] == 6:
-            return t.from_legacy(payload, now) if t.role == "client" else t.from_backend(payload, now)
+            if t.role == "client":
+                return t.from_legacy(payload, now)
+            out = t.from_backend(payload, now)
+            if isinstance(out, bytes) and payload[12:16] in t.local_addresses:
+                # from a backend in this namespace: it came in on lo, from which the
+                # stack will not forward it; sent anew, it is routed as our own
+                t.outbox.append(out)
+                return None
+            return out
         if payload[9] == 1:
             return t.from_icmp(payload, now)
         return t.from_sal(payload, now)
@@ -444,7 +454,11 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
         log.info("fast path off (fast_path = \"off\"): every packet goes through Python")
         return None
     from .fastpath.manager import FastPath, FastPathUnavailable
-    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect)
+    from .adapters import netlink
+    local = set(netlink.address_interfaces())
+    loopback = cfg.role == "server" and any(s.backend[0] in local for s in cfg.services)
+    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect,
+                  loopback=loopback)
     try:
         fp.start(interfaces)
     except FastPathUnavailable as exc:

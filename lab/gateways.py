@@ -29,18 +29,25 @@ class RunningGateways:
 
     def __init__(self, pair: GatewayPair, carriage: str = "ip", client_address: str = "gateway",
                  backend_port: int = 8080, service_port: int = 80, extra_services=(),
-                 client_extra: str = "", metrics: bool = False, fast_path: str | None = None):
+                 client_extra: str = "", metrics: bool = False, fast_path: str | None = None,
+                 sidecar: bool = False):
         """``client_extra``: TOML appended to the client gateway's config (a section);
         ``metrics``: both gateways serve Prometheus metrics (``scrape(role)``);
-        ``fast_path``: "on", "off" or "auto" in both configs (None: the default)."""
+        ``fast_path``: "on", "off" or "auto" in both configs (None: the default);
+        ``sidecar``: the server gateway runs in the server's own namespace (as in
+        docker-compose), the client gateway's next hop is the server, and ``sgw``
+        only routes."""
         self.pair = pair
+        self.sidecar = sidecar
+        self.hosts = {"client": pair.cgw, "server": pair.server if sidecar else pair.sgw}
         self.dir = Path(tempfile.mkdtemp(prefix="serval-lab-"))
         self.carriage = carriage
         tag = pair.cgw.ns.split("-")[0]
         self.sockets = {"client": f"/run/serval/{tag}-client.sock", "server": f"/run/serval/{tag}-server.sock"}
         services = [(SERVICE, service_port, VIRTUAL_ADDR, backend_port), *extra_services]
         self.configs = {
-            "client": self._write("client.toml", client_config(pair, carriage, self.sockets["client"], services)
+            "client": self._write("client.toml", client_config(pair, carriage, self.sockets["client"], services,
+                                                               pair.server_addr if sidecar else pair.sgw_sal)
                                   + "\n" + client_extra),
             "server": self._write("server.toml", server_config(pair, carriage, self.sockets["server"],
                                                                client_address, services)),
@@ -70,7 +77,7 @@ class RunningGateways:
 
     def launch(self, role: str, wait: bool = True, timeout: float = 15.0) -> None:
         """Start (or start again) one gateway; its log is appended to."""
-        host = self.pair.sgw if role == "server" else self.pair.cgw
+        host = self.hosts[role]
         log = self.dir / f"{role}.log"
         self.logs[role] = log
         self.procs[role] = host.popen(
@@ -114,8 +121,7 @@ class RunningGateways:
 
     def scrape(self, role: str) -> str:
         """The gateway's metrics page, fetched with curl inside its namespace."""
-        host = self.pair.cgw if role == "client" else self.pair.sgw
-        return host.run(["curl", "-sS", "--fail", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
+        return self.hosts[role].run(["curl", "-sS", "--fail", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
 
     def log(self, role: str) -> str:
         try:
@@ -145,13 +151,13 @@ class RunningGateways:
         self.stop()
 
 
-def client_config(pair: GatewayPair, carriage: str, sock: str, services) -> str:
+def client_config(pair: GatewayPair, carriage: str, sock: str, services, next_hop: str | None = None) -> str:
     lines = ["[gateway]", f'carriage = "{carriage}"', "queue = 0", f'control_socket = "{sock}"',
              f'sal_address = "{pair.cgw_sal}"', ""]
     for name, port, vaddr, _ in services:
         lines += ["[[service]]", f'name = "{name}"', f'address = "{vaddr}"', f"port = {port}", ""]
     for name in dict.fromkeys(s[0] for s in services):
-        lines += ["[[route]]", f'service = "{name}"', f'next_hop = "{pair.sgw_sal}"', ""]
+        lines += ["[[route]]", f'service = "{name}"', f'next_hop = "{next_hop or pair.sgw_sal}"', ""]
     return "\n".join(lines)
 
 

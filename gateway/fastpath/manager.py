@@ -55,8 +55,11 @@ class _Installed:
 
 class FastPath:
     def __init__(self, translator, instance: str, state_dir: str, mark: int, bpffs: str = "/sys/fs/bpf",
-                 redirect: bool = False):
+                 redirect: bool = False, loopback: bool = False):
+        """``loopback``: a backend lives in this very namespace (a sidecar), so its
+        replies arrive on lo, where the program is attached too."""
         self.t = translator
+        self.loopback = loopback
         self.state = StateFile(instance, state_dir)
         self.tag = self.state.tag
         self.state_dir = state_dir
@@ -163,13 +166,15 @@ class FastPath:
         return True
 
     def attach(self, interfaces: list[str]) -> None:
-        """Attach to the interfaces not attached yet (new links come and go)."""
-        for name in interfaces:
-            if name in self.links or name == "lo":
+        """Attach to the interfaces not attached yet (new links come and go), and to
+        loopback where a backend of ours lives in this namespace."""
+        for name in [*interfaces, *(["lo"] if self.loopback else [])]:
+            if name in self.links or (name == "lo" and not self.loopback):
                 continue
             record = tc.attach(name, self.prog_fd, self.tag)
             try:
-                record["offloads"] = tc.set_offloads(name)
+                record["offloads"] = tc.set_offloads(
+                    name, tc.LOOPBACK_OFF_FEATURES if name == "lo" else tc.OFF_FEATURES)
             except OSError as exc:
                 record["offloads"] = {}
                 log.warning("cannot turn GRO off on %s (%s): its super-packets take the slow path", name, exc)

@@ -14,6 +14,10 @@ CLSACT = 0xFFFF0000
 # GRO and LRO merge received TCP into super-packets, which nothing can segment once
 # they carry a SAL header: forwarded TCP must reach translation wire-sized.
 OFF_FEATURES = ("rx-gro", "rx-lro")
+# On loopback (a backend in this namespace answering translated connections) the
+# sender's own TCP must cut its segments wire-sized and checksum them whole: TSO, GSO
+# and checksum offload off there.
+LOOPBACK_OFF_FEATURES = ("tx-tcp-segmentation", "tx-generic-segmentation", "tx-checksum-ip-generic")
 
 
 def filter_name(tag: str) -> str:
@@ -77,13 +81,13 @@ def attached(tag: str) -> list[dict]:
     return found
 
 
-def set_offloads(ifname: str) -> dict:
-    """Turn ``OFF_FEATURES`` off where they can change; returns the old values."""
+def set_offloads(ifname: str, names=OFF_FEATURES) -> dict:
+    """Turn the features ``names`` off where they can change; returns the old values."""
     eth = Ethtool()
     try:
         features = eth.get_features(ifname)
         old = {}
-        for name in OFF_FEATURES:
+        for name in names:
             feature = features.features.get(name)
             if feature is not None and feature.available and feature.enable:
                 old[name] = True

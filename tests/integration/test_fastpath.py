@@ -47,7 +47,8 @@ def kernel_state(host) -> dict:
     for name in re.findall(r"^\d+: ([^:@]+)", host.run(["ip", "-o", "link", "show"]).stdout, re.M):
         filters.append(name + ":" + host.run(["tc", "filter", "show", "dev", name, "ingress"]).stdout)
         k = host.run(["ethtool", "-k", name], check=False).stdout
-        offloads.append(name + ":" + " ".join(l for l in k.splitlines() if "receive-offload" in l))
+        offloads.append(name + ":" + " ".join(l for l in k.splitlines() if "receive-offload" in l
+                                              or "segmentation-offload" in l or "tx-checksumming" in l))
     state["filters"], state["offloads"] = filters, offloads
     return state
 

@@ -33,6 +33,7 @@
 #define TCP_MIN 20
 #define IP_DF 0x4000
 #define IP_MF_OFFSET 0x3fff
+#define LOOPBACK_IFINDEX 1	/* lo, in every network namespace */
 /* not ours: on to the next filter (another instance's) and the stack, unchanged */
 #define PASS TC_ACT_UNSPEC
 
@@ -135,6 +136,36 @@ static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
 	return bpf_skb_pull_data(skb, len);
 }
 
+/* A packet this host sent to itself (a backend in the gateway's own namespace, a
+ * sidecar, answering a translated connection) arrives on loopback, from which the stack
+ * will not forward it once it is SAL toward the peer: it is handed to the interface
+ * its route leaves by, whose neighbour entry supplies the MACs. Translated to a
+ * legacy host that is this one, it is delivered here as usual. */
+static __always_inline int from_loopback(struct __sk_buff *skb, int counter)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct bpf_fib_lookup fib = {};
+	int ret;
+
+	if ((void *)(ip + 1) > end)
+		return count(C_ERROR, TC_ACT_SHOT);
+	fib.family = 2;		/* AF_INET */
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ifindex = skb->ingress_ifindex;
+	fib.tos = ip->tos;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return count(counter, TC_ACT_OK);		/* ours: local delivery */
+	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return count(C_ERROR, TC_ACT_SHOT);	/* no route, too big: TCP resends */
+	count(C_REDIRECTED, 0);
+	return count(counter, bpf_redirect_neigh(fib.ifindex, 0, 0, 0));
+}
+
 /* With cfg->redirect: send the translated packet straight to its next hop's interface,
  * as the stack's forwarding would (TTL decremented, the neighbour's MAC), skipping the
  * host's routing and netfilter on the way. What the FIB cannot hand over (a local
@@ -147,6 +178,8 @@ static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, in
 	struct bpf_fib_lookup fib = {};
 
 	skb->mark = cfg->mark;
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return from_loopback(skb, counter);
 	if (!cfg->redirect || (void *)(ip + 1) > end || ip->ttl <= 1)
 		return count(counter, TC_ACT_OK);
 	fib.family = 2;		/* AF_INET */
