@@ -67,7 +67,7 @@ class GatewayConfig:
     log_level: str = "info"
     metrics: tuple | None = None       # (host, port): serve Prometheus metrics there (default: off)
     drain_timeout: float = 5.0         # SIGTERM: seconds live flows may take to finish
-    resume_window: float = 10.0        # a flow snapshot younger than this is resumed at start
+    resume_window: float = 60.0        # a flow snapshot younger than this is resumed at start
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     services: list = field(default_factory=list)

@@ -142,3 +142,51 @@ def test_a_steady_flow_older_than_the_resume_window_is_resumed(lab, tmp_path):
     assert dl.returncode == 0, err
     assert sha256_file(out) == sha256_file(src)
     finish(pair, gws, before)
+
+
+def wait_snapshot(since: float, instance: str, timeout=10.0):
+    """Until the gateway has written a flow snapshot with a live flow after ``since``."""
+    import glob
+    import json
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in glob.glob(f"/run/serval/{instance}.net*.flows.json"):
+            try:
+                if os.path.getmtime(path) > since and json.load(open(path)).get("flows"):
+                    return
+            except (OSError, ValueError):
+                pass
+        assert time.monotonic() < deadline, "no flow snapshot written"
+        time.sleep(0.05)
+
+
+def test_the_server_gateway_killed_for_12_s_mid_download_fails_closed_and_resumes(lab, tmp_path):
+    """With every packet in Python (fast path off), the backend's packets meet no daemon
+    while it is down: they are dropped (its TCP resends), never answered by the server
+    gateway's own TCP with a RST; the restart resumes the flow, however long it has
+    been steady, within the resume window."""
+    pair, gws, before, www = build(lab, tmp_path)
+    gws.stop()
+    for path in gws.configs.values():
+        path.write_text(path.read_text().replace("[gateway]\n", '[gateway]\nfast_path = "off"\n', 1))
+    gws.start()
+    src = make_file(www, "30MB.bin", 30 * 1024 * 1024)
+    out = tmp_path / "got.bin"
+    started = time.time()
+    dl = download(pair, out, rate="3M")
+    wait_size(out, 2 * 1024 * 1024)
+    wait_snapshot(started, "server")
+    gws.signal("server", signal.SIGKILL)
+    gws.procs["server"].wait(5)
+    down_at = out.stat().st_size
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:        # the outage: the download must not die in it
+        assert dl.poll() is None, dl.communicate()[1]
+        time.sleep(0.2)
+    gws.launch("server")
+    assert "resumed 1 established flow" in gws.log("server"), gws.log("server")
+    _, err = dl.communicate(timeout=150)
+    assert dl.returncode == 0, err
+    assert out.stat().st_size > down_at
+    assert sha256_file(out) == sha256_file(src)
+    finish(pair, gws, before)
