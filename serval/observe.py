@@ -416,8 +416,8 @@ class GatewayObserver(Observer):
         drops = CounterFamily(f"{p}_dropped_packets_total",
                               "Packets dropped instead of translated, by reason (the dropped_* counters)",
                               labels=["reason"])
-        limits = CounterFamily(f"{p}_limit_hits_total", "Times a cap of [limits] was hit, by limit (the limit_* counters)",
-                               labels=["limit"])
+        limits = CounterFamily(f"{p}_limit_hits_total",
+                               "Times a cap of [limits] was hit, by limit (the limit_* counters)", labels=["limit"])
         for key in sorted(s):
             if key.startswith("dropped_"):
                 drops.add_metric([key[len("dropped_"):]], s(key))
