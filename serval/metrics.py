@@ -1,20 +1,29 @@
 """Prometheus metrics over HTTP, shared by the gateways, the router and the resolver.
 
-* A small writer of the Prometheus text format (version 0.0.4): :class:`Family` (one
-  metric with its HELP and TYPE and its samples), :class:`Histogram`, :func:`render`;
-  and :func:`parse`, its inverse, for tests and tools.
+The exposition is prometheus_client's. Each daemon's observer (``serval/observe.py``) is
+a custom collector: its ``collect()`` builds the metric families (``CounterMetricFamily``,
+``GaugeMetricFamily``, ``HistogramMetricFamily``) from the daemon's own counters at each
+scrape, so no second copy of a counter is kept. Here:
+
+* :func:`registry`: a daemon's registry: its collector, and the library's process
+  collector (CPU, memory, file descriptors of the daemon);
+* :func:`render`: a page, in the format the scraper asked for (the library's content
+  negotiation: the text format 0.0.4 by default, OpenMetrics for a Prometheus that asks);
+* :class:`Histogram`: durations counted into buckets as a daemon learns of them, exposed
+  as a histogram family;
+* :func:`parse`, :func:`value`, :func:`total`: a page read back with the library's parser,
+  for tests and tools;
 * :func:`parse_address`: the ``metrics = "host:port"`` config value, loopback only
-  unless ``metrics_public = true``.
-* :func:`listen`: a twisted.web listener serving ``GET /metrics`` from a ``collect()``
-  callable, called on the reactor at each scrape (so the numbers are read where they are
-  kept, without locks).
+  unless ``metrics_public = true``;
+* :func:`listen`: a twisted.web listener serving ``GET /metrics``. Not the library's
+  ``prometheus_client.twisted.MetricsResource``: that one collects on the reactor's thread
+  pool, and our collectors must run on the reactor, where the counters are kept (no locks);
 * :func:`nfqueue_counters`: the kernel's counters of each NFQUEUE
   (``/proc/net/netfilter/nfnetlink_queue``, per network namespace).
 
-What each daemon exposes is in ``serval/observe.py`` and docs/operations.md. No
-``prometheus_client``: the format is a page of text, and this writer reads the daemons'
-own counters at scrape time instead of keeping a second registry beside them.
-Nothing here imports Twisted at module level (configs import :func:`parse_address`).
+What each daemon exposes is in ``serval/observe.py`` and docs/operations.md. Nothing here
+imports Twisted or prometheus_client at module level: the configs import
+:func:`parse_config`, and ``--check`` stays quick.
 """
 from __future__ import annotations
 
@@ -26,16 +35,12 @@ import re
 
 log = logging.getLogger("serval.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PORT = 9464
-KINDS = ("counter", "gauge", "histogram", "untyped")
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
-_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # seconds: from sub-millisecond lab round trips to the legacy SYN retransmissions (1 s, 3 s)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-# --- the text format -------------------------------------------------------------------
+# --- exposition ----------------------------------------------------------------------------
 class Histogram:
     """Observations counted into fixed buckets (upper bounds, seconds), with their sum."""
 
@@ -45,130 +50,72 @@ class Histogram:
             raise ValueError("a histogram needs finite bucket bounds")
         self.counts = [0] * (len(self.bounds) + 1)      # the last one: above every bound
         self.sum = 0.0
-        self.count = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.count += 1
 
-    def cumulative(self) -> list[tuple[float, int]]:
-        """``(upper bound, observations <= it)``, ending with ``(inf, count)``."""
-        out, running = [], 0
+    def family(self, name: str, help_text: str):
+        """A ``HistogramMetricFamily``: cumulative buckets, ``le`` written as the library
+        writes it (``"0.005"``, ``"1.0"``, ``"+Inf"``)."""
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        buckets, running = [], 0
         for bound, n in zip(self.bounds + (math.inf,), self.counts):
             running += n
-            out.append((bound, running))
-        return out
+            buckets.append((floatToGoString(bound), running))
+        return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=self.sum)
 
 
-class Family:
-    """One metric: name, type, help text and samples (label sets and values)."""
+class _Collector:
+    """Adapts a ``collect()`` returning families to the library's collector protocol;
+    a family without samples is left out (a metric absent until it has a value)."""
 
-    def __init__(self, name: str, kind: str, help_text: str):
-        if not _NAME.match(name):
-            raise ValueError(f"not a metric name: {name!r}")
-        if kind not in KINDS:
-            raise ValueError(f"not a metric type: {kind!r}")
-        self.name, self.kind, self.help = name, kind, help_text
-        self.samples: list[tuple[str, tuple, float]] = []     # (name suffix, labels, value)
+    def __init__(self, collect):
+        self._collect = collect
 
-    def add(self, value, **labels) -> Family:
-        if self.kind == "histogram":
-            raise TypeError("use add_histogram for a histogram family")
-        self.samples.append(("", _labels(labels), value))
-        return self
-
-    def add_histogram(self, hist: Histogram, **labels) -> Family:
-        if self.kind != "histogram":
-            raise TypeError(f"{self.name} is a {self.kind}, not a histogram")
-        base = _labels(labels)
-        for bound, n in hist.cumulative():
-            self.samples.append(("_bucket", base + (("le", format_value(bound)),), n))
-        self.samples.append(("_sum", base, hist.sum))
-        self.samples.append(("_count", base, hist.count))
-        return self
+    def collect(self):
+        return [fam for fam in self._collect() if fam.samples]
 
 
-def _labels(labels: dict) -> tuple:
-    for key in labels:
-        if not _LABEL.match(key) or key.startswith("__") or key == "le":
-            raise ValueError(f"not a label name: {key!r}")
-    return tuple((k, str(v)) for k, v in labels.items())
+def registry(collect):
+    """A registry of a daemon's own: ``collect()`` (called at each scrape, on the
+    reactor) and the library's process collector (``process_*``)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(collect))
+    ProcessCollector(registry=reg)
+    return reg
 
 
-def format_value(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+def render(reg, accept: str | None = None) -> tuple[bytes, str]:
+    """``(page, content type)`` of a registry, in the format ``accept`` (the scraper's
+    Accept header) asks for: the text format 0.0.4 unless it asks for another."""
+    from prometheus_client.exposition import choose_encoder
 
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def render(families) -> bytes:
-    """The text format: each family's HELP and TYPE lines, then its samples. A family
-    without samples is left out; two families of one name are a bug."""
-    out, seen = [], set()
-    for fam in families:
-        if fam.name in seen:
-            raise ValueError(f"metric {fam.name} is written twice")
-        seen.add(fam.name)
-        if not fam.samples:
-            continue
-        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-        out.append(f"# TYPE {fam.name} {fam.kind}")
-        for suffix, labels, value in fam.samples:
-            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            out.append(f"{fam.name}{suffix}{{{text}}} {format_value(value)}" if text
-                       else f"{fam.name}{suffix} {format_value(value)}")
-    return ("\n".join(out) + "\n").encode() if out else b""
-
-
-_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\Z')
-_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(?:,|\Z)')
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(reg), content_type
 
 
 def parse(text: str) -> dict:
-    """The samples of a text-format page: ``{(name, frozenset(labels.items())): value}``
-    (with the TYPE of each family under ``("# TYPE", name)``). Raises ValueError on a
-    line that is not the format."""
+    """The samples of a text-format page, read with prometheus_client's parser:
+    ``{(sample name, frozenset(labels.items())): value}``, and each family's type and
+    help under ``("# TYPE", family)`` and ``("# HELP", family)`` (the parser names a
+    counter's family without its ``_total``). Raises ValueError on what is not the format,
+    or on a sample written twice."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 4 and parts[1] == "TYPE":
-                out[("# TYPE", parts[2])] = parts[3]
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            raise ValueError(f"line {n}: not a sample: {line!r}")
-        labels, body = {}, m.group(2) or ""
-        pos = 0
-        while pos < len(body):
-            p = _PAIR.match(body, pos)
-            if not p:
-                raise ValueError(f"line {n}: bad labels: {body!r}")
-            labels[p.group(1)] = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), p.group(2))
-            pos = p.end()
-        raw = m.group(3)
-        value = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}.get(raw)
-        out[(m.group(1), frozenset(labels.items()))] = float(raw) if value is None else value
+    for fam in text_string_to_metric_families(text):
+        out[("# TYPE", fam.name)] = fam.type
+        out[("# HELP", fam.name)] = fam.documentation
+        for sample in fam.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            if key in out:
+                raise ValueError(f"sample {sample.name}{sample.labels} is written twice")
+            out[key] = sample.value
     return out
 
 
@@ -223,8 +170,8 @@ def parse_config(table: dict, fail) -> tuple[str, int] | None:
 
 
 # --- HTTP ------------------------------------------------------------------------------
-def metrics_resource(collect):
-    """The twisted.web resource: ``GET /metrics`` renders ``collect()``."""
+def metrics_resource(reg):
+    """The twisted.web resource: ``GET /metrics`` renders the registry ``reg``."""
     from twisted.web import resource
 
     class Metrics(resource.Resource):
@@ -235,22 +182,23 @@ def metrics_resource(collect):
                 request.setResponseCode(404)
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"not found: the metrics are at /metrics\n"
+            accept = request.getHeader(b"accept")
             try:
-                body = render(collect())
+                body, content_type = render(reg, accept.decode("latin-1") if accept else None)
             except Exception:       # a bug in a collector must not take the daemon down
                 log.exception("collecting metrics")
                 request.setResponseCode(500)
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"error collecting metrics (see the daemon's log)\n"
-            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            request.setHeader(b"content-type", content_type.encode())
             return body
 
     return Metrics()
 
 
-def listen(reactor, address: tuple[str, int], collect):
-    """Serve ``GET /metrics`` on ``address``; ``collect()`` returns the families. Returns
-    the listening port (``stopListening()`` to close). Raises OSError when it cannot."""
+def listen(reactor, address: tuple[str, int], reg):
+    """Serve ``GET /metrics`` on ``address`` from the registry ``reg``. Returns the
+    listening port (``stopListening()`` to close). Raises OSError when it cannot."""
     from twisted.internet.error import CannotListenError
     from twisted.web import server
 
@@ -262,7 +210,7 @@ def listen(reactor, address: tuple[str, int], collect):
 
     host, port = address
     try:
-        return reactor.listenTCP(port, Site(metrics_resource(collect)), backlog=16, interface=host)
+        return reactor.listenTCP(port, Site(metrics_resource(reg)), backlog=16, interface=host)
     except CannotListenError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise OSError(f"metrics: cannot listen on {where}: {exc.socketError}") from None
@@ -294,23 +242,29 @@ def nfqueue_counters(path: str = NFQUEUE_PROC) -> dict[int, dict]:
     return out
 
 
-def nfqueue_families(prefix: str, queues: dict[int, str], path: str = NFQUEUE_PROC) -> list[Family]:
+def nfqueue_families(prefix: str, queues: dict[int, str], path: str = NFQUEUE_PROC) -> list:
     """The kernel's counters of the daemon's own queues (``{number: purpose}``), as
     ``<prefix>_nfqueue_*`` with labels ``queue`` and ``purpose``."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     counters = nfqueue_counters(path)
-    fams = [Family(f"{prefix}_nfqueue_waiting", "gauge",
-                   "Packets in the kernel queue waiting for our verdict (queue_total)"),
-            Family(f"{prefix}_nfqueue_dropped_total", "counter",
-                   "Packets the kernel dropped because the queue was full (queue_dropped)"),
-            Family(f"{prefix}_nfqueue_user_dropped_total", "counter",
-                   "Packets netlink failed to deliver to us: the socket buffer was full (user_dropped)"),
-            Family(f"{prefix}_nfqueue_id_sequence", "counter",
-                   "Id of the last packet the kernel queued: packets queued since the queue was bound")]
+    labels = ["queue", "purpose"]
+    fams = {"waiting": GaugeMetricFamily(f"{prefix}_nfqueue_waiting",
+                                         "Packets in the kernel queue waiting for our verdict (queue_total)",
+                                         labels=labels),
+            "id_sequence": CounterMetricFamily(f"{prefix}_nfqueue_queued_total",
+                                               "Packets the kernel queued since the queue was bound "
+                                               "(id_sequence: the id of the last one)", labels=labels),
+            "dropped": CounterMetricFamily(f"{prefix}_nfqueue_dropped_total",
+                                           "Packets the kernel dropped because the queue was full (queue_dropped)",
+                                           labels=labels),
+            "user_dropped": CounterMetricFamily(f"{prefix}_nfqueue_user_dropped_total",
+                                                "Packets netlink failed to deliver to us: the socket buffer was "
+                                                "full (user_dropped)", labels=labels)}
     for number, purpose in sorted(queues.items()):
         c = counters.get(number)
         if c is None:
             continue
-        labels = {"queue": number, "purpose": purpose}
-        for fam, key in zip(fams, ("waiting", "dropped", "user_dropped", "id_sequence")):
-            fam.add(c[key], **labels)
-    return fams
+        for key, fam in fams.items():
+            fam.add_metric([str(number), purpose], c[key])
+    return list(fams.values())

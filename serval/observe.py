@@ -11,7 +11,8 @@ nothing. An observer, started and stopped by its daemon, reads them:
 * every minute (``summarize``): one INFO line per subject in which something happened
   (flows opened and closed, packets dropped by reason, queries by result...), and
   warnings for limits hit and packets the kernel dropped at our queues;
-* at each scrape (``collect``): the metric families.
+* at each scrape (``collect``): the metric families, built from the counters there and
+  then (the observer is its daemon's prometheus_client collector: ``self.registry``).
 
 docs/operations.md lists every metric and line.
 """
@@ -21,9 +22,12 @@ import logging
 import time
 from collections import Counter
 
+from prometheus_client.core import CounterMetricFamily as CounterFamily
+from prometheus_client.core import GaugeMetricFamily as GaugeFamily
+
 from serval import metrics as m
 from serval.logs import event
-from serval.metrics import Family, Histogram
+from serval.metrics import Histogram
 
 log = logging.getLogger("serval.observe")
 flow_log = logging.getLogger("serval.flow")
@@ -99,11 +103,12 @@ class Observer:
         self.started_wall = time.time()
         self.last_summary = clock()
         self.failed = False
+        self.registry = m.registry(self.collect)
 
     def start(self) -> None:
         from twisted.internet.task import LoopingCall
         if self.address is not None:
-            self.port = m.listen(self.reactor, self.address, self.collect)
+            self.port = m.listen(self.reactor, self.address, self.registry)
             host, port = self.address
             event(log, logging.INFO, "metrics_listening", "metrics at http://%s/metrics",
                   f"[{host}]:{port}" if ":" in host else f"{host}:{port}", address=f"{host}:{port}")
@@ -136,18 +141,19 @@ class Observer:
     def summarize(self, now: float, seconds: float) -> None:
         pass
 
-    def collect(self) -> list[Family]:
-        return [Family(f"{self.prefix}_start_time_seconds", "gauge",
-                       "When the daemon started (Unix time)").add(round(self.started_wall, 3))]
+    def collect(self) -> list:
+        """The metric families, read from the daemon at this moment (on the reactor)."""
+        return [GaugeFamily(f"{self.prefix}_start_time_seconds", "When the daemon started (Unix time)",
+                            value=round(self.started_wall, 3))]
 
-    def leftovers(self, stats: dict, used: set) -> Family:
+    def leftovers(self, stats: dict, used: set) -> CounterFamily:
         """Every counter of ``serval ctl stats`` not exposed under a name of its own."""
-        fam = Family(f"{self.prefix}_stat_total", "counter",
-                     "Counters of `serval ctl stats` without a metric of their own, by name")
+        fam = CounterFamily(f"{self.prefix}_stat_total",
+                            "Counters of `serval ctl stats` without a metric of their own, by name", labels=["stat"])
         for key in sorted(stats):
             v = stats[key]
             if key not in used and isinstance(v, (int, float)) and not isinstance(v, bool):
-                fam.add(v, stat=key)
+                fam.add_metric([key], v)
         return fam
 
 
@@ -377,7 +383,7 @@ class GatewayObserver(Observer):
                   d["internal_errors"], span, count=d["internal_errors"], seconds=span)
 
     # --- metrics ----------------------------------------------------------------------------
-    def collect(self) -> list[Family]:
+    def collect(self) -> list:
         now = self.clock()
         fastpath = getattr(self.gw, "fastpath", None)
         if fastpath is not None:
@@ -388,54 +394,61 @@ class GatewayObserver(Observer):
         s = _Used({**self.gw.stats, **(fastpath.stats() if fastpath is not None else {})})
         bytes_out, bytes_in = self.watch.totals()
         fams = super().collect()
-        fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which gateway this is")
-                    .add(1, role=cfg.role, instance=cfg.instance, carriage=cfg.carriage))
-        fams.append(Family(f"{p}_translated_packets_total", "counter",
-                           "Packets translated: to_sal (legacy TCP carried on as SAL) and from_sal "
-                           "(SAL delivered as legacy TCP), in Python and in the kernel's fast path")
-                    .add(s("to_sal") + s("fastpath_to_sal"), direction="to_sal")
-                    .add(s("from_sal") + s("fastpath_from_sal"), direction="from_sal"))
-        fams.append(Family(f"{p}_fastpath_flows", "gauge",
-                           "Established flows the kernel translates now (0 when the fast path is off)")
-                    .add(s("fastpath_flows")))
-        fams.append(Family(f"{p}_translated_bytes_total", "counter",
-                           "TCP bytes (headers included) translated, by direction, from the flows' counters")
-                    .add(bytes_out, direction="to_sal").add(bytes_in, direction="from_sal"))
-        drops = Family(f"{p}_dropped_packets_total", "counter",
-                       "Packets dropped instead of translated, by reason (the dropped_* counters)")
-        limits = Family(f"{p}_limit_hits_total", "counter",
-                        "Times a cap of [limits] was hit, by limit (the limit_* counters)")
+        info = GaugeFamily(f"{p}_info", "Always 1; the labels say which gateway this is",
+                           labels=["role", "instance", "carriage"])
+        info.add_metric([cfg.role, cfg.instance, cfg.carriage], 1)
+        packets = CounterFamily(f"{p}_translated_packets_total",
+                                "Packets translated: to_sal (legacy TCP carried on as SAL) and from_sal "
+                                "(SAL delivered as legacy TCP), in Python and in the kernel's fast path",
+                                labels=["direction"])
+        packets.add_metric(["to_sal"], s("to_sal") + s("fastpath_to_sal"))
+        packets.add_metric(["from_sal"], s("from_sal") + s("fastpath_from_sal"))
+        octets = CounterFamily(f"{p}_translated_bytes_total",
+                               "TCP bytes (headers included) translated, by direction, from the flows' counters",
+                               labels=["direction"])
+        octets.add_metric(["to_sal"], bytes_out)
+        octets.add_metric(["from_sal"], bytes_in)
+        fams += [info, packets,
+                 GaugeFamily(f"{p}_fastpath_flows",
+                             "Established flows the kernel translates now (0 when the fast path is off)",
+                             value=s("fastpath_flows")),
+                 octets]
+        drops = CounterFamily(f"{p}_dropped_packets_total",
+                              "Packets dropped instead of translated, by reason (the dropped_* counters)",
+                              labels=["reason"])
+        limits = CounterFamily(f"{p}_limit_hits_total",
+                               "Times a cap of [limits] was hit, by limit (the limit_* counters)", labels=["limit"])
         for key in sorted(s):
             if key.startswith("dropped_"):
-                drops.add(s(key), reason=key[len("dropped_"):])
+                drops.add_metric([key[len("dropped_"):]], s(key))
             elif key.startswith("limit_"):
-                limits.add(s(key), limit=key[len("limit_"):])
-        fams += [drops, limits]
-        fams.append(Family(f"{p}_malformed_packets_total", "counter",
-                           "Packets that were not valid IPv4/TCP/SAL (also counted in dropped by reason)")
-                    .add(s("malformed")))
+                limits.add_metric([key[len("limit_"):]], s(key))
+        fams += [drops, limits,
+                 CounterFamily(f"{p}_malformed_packets_total",
+                               "Packets that were not valid IPv4/TCP/SAL (also counted in dropped by reason)",
+                               value=s("malformed"))]
         states = self.watch.states()
-        flows = Family(f"{p}_flows", "gauge", "Flows in the table, by SAL state (closed ones linger a few seconds)")
+        flows = GaugeFamily(f"{p}_flows", "Flows in the table, by SAL state (closed ones linger a few seconds)",
+                            labels=["state"])
         for state in ("syn-sent", "syn-seen", "syn-received", "established", "closed", "reset", "failed"):
-            flows.add(states.pop(state, 0), state=state)
+            flows.add_metric([state], states.pop(state, 0))
         for state, n in sorted(states.items()):
-            flows.add(n, state=state)
-        fams.append(flows)
-        fams.append(Family(f"{p}_flows_opened_total", "counter", "Flows opened (SYNs translated into new flows)")
-                    .add(s("flows_opened")))
+            flows.add_metric([state], n)
+        fams += [flows, CounterFamily(f"{p}_flows_opened_total", "Flows opened (SYNs translated into new flows)",
+                                      value=s("flows_opened"))]
         if cfg.role == "client" or "flows_established" in s:
-            fams.append(Family(f"{p}_flows_established_total", "counter",
-                               "Flows whose SAL handshake completed (client gateway: SYN-ACK received)")
-                        .add(s("flows_established")))
-        ended = Family(f"{p}_flows_ended_total", "counter",
-                       "Flows ended, by how: closed (both FINs), reset, refused (by the backend), failed "
-                       "(control packets unanswered), idle (expired)")
+            fams.append(CounterFamily(f"{p}_flows_established_total",
+                                      "Flows whose SAL handshake completed (client gateway: SYN-ACK received)",
+                                      value=s("flows_established")))
+        ended = CounterFamily(f"{p}_flows_ended_total",
+                              "Flows ended, by how: closed (both FINs), reset, refused (by the backend), failed "
+                              "(control packets unanswered), idle (expired)", labels=["reason"])
         for key, reason in FLOW_ENDS.items():
-            ended.add(s(key), reason=reason)
+            ended.add_metric([reason], s(key))
         fams.append(ended)
         if "flows_resumed" in s:
-            fams.append(Family(f"{p}_flows_resumed_total", "counter",
-                               "Flows taken back from a snapshot at start").add(s("flows_resumed")))
+            fams.append(CounterFamily(f"{p}_flows_resumed_total", "Flows taken back from a snapshot at start",
+                                      value=s("flows_resumed")))
         for key, help_text in (
                 ("migrations_started", "Moves of our flows to a new address of ours started (RSYN sent)"),
                 ("migrations_completed", "Moves of our flows confirmed by the peer (RSYN answered)"),
@@ -445,76 +458,83 @@ class GatewayObserver(Observer):
                 ("packets_released", "Held packets sent on once the path was known"),
                 ("holds_timed_out", "Holds that ended by time-out (sent to the path in use)"),
                 ("control_retransmits", "SAL control packets retransmitted (SYN, FIN, RSYN...)")):
-            fams.append(Family(f"{p}_{key}_total", "counter", help_text).add(s(key)))
-        resets = Family(f"{p}_resets_total", "counter",
-                        "Resets: sal_sent, sal_received, legacy_sent (TCP RST to a legacy host), tcp_seen")
+            fams.append(CounterFamily(f"{p}_{key}_total", help_text, value=s(key)))
+        resets = CounterFamily(f"{p}_resets_total",
+                               "Resets: sal_sent, sal_received, legacy_sent (TCP RST to a legacy host), tcp_seen",
+                               labels=["kind"])
         for key, kind in (("sal_resets_sent", "sal_sent"), ("sal_resets_received", "sal_received"),
                           ("legacy_resets_sent", "legacy_sent"), ("tcp_resets_seen", "tcp_seen")):
-            resets.add(s(key), kind=kind)
-        fams.append(resets)
-        fams.append(Family(f"{p}_handshake_seconds", "histogram",
-                           "SAL handshake time: client gateway, SYN sent to SYN-ACK received; server gateway, "
-                           "SYN received to the handshake's ACK").add_histogram(self.handshakes))
-        fams.append(Family(f"{p}_migration_seconds", "histogram",
-                           "Time from moving a flow (RSYN sent) to the confirmed path").add_histogram(self.migrations))
-        fams.append(Family(f"{p}_internal_errors_total", "counter",
-                           "Packets whose handling raised (dropped; see the log)").add(s("internal_errors")))
-        fams.append(Family(f"{p}_injected_packets_total", "counter",
-                           "Packets we sent ourselves (control packets, resets, released SYNs)").add(s("injected")))
+            resets.add_metric([kind], s(key))
+        fams += [resets,
+                 self.handshakes.family(f"{p}_handshake_seconds",
+                                        "SAL handshake time: client gateway, SYN sent to SYN-ACK received; server "
+                                        "gateway, SYN received to the handshake's ACK"),
+                 self.migrations.family(f"{p}_migration_seconds",
+                                        "Time from moving a flow (RSYN sent) to the confirmed path"),
+                 CounterFamily(f"{p}_internal_errors_total", "Packets whose handling raised (dropped; see the log)",
+                               value=s("internal_errors")),
+                 CounterFamily(f"{p}_injected_packets_total",
+                               "Packets we sent ourselves (control packets, resets, released SYNs)",
+                               value=s("injected"))]
         s("syn_redirected")            # the same event as syns_redirected, counted per flow
         if cfg.role == "client":
-            fams.append(Family(f"{p}_syns_redirected_total", "counter",
-                               "SYNs sent again to a live router after theirs went down").add(s("syns_redirected")))
+            fams.append(CounterFamily(f"{p}_syns_redirected_total",
+                                      "SYNs sent again to a live router after theirs went down",
+                                      value=s("syns_redirected")))
         fams += self._routing_families(now)
         fams += m.nfqueue_families(p, self.queues())
         fams.append(self.leftovers(s, s.used))
         return fams
 
-    def _routing_families(self, now: float) -> list[Family]:
+    def _routing_families(self, now: float) -> list:
         p, agent, fams = self.prefix, self.gw.routing, []
         registrar = getattr(agent, "registrar", None)
         if registrar is not None:
             st = registrar.stats
-            fams.append(Family(f"{p}_registrations_sent_total", "counter",
-                               "Registration messages sent, by type (each goes to every router)")
-                        .add(st.get("sent_register", 0), type="register")
-                        .add(st.get("sent_unregister", 0), type="unregister"))
-            fams.append(Family(f"{p}_registration_acks_total", "counter",
-                               "Routers' answers to our registrations, by status: applied or refused")
-                        .add(st.get("acks", 0) - st.get("acks_refused", 0), status="applied")
-                        .add(st.get("acks_refused", 0), status="refused"))
-            acked = Family(f"{p}_router_acknowledged", "gauge",
-                           "1 while the router has acknowledged our registration within the hold time")
+            sent = CounterFamily(f"{p}_registrations_sent_total",
+                                 "Registration messages sent, by type (each goes to every router)", labels=["type"])
+            sent.add_metric(["register"], st.get("sent_register", 0))
+            sent.add_metric(["unregister"], st.get("sent_unregister", 0))
+            acks = CounterFamily(f"{p}_registration_acks_total",
+                                 "Routers' answers to our registrations, by status: applied or refused",
+                                 labels=["status"])
+            acks.add_metric(["applied"], st.get("acks", 0) - st.get("acks_refused", 0))
+            acks.add_metric(["refused"], st.get("acks_refused", 0))
+            acked = GaugeFamily(f"{p}_router_acknowledged",
+                                "1 while the router has acknowledged our registration within the hold time",
+                                labels=["router"])
             for router, view in registrar.views.items():
                 ok = view.acked is not None and now - view.acked <= registrar.hold and not view.status
-                acked.add(int(ok), router=f"{router[0]}:{router[1]}")
-            fams.append(acked)
-            offered = Family(f"{p}_service_state", "gauge",
-                             "1 for the state each service is in: registered, withdrawn (backend down), "
-                             "draining, checking (not checked yet)")
+                acked.add_metric([f"{router[0]}:{router[1]}"], int(ok))
+            offered = GaugeFamily(f"{p}_service_state",
+                                  "1 for the state each service is in: registered, withdrawn (backend down), "
+                                  "draining, checking (not checked yet)", labels=["service", "state"])
             for key, offer in registrar.offers.items():
                 for state in ("registered", "withdrawn", "draining", "checking"):
-                    offered.add(int(offer.state == state), service=key, state=state)
-            fams.append(offered)
+                    offered.add_metric([str(key), state], int(offer.state == state))
+            fams += [sent, acks, acked, offered]
         checks = getattr(agent, "checks", None)
         if checks:
-            up = Family(f"{p}_backend_up", "gauge", "Backend health: 1 up, 0 down (absent until checked)")
-            results = Family(f"{p}_backend_checks_total", "counter", "Backend health checks, by result")
+            up = GaugeFamily(f"{p}_backend_up", "Backend health: 1 up, 0 down (absent until checked)",
+                             labels=["backend"])
+            results = CounterFamily(f"{p}_backend_checks_total", "Backend health checks, by result",
+                                    labels=["backend", "result"])
             for (host, port), check in checks.items():
                 where = f"{host}:{port}"
                 if check.up is not None:
-                    up.add(int(check.up), backend=where)
-                results.add(check.checks - check.failures, backend=where, result="ok")
-                results.add(check.failures, backend=where, result="failed")
+                    up.add_metric([where], int(check.up))
+                results.add_metric([where, "ok"], check.checks - check.failures)
+                results.add_metric([where, "failed"], check.failures)
             fams += [up, results]
         health = getattr(agent, "health", None)
         if health is not None:
-            up = Family(f"{p}_router_up", "gauge", "1 while the router answers our probes ready")
-            rtt = Family(f"{p}_router_rtt_seconds", "gauge", "Round trip of the router's last probe answer")
+            up = GaugeFamily(f"{p}_router_up", "1 while the router answers our probes ready", labels=["router"])
+            rtt = GaugeFamily(f"{p}_router_rtt_seconds", "Round trip of the router's last probe answer",
+                              labels=["router"])
             for row in health.rows(now):
-                up.add(int(row["state"] == "live"), router=row["router"])
+                up.add_metric([str(row["router"])], int(row["state"] == "live"))
                 if row["rtt_ms"] is not None:
-                    rtt.add(row["rtt_ms"] / 1000, router=row["router"])
+                    rtt.add_metric([str(row["router"])], row["rtt_ms"] / 1000)
             fams += [up, rtt]
         return fams
 
@@ -631,57 +651,55 @@ class RouterObserver(Observer):
                   self.router.cfg.queue, full + user, span, full, user, queue=self.router.cfg.queue,
                   queue_full=full, socket_full=user, seconds=span)
 
-    def collect(self) -> list[Family]:
+    def collect(self) -> list:
         p, core, cfg = self.prefix, self.router.core, self.router.cfg
         s = _Used(core.stats)
         fams = super().collect()
-        fams.append(Family(f"{p}_info", "gauge", "Always 1; the labels say which router this is")
-                    .add(1, instance=cfg.instance, address=cfg.address or ""))
+        info = GaugeFamily(f"{p}_info", "Always 1; the labels say which router this is", labels=["instance", "address"])
+        info.add_metric([cfg.instance, cfg.address or ""], 1)
+        fams.append(info)
         for key, name, help_text in (
                 ("syn_forwarded", "syns_forwarded", "SAL SYNs forwarded to an instance (repeats included)"),
                 ("syn_repeated_same_instance", "syns_repeated", "Repeated SYNs sent where their first copy went"),
                 ("syn_delayed", "syns_delayed", "SYNs held by a DELAY rule"),
                 ("syn_released", "syns_released", "Held SYNs forwarded once a registration made them routable")):
-            fams.append(Family(f"{p}_{name}_total", "counter", help_text).add(s(key)))
-        fams.append(Family(f"{p}_syns_held", "gauge", "SYNs held by DELAY rules now").add(len(core.held)))
-        drops = Family(f"{p}_dropped_packets_total", "counter",
-                       "Packets dropped, by reason (not_a_syn: data never passes through a router)")
-        refused = Family(f"{p}_registrations_refused_total", "counter",
-                         "Registration-plane messages refused, by reason (unknown_key, bad_mac, malformed, "
-                         "replay, stale, not_owner...)")
-        control = Family(f"{p}_control_messages_total", "counter",
-                         "Authenticated registration-plane messages accepted, by type")
+            fams.append(CounterFamily(f"{p}_{name}_total", help_text, value=s(key)))
+        fams.append(GaugeFamily(f"{p}_syns_held", "SYNs held by DELAY rules now", value=len(core.held)))
+        drops = CounterFamily(f"{p}_dropped_packets_total",
+                              "Packets dropped, by reason (not_a_syn: data never passes through a router)",
+                              labels=["reason"])
+        refused = CounterFamily(f"{p}_registrations_refused_total",
+                                "Registration-plane messages refused, by reason (unknown_key, bad_mac, malformed, "
+                                "replay, stale, not_owner...)", labels=["reason"])
+        control = CounterFamily(f"{p}_control_messages_total",
+                                "Authenticated registration-plane messages accepted, by type", labels=["type"])
         for key in sorted(s):
-            if key.startswith("dropped_"):
-                drops.add(s(key), reason=key[len("dropped_"):])
-            elif key.startswith("refused_"):
-                refused.add(s(key), reason=key[len("refused_"):])
-            elif key.startswith("control_"):
-                control.add(s(key), type=key[len("control_"):])
+            for prefix, fam in (("dropped_", drops), ("refused_", refused), ("control_", control)):
+                if key.startswith(prefix):
+                    fam.add_metric([key[len(prefix):]], s(key))
         fams += [drops, refused, control]
-        events = Family(f"{p}_registration_events_total", "counter",
-                        "Registration changes: new, moved (new instance address), refreshed, unregistered, "
-                        "expired (no refresh within the hold time)")
+        events = CounterFamily(f"{p}_registration_events_total",
+                               "Registration changes: new, moved (new instance address), refreshed, unregistered, "
+                               "expired (no refresh within the hold time)", labels=["event"])
         for key, name in REGISTRY_EVENTS.items():
-            events.add(core.registry.stats.get(key, 0), event=name)
-        fams.append(events)
-        fams.append(Family(f"{p}_registrations", "gauge", "Registrations held (one per registering gateway)")
-                    .add(len(core.registry.by_sender)))
-        instances = Family(f"{p}_instances", "gauge", "Live instances of each registered service")
+            events.add_metric([name], core.registry.stats.get(key, 0))
+        fams += [events, GaugeFamily(f"{p}_registrations", "Registrations held (one per registering gateway)",
+                                     value=len(core.registry.by_sender))]
+        instances = GaugeFamily(f"{p}_instances", "Live instances of each registered service", labels=["service"])
         per: Counter = Counter()
         for row in core.names():
             per[f"{row['name']}:{row['port']}" if row["port"] is not None else row["name"]] += row["instances"]
         for service, n in sorted(per.items()):
-            instances.add(n, service=service)
-        fams.append(instances)
-        per_service = Family(f"{p}_service_syns_total", "counter",
-                             "SYNs per service, by outcome (forwarded, delayed, dropped_by_rule, dropped_delay_full)")
+            instances.add_metric([service], n)
+        per_service = CounterFamily(f"{p}_service_syns_total",
+                                    "SYNs per service, by outcome (forwarded, delayed, dropped_by_rule, "
+                                    "dropped_delay_full)", labels=["service", "outcome"])
         for key, v in sorted(core.service_counters().items()):
             service, _, outcome = key.rpartition(" ")
-            per_service.add(v, service=service, outcome=outcome)
-        fams.append(per_service)
-        fams.append(Family(f"{p}_internal_errors_total", "counter", "Packets or datagrams whose handling raised")
-                    .add(s("internal_errors")))
+            per_service.add_metric([service, outcome], v)
+        fams += [instances, per_service,
+                 CounterFamily(f"{p}_internal_errors_total", "Packets or datagrams whose handling raised",
+                               value=s("internal_errors"))]
         fams += m.nfqueue_families(p, {cfg.queue: "syn"})
         fams.append(self.leftovers(s, s.used))
         return fams
@@ -710,40 +728,42 @@ class DnsObserver(Observer):
               ", ".join(f"{word} {d[k]}" for k, word in keys.items() if d.get(k)), queries=d["queries"],
               seconds=span, results={word: d[k] for k, word in keys.items() if d.get(k)})
 
-    def collect(self) -> list[Family]:
+    def collect(self) -> list:
         p, dmn = self.prefix, self.daemon
         s = _Used(dmn.core.stats)
         fams = super().collect()
-        fams.append(Family(f"{p}_queries_total", "counter", "DNS queries received (UDP and TCP)").add(s("queries")))
-        results = Family(f"{p}_query_results_total", "counter",
-                         "Queries by result: zone (answered from a service zone), cache, upstream "
-                         "(forwarded and answered), servfail, refused, formerr, notimp, badvers, "
-                         "rate_limited and dropped (not answered)")
+        fams.append(CounterFamily(f"{p}_queries_total", "DNS queries received (UDP and TCP)", value=s("queries")))
+        results = CounterFamily(f"{p}_query_results_total",
+                                "Queries by result: zone (answered from a service zone), cache, upstream "
+                                "(forwarded and answered), servfail, refused, formerr, notimp, badvers, "
+                                "rate_limited and dropped (not answered)", labels=["result"])
         for r in DNS_RESULTS:
-            results.add(s(f"{r}_answers" if r in ("zone", "cache", "upstream") else r), result=r)
+            results.add_metric([r], s(f"{r}_answers" if r in ("zone", "cache", "upstream") else r))
         fams.append(results)
         for key, help_text in (("forwarded", "Questions sent upstream (once for identical questions in flight)"),
                                ("coalesced", "Queries that joined an identical question already upstream"),
                                ("truncated", "Answers truncated to fit (TC set)"),
                                ("internal_errors", "Messages whose handling raised")):
-            fams.append(Family(f"{p}_{key}_total", "counter", help_text).add(s(key)))
+            fams.append(CounterFamily(f"{p}_{key}_total", help_text, value=s(key)))
         fwd = dmn.forwarder.stats
-        fams.append(Family(f"{p}_upstream_attempts_total", "counter", "Attempts at an upstream, by transport")
-                    .add(fwd.get("udp_attempts", 0), transport="udp").add(fwd.get("tcp_attempts", 0), transport="tcp"))
-        failures = Family(f"{p}_upstream_failures_total", "counter",
-                          "Failed upstream attempts, by reason (all_failed: every upstream failed a question)")
+        attempts = CounterFamily(f"{p}_upstream_attempts_total", "Attempts at an upstream, by transport",
+                                 labels=["transport"])
+        attempts.add_metric(["udp"], fwd.get("udp_attempts", 0))
+        attempts.add_metric(["tcp"], fwd.get("tcp_attempts", 0))
+        failures = CounterFamily(f"{p}_upstream_failures_total",
+                                 "Failed upstream attempts, by reason (all_failed: every upstream failed a question)",
+                                 labels=["reason"])
         for key, reason in (("timeouts", "timeout"), ("refused", "refused"), ("bad_rcode", "bad_rcode"),
                             ("mismatched", "mismatched"), ("all_failed", "all_failed")):
-            failures.add(fwd.get(key, 0), reason=reason)
-        fams.append(failures)
-        up = Family(f"{p}_upstream_up", "gauge", "1 unless the upstream failed within retry_down_after")
+            failures.add_metric([reason], fwd.get(key, 0))
+        up = GaugeFamily(f"{p}_upstream_up", "1 unless the upstream failed within retry_down_after",
+                         labels=["upstream"])
         now = dmn.reactor.seconds()
         for u in dmn.forwarder.upstreams:
-            up.add(int(u.down_until <= now), upstream=str(u))
-        fams.append(up)
-        fams.append(Family(f"{p}_mappings", "gauge", "Names with a virtual address").add(len(dmn.allocator.by_name)))
-        fams.append(Family(f"{p}_cache_entries", "gauge", "Answers in the cache").add(len(dmn.cache)))
-        fams.append(Family(f"{p}_upstream_pending", "gauge", "Questions waiting for an upstream")
-                    .add(len(dmn.core.pending)))
+            up.add_metric([str(u)], int(u.down_until <= now))
+        fams += [attempts, failures, up,
+                 GaugeFamily(f"{p}_mappings", "Names with a virtual address", value=len(dmn.allocator.by_name)),
+                 GaugeFamily(f"{p}_cache_entries", "Answers in the cache", value=len(dmn.cache)),
+                 GaugeFamily(f"{p}_upstream_pending", "Questions waiting for an upstream", value=len(dmn.core.pending))]
         fams.append(self.leftovers(s, s.used))
         return fams

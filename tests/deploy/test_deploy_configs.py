@@ -1,12 +1,28 @@
-"""The configs shipped in deploy/compose/ and deploy/home-router/ load (no Docker, no
-root): every file the compose services and the systemd units name exists, and each is
-accepted by the daemon that reads it, with the addresses the compose networks give."""
+"""The configs shipped in deploy/ load and run.
+
+* deploy/compose/ and deploy/home-router/ (no Docker, no root): every file the compose
+  services and the systemd units name exists, and each is accepted by the daemon that
+  reads it, with the addresses the compose networks give.
+* deploy/client.toml, server.toml, router.toml and dns.toml, the README's first
+  deployment: `--check` accepts each, they agree with each other (one key, one mappings
+  file, the router's address, the resolver's zone), and, in namespaces with the
+  examples' own addresses, the four daemons start from the files as they are, an
+  unmodified client loads a page by name through them, and a clean stop leaves each
+  host's rules, routes, qdiscs and sysctls as they were.
+"""
 import ipaddress
+import os
 import re
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration.helpers import ruleset, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -109,3 +125,177 @@ def test_own_server_image_is_a_one_line_edit(tmp_path):
         assert "image: registry.example/team/server:1.2" in block
         assert "build:" not in block and "command:" not in block and "user:" not in block
         assert "accept_local" in block                     # the sidecar's sysctls stay
+
+
+# --- the README's first deployment: deploy/{client,server,router,dns}.toml ---------------
+DEPLOY = REPO / "deploy"
+EXAMPLES = {"client.toml": ["gateway", "client"], "server.toml": ["gateway", "server"],
+            "router.toml": ["router"], "dns.toml": ["dns"]}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_config_passes_check(name, tmp_path):
+    """`serval ... --check` as a user runs it; only key_file is pointed at a key made
+    here (the examples name /etc/serval/deployment.key, made at deployment time)."""
+    path = with_key(DEPLOY / name, tmp_path)
+    r = subprocess.run([sys.executable, "-m", "serval", *EXAMPLES[name], "--config", str(path), "--check"],
+                       capture_output=True, text=True, timeout=60, cwd=str(REPO), check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"{path}: ok" in r.stdout
+
+
+def test_examples_describe_one_deployment(tmp_path):
+    """The four examples fit together: a user who changes nothing but the addresses
+    gets a working routed set-up."""
+    from dns_resolver.config import load as load_dns
+    from gateway.config import load as load_gateway
+    from router.config import load as load_router
+    from sal.service_table import Action
+
+    key_files = {name: re.search(r'^key_file = "([^"]+)"', (DEPLOY / name).read_text(), re.MULTILINE).group(1)
+                 for name in ("client.toml", "server.toml", "router.toml")}
+    assert len(set(key_files.values())) == 1, key_files                   # one deployment key
+    router = load_router(str(with_key(DEPLOY / "router.toml", tmp_path)))
+    client = load_gateway(str(with_key(DEPLOY / "client.toml", tmp_path)), "client")
+    server = load_gateway(str(with_key(DEPLOY / "server.toml", tmp_path)), "server")
+    dns = load_dns(str(DEPLOY / "dns.toml"))
+    # the client: names from the resolver, SYNs to the router, nothing static
+    assert client.mappings == dns.mappings and client.control_socket == dns.gateway_control
+    assert client.virtual_network == dns.virtual_network and not client.services
+    assert [(h, p) for h, p in client.routing.routers] == [(router.address, router.registration_port)]
+    assert [(r.action, r.next_hop) for r in client.rules] == [(Action.FORWARD, router.address)]
+    # the server: registers with that router what the resolver names
+    assert [(h, p) for h, p in server.routing.routers] == [(router.address, router.registration_port)]
+    assert server.queue != client.queue and server.control_socket != client.control_socket
+    zone_services = {svc.name: svc.ports for svc in dns.services}
+    for svc in server.services:
+        assert svc.port in zone_services[svc.name], (svc.name, svc.port)
+
+
+def host_state(host) -> dict:
+    """What a gateway or router may change on its host and must put back on a clean stop."""
+    def run(*argv):
+        return host.run(list(argv), check=False).stdout
+    links = [line.split(":")[1].strip().split("@")[0] for line in run("ip", "-o", "link", "show").splitlines()]
+    return {"rules": ruleset(host), "routes": run("ip", "-4", "route", "show", "table", "all"),
+            "policy": run("ip", "-4", "rule", "show"), "qdiscs": run("tc", "qdisc", "show"),
+            "sysctls": run("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
+                           "/proc/sys/net/ipv4/conf/*/rp_filter /proc/sys/net/ipv4/conf/*/accept_local"),
+            "offloads": {ifname: run("ethtool", "-k", ifname) for ifname in links}}
+
+
+# Each daemon sees the examples' paths: /etc/serval (the key), /run/serval (control
+# sockets, flow snapshots) and /var/lib/serval (the mappings file) are directories of
+# this test, bound over those paths in a private mount namespace of the daemon alone.
+PRIVATE_DIRS = ('mount --bind "$1" /etc/serval && mount --bind "$2" /run/serval && '
+                'mount --bind "$3" /var/lib/serval && shift 3 && exec "$@"')
+
+
+@pytest.mark.integration
+def test_examples_run_a_first_deployment(lab, tmp_path):
+    """The examples unchanged on hosts with their addresses (routed_replicas' first
+    replica and router): client gateway and resolver on cgw, router on r0, server gateway
+    on sgw0 with the web server beside it; a client host that uses the resolver."""
+    from lab.topologies import routed_replicas
+    from serval.ctl import request as ctl_request
+
+    topo = routed_replicas(lab, replicas=1, routers=1)
+    cgw, r0, sgw = topo.cgw, topo.routers[0], topo.sgws[0]
+    client_text = (DEPLOY / "client.toml").read_text()
+    server_text = (DEPLOY / "server.toml").read_text()
+    router_text = (DEPLOY / "router.toml").read_text()
+    # the examples' addresses are the lab's: nothing to rewrite
+    for text in (client_text, server_text):
+        assert f'routers = ["{topo.router_addr(0)}"]' in text
+    assert f'address = "{topo.router_addr(0)}"' in router_text
+    backend = re.search(r'^backend = "([\d.]+):(\d+)"', server_text, re.MULTILINE)
+    assert backend.group(1) == topo.sgw_sal(0)
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from an unmodified server\n")
+    web = sgw.popen([sys.executable, "-m", "http.server", backend.group(2), "--bind", backend.group(1),
+                     "-d", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(sgw, backend.group(1), int(backend.group(2)))
+    topo.client.write_etc("resolv.conf", f"nameserver {topo.cgw_lan}\noptions timeout:2 attempts:2\n")
+
+    made = [d for d in ("/etc/serval", "/run/serval", "/var/lib/serval") if not os.path.isdir(d)]
+    for d in made:
+        os.makedirs(d)
+    # the README's steps: one key for the deployment, each host's configs in /etc/serval
+    key = secrets.token_hex(32) + "\n"
+    dirs = {}
+    for where, names in (("a", ("client.toml", "dns.toml")), ("b", ("router.toml",)), ("c", ("server.toml",))):
+        dirs[where] = [tmp_path / where / sub for sub in ("etc", "run", "lib")]
+        for d in dirs[where]:
+            d.mkdir(parents=True)
+        etc = dirs[where][0]
+        (etc / "deployment.key").write_text(key)
+        (etc / "deployment.key").chmod(0o600)
+        for name in names:
+            (etc / name).write_bytes((DEPLOY / name).read_bytes())
+    before = {h.name: host_state(h) for h in (cgw, r0, sgw)}
+    procs, logs = {}, {}
+
+    def start(name, host, where, argv):
+        logs[name] = tmp_path / f"{name}.log"
+        procs[name] = host.popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DIRS, "sh",
+                                  *map(str, dirs[where]), sys.executable, "-m", "serval", *argv],
+                                 cwd=str(REPO), stdout=open(logs[name], "w"), stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def log(name):
+        return logs[name].read_text()[-3000:]
+
+    def ctl(where, sock, cmd):
+        reply = ctl_request(str(dirs[where][1] / sock), cmd)
+        assert reply.get("ok"), reply
+        return reply["result"]
+
+    def wait_for(check, what, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, proc in procs.items():
+                assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{log(name)}"
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + \
+                "\n".join(f"--- {n}\n{log(n)}" for n in procs)
+            time.sleep(0.05)
+
+    try:
+        start("router", r0, "b", ["router", "--config", "/etc/serval/router.toml"])
+        start("server", sgw, "c", ["gateway", "server", "--config", "/etc/serval/server.toml"])
+        start("client", cgw, "a", ["gateway", "client", "--config", "/etc/serval/client.toml"])
+        start("dns", cgw, "a", ["dns", "--config", "/etc/serval/dns.toml"])
+        wait_for(lambda: any(row["name"] == "web.svc.example" and row["instances"] == 1
+                             for row in ctl("b", "router.sock", "names")), "the server gateway's registration")
+        wait_for(lambda: all(row.get("health") == "live" for row in ctl("a", "client.sock", "services")),
+                 "the router live at the client gateway")
+        answer = topo.client.run(["dig", "+short", "web.svc.example"], check=False).stdout.split()
+        assert answer and ipaddress.ip_address(answer[0]) in ipaddress.ip_network("198.18.0.0/16"), answer
+        page = topo.client.run(["curl", "-sS", "--max-time", "10", "http://web.svc.example/"], check=False)
+        assert page.stdout == "hello from an unmodified server\n", (page.stderr, log("client"))
+        assert ctl("a", "client.sock", "stats")["flows_opened"] == 1
+        # a clean stop (SIGTERM): every daemon exits 0 and its host is as it was
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(30) for name, proc in procs.items()}
+        assert codes == dict.fromkeys(procs, 0), {n: log(n) for n in procs}
+        for h in (cgw, r0, sgw):
+            after = host_state(h)
+            for what, value in before[h.name].items():
+                assert after[what] == value, f"{h.name}: {what} not as before the start"
+    finally:
+        for proc in [*procs.values(), web]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

@@ -1,7 +1,9 @@
 """Metrics and logs of the real daemons: each serves /metrics on 127.0.0.1:9464 inside its
 namespace, scraped with curl while the test does something whose effect it knows: a
 transfer, a move of the client gateway, junk sent at a gateway, a server gateway and a
-router killed, DNS queries. The routed daemons also log in JSON (--log-json)."""
+router killed, DNS queries. Pages are read with prometheus_client's parsers (the text
+format, and OpenMetrics where the scraper asks for it as Prometheus does). The routed
+daemons also log in JSON (--log-json)."""
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import sys
 import time
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from lab.gateways import METRICS_PORT, RunningGateways
 from lab.routed import REPO, Knobs, RoutedDeployment, run_client, start_backend
@@ -84,7 +87,7 @@ def test_gateway_pair_transfer_move_and_junk(lab, tmp_path):
         assert m.total(c, "serval_gateway_dropped_packets_total") - before == 20, drops
         assert drops == {k[len("dropped_"):]: v for k, v in stats.items() if k.startswith("dropped_")}
         for queue, purpose in ((0, "bulk"), (1000, "control")):
-            assert m.value(c, "serval_gateway_nfqueue_id_sequence", queue=queue, purpose=purpose) > 0
+            assert m.value(c, "serval_gateway_nfqueue_queued_total", queue=queue, purpose=purpose) > 0
             assert m.value(c, "serval_gateway_nfqueue_waiting", queue=queue, purpose=purpose) is not None
         assert c[("# TYPE", "serval_gateway_migration_seconds")] == "histogram"
         assert "migrations: 1 completed in the last 1 s" in gws.log("client")
@@ -142,7 +145,7 @@ def test_routed_metrics_through_a_gateway_and_a_router_failure(requires_netns):
                 assert m.value(s, "serval_router_instances", service="web.svc.example:80") == 2
                 assert m.value(s, "serval_router_registration_events_total", event="new") == 2
                 assert m.value(s, "serval_router_dropped_packets_total", reason="not_a_syn", default=0) == 0
-                assert m.value(s, "serval_router_nfqueue_id_sequence", queue=2, purpose="syn") > 0
+                assert m.value(s, "serval_router_nfqueue_queued_total", queue=2, purpose="syn") > 0
             cgw = d.scrape("cgw")
             assert m.value(cgw, "serval_gateway_flows_opened_total") == 200
             assert m.value(cgw, "serval_gateway_handshake_seconds_count") == 200
@@ -201,6 +204,11 @@ def test_resolver_metrics_and_json_logs(lab, tmp_path):
         host.run(["dig", "+short", "+tries=1", "+time=1", "@127.0.0.1", name], check=False)
     s = scrape(host, 9466)
     assert m.value(s, "serval_dns_queries_total") == 4
+    assert m.value(s, "process_resident_memory_bytes") > 0                # the library's process collector
+    om = host.run(["curl", "-sS", "--fail", "-m", "5", "-H", "Accept: application/openmetrics-text;version=1.0.0",
+                   "http://127.0.0.1:9466/metrics"]).stdout
+    (queries,) = [f for f in openmetrics_families(om) if f.name == "serval_dns_queries"]
+    assert queries.type == "counter" and queries.samples[0].value == 4
     assert m.value(s, "serval_dns_query_results_total", result="zone") == 3
     assert m.value(s, "serval_dns_query_results_total", result="servfail") == 1     # no upstreams
     assert m.value(s, "serval_dns_mappings") == 1

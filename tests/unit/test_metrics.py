@@ -1,73 +1,87 @@
-"""Metrics: the text format, the config value, the HTTP resource, the kernel's queue
-counters, and what each daemon's observer exposes (translators, router core and resolver
-core driven in memory)."""
-import math
+"""Metrics: the exposition (prometheus_client's, read back with its own parsers), the
+config value, the HTTP resource, the kernel's queue counters, and what each daemon's
+observer exposes (translators, router core and resolver core driven in memory)."""
 import time
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from serval import metrics as m
-from serval.metrics import Family, Histogram
+from serval.metrics import Histogram
 from serval.observe import DnsObserver, GatewayObserver, RouterObserver
 
-
-# --- the text format ----------------------------------------------------------------------
-def test_render_help_type_and_samples():
-    fams = [Family("serval_x_packets_total", "counter", "Packets, by direction")
-            .add(3, direction="to_sal").add(4, direction="from_sal"),
-            Family("serval_x_flows", "gauge", "Flows").add(7),
-            Family("serval_x_nothing", "gauge", "Left out: no samples")]
-    assert m.render(fams).decode() == (
-        "# HELP serval_x_packets_total Packets, by direction\n"
-        "# TYPE serval_x_packets_total counter\n"
-        'serval_x_packets_total{direction="to_sal"} 3\n'
-        'serval_x_packets_total{direction="from_sal"} 4\n'
-        "# HELP serval_x_flows Flows\n"
-        "# TYPE serval_x_flows gauge\n"
-        "serval_x_flows 7\n")
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+# what a Prometheus server sends: OpenMetrics first, the text format as a fallback
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 
-def test_escaping_and_values():
-    fam = Family("x", "gauge", 'help with \\ and\nnewline').add(1.5, v='a"b\\c\nd')
-    text = m.render([fam]).decode()
+def families(*fams):
+    """A registry holding ``fams`` (and the process collector, as a daemon's does)."""
+    return m.registry(lambda: list(fams))
+
+
+# --- exposition -----------------------------------------------------------------------------
+def test_page_has_help_type_and_samples_and_leaves_out_empty_families():
+    packets = CounterMetricFamily("serval_x_packets_total", "Packets, by direction", labels=["direction"])
+    packets.add_metric(["to_sal"], 3)
+    packets.add_metric(["from_sal"], 4)
+    nothing = GaugeMetricFamily("serval_x_nothing", "Left out: no samples", labels=["state"])
+    page, content_type = m.render(families(packets, GaugeMetricFamily("serval_x_flows", "Flows", value=7), nothing))
+    text = page.decode()
+    assert content_type == TEXT_0_0_4
+    assert ("# HELP serval_x_packets_total Packets, by direction\n"
+            "# TYPE serval_x_packets_total counter\n"
+            'serval_x_packets_total{direction="to_sal"} 3.0\n'
+            'serval_x_packets_total{direction="from_sal"} 4.0\n') in text
+    assert "serval_x_nothing" not in text
+    s = m.parse(text)
+    assert m.value(s, "serval_x_flows") == 7
+    assert s[("# TYPE", "serval_x_packets")] == "counter"        # the parser names a counter without _total
+    assert s[("# HELP", "serval_x_flows")] == "Flows"
+    assert m.value(s, "process_resident_memory_bytes") > 0     # the library's process collector
+
+
+def test_escaping_round_trips_through_the_parser():
+    fam = GaugeMetricFamily("x", 'help with \\ and\nnewline', labels=["v"])
+    fam.add_metric(['a"b\\c\nd'], 1.5)
+    text = m.render(families(fam))[0].decode()
     assert "# HELP x help with \\\\ and\\nnewline\n" in text
-    assert 'x{v="a\\"b\\\\c\\nd"} 1.5\n' in text
-    assert [m.format_value(v) for v in (3, 2.0, 0.25, math.inf, -math.inf, math.nan, True, 1e20)] == \
-        ["3", "2", "0.25", "+Inf", "-Inf", "NaN", "1", "1e+20"]
-    assert m.parse(text)[("x", frozenset({("v", 'a"b\\c\nd')}))] == 1.5
+    s = m.parse(text)
+    assert m.value(s, "x", v='a"b\\c\nd') == 1.5
+    assert s[("# HELP", "x")] == 'help with \\ and\nnewline'
 
 
-def test_names_are_checked():
-    with pytest.raises(ValueError):
-        Family("bad-name", "counter", "")
-    with pytest.raises(ValueError):
-        Family("x", "summary", "")
-    with pytest.raises(ValueError):
-        Family("x", "gauge", "").add(1, __reserved="1")
-    with pytest.raises(ValueError):
-        m.render([Family("x", "gauge", "").add(1), Family("x", "gauge", "").add(2)])
+def test_openmetrics_when_the_scraper_asks_for_it():
+    fam = CounterMetricFamily("serval_x_packets_total", "Packets", value=3)
+    page, content_type = m.render(families(fam), PROMETHEUS_ACCEPT)
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert page.endswith(b"# EOF\n")
+    (parsed,) = [f for f in openmetrics_families(page.decode()) if f.name == "serval_x_packets"]
+    assert parsed.type == "counter" and parsed.samples[0].value == 3
+    assert m.render(families(fam), "*/*")[1] == TEXT_0_0_4          # curl's Accept
 
 
 def test_histogram_buckets_are_cumulative_and_end_at_inf():
     h = Histogram((0.01, 0.1, 1.0))
     for v in (0.005, 0.01, 0.05, 0.5, 3.0):
         h.observe(v)
-    text = m.render([Family("lat_seconds", "histogram", "Latency").add_histogram(h, side="client")]).decode()
-    s = m.parse(text)
+    s = m.parse(m.render(families(h.family("lat_seconds", "Latency")))[0].decode())
     le = {dict(k[1])["le"]: v for k, v in s.items() if k[0] == "lat_seconds_bucket"}
-    assert le == {"0.01": 2, "0.1": 3, "1": 4, "+Inf": 5}       # a value on a bound is in that bucket
-    assert m.value(s, "lat_seconds_count", side="client") == 5
-    assert m.value(s, "lat_seconds_sum", side="client") == pytest.approx(3.565)
+    assert le == {"0.01": 2, "0.1": 3, "1.0": 4, "+Inf": 5}       # a value on a bound is in that bucket
+    assert m.value(s, "lat_seconds_count") == 5
+    assert m.value(s, "lat_seconds_sum") == pytest.approx(3.565)
     assert s[("# TYPE", "lat_seconds")] == "histogram"
-    assert text.index('le="0.01"') < text.index('le="+Inf"') < text.index("lat_seconds_sum")
-    with pytest.raises(TypeError):
-        Family("g", "gauge", "").add_histogram(h)
+    with pytest.raises(ValueError):
+        Histogram((0.1, float("inf")))
 
 
 def test_parse_refuses_what_is_not_the_format():
-    with pytest.raises(ValueError):
-        m.parse("this is not a sample line at all\n")
+    for junk in ("this is not a sample line at all\n", 'a{x="1" 3\n', "a 1\na 2\n"):
+        with pytest.raises(ValueError):
+            m.parse(junk)
     assert m.total(m.parse('a{x="1",y="2"} 3\na{x="1",y="3"} 4\nb 1\n'), "a", x=1) == 7
 
 
@@ -120,24 +134,28 @@ def test_each_daemon_config_takes_metrics(tmp_path):
 
 
 # --- HTTP -----------------------------------------------------------------------------------
-def _get(resource, path: bytes):
+def _get(resource, path: bytes, accept: str | None = None):
     from twisted.web.test.requesthelper import DummyRequest
     request = DummyRequest([p for p in path.split(b"/") if p])
     request.path = path
+    if accept is not None:
+        request.requestHeaders.setRawHeaders(b"accept", [accept.encode()])
     body = resource.render(request)
     return request.responseCode or 200, request.responseHeaders.getRawHeaders(b"content-type"), body
 
 
 def test_resource_serves_metrics_and_survives_a_broken_collector():
-    good = m.metrics_resource(lambda: [Family("serval_test_up", "gauge", "Up").add(1)])
+    good = m.metrics_resource(families(GaugeMetricFamily("serval_test_up", "Up", value=1)))
     code, ctype, body = _get(good, b"/metrics")
-    assert code == 200 and ctype == [m.CONTENT_TYPE.encode()] and body == \
-        b"# HELP serval_test_up Up\n# TYPE serval_test_up gauge\nserval_test_up 1\n"
+    assert code == 200 and ctype == [TEXT_0_0_4.encode()]
+    assert b"# HELP serval_test_up Up\n# TYPE serval_test_up gauge\nserval_test_up 1.0\n" in body
+    code, ctype, body = _get(good, b"/metrics", PROMETHEUS_ACCEPT)
+    assert code == 200 and ctype[0].startswith(b"application/openmetrics-text") and body.endswith(b"# EOF\n")
     assert _get(good, b"/other")[0] == 404
 
     def broken():
         raise RuntimeError("bug")
-    code, _, body = _get(m.metrics_resource(broken), b"/metrics")
+    code, _, body = _get(m.metrics_resource(m.registry(broken)), b"/metrics")
     assert code == 500 and b"error" in body
 
 
@@ -146,7 +164,7 @@ def test_listen_binds_the_configured_address_and_says_when_it_cannot():
     from twisted.internet.testing import MemoryReactor
 
     reactor = MemoryReactor()
-    m.listen(reactor, ("127.0.0.1", 9464), list)
+    m.listen(reactor, ("127.0.0.1", 9464), families())
     port, _, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (9464, "127.0.0.1")
 
@@ -154,7 +172,7 @@ def test_listen_binds_the_configured_address_and_says_when_it_cannot():
         def listenTCP(self, port, factory, backlog=50, interface=""):
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
     with pytest.raises(OSError, match=r"metrics: cannot listen on 127\.0\.0\.1:9464: .*in use"):
-        m.listen(Taken(), ("127.0.0.1", 9464), list)
+        m.listen(Taken(), ("127.0.0.1", 9464), families())
 
 
 # --- the kernel's queue counters ------------------------------------------------------------------
@@ -165,18 +183,27 @@ def test_nfqueue_counters(tmp_path):
     assert m.nfqueue_counters(str(proc)) == {
         0: {"waiting": 3, "dropped": 7, "user_dropped": 2, "id_sequence": 991},
         1000: {"waiting": 0, "dropped": 0, "user_dropped": 0, "id_sequence": 40}}
-    s = m.parse(m.render(m.nfqueue_families("serval_gateway", {0: "bulk", 1000: "control", 5: "gone"},
-                                            str(proc))).decode())
+    fams = m.nfqueue_families("serval_gateway", {0: "bulk", 1000: "control", 5: "gone"}, str(proc))
+    s = m.parse(m.render(families(*fams))[0].decode())
     assert m.value(s, "serval_gateway_nfqueue_dropped_total", queue=0, purpose="bulk") == 7
-    assert m.value(s, "serval_gateway_nfqueue_id_sequence", queue=1000, purpose="control") == 40
+    assert m.value(s, "serval_gateway_nfqueue_queued_total", queue=1000, purpose="control") == 40
     assert m.value(s, "serval_gateway_nfqueue_waiting", queue=5, purpose="gone") is None
     assert m.nfqueue_counters(str(tmp_path / "absent")) == {}
 
 
 # --- what the daemons expose ----------------------------------------------------------------------
 def scrape(observer) -> dict:
-    text = m.render(observer.collect()).decode()
-    return m.parse(text)
+    """The observer's page, parsed; and checked as a Prometheus server would take it: one
+    family per name, each with its help text, and valid OpenMetrics too."""
+    fams = observer.collect()
+    names = [fam.name for fam in fams]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    page, _ = m.render(observer.registry)
+    samples = m.parse(page.decode())
+    assert all(text for (kind, _), text in samples.items() if kind == "# HELP")
+    strict, _ = m.render(observer.registry, PROMETHEUS_ACCEPT)
+    assert {f.name for f in openmetrics_families(strict.decode())} >= {f.name for f in fams if f.samples}
+    return samples
 
 
 def fake_gateway(translator, role):
