@@ -214,9 +214,12 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     timeouts = data.get("timeouts", {})
     for key, value in timeouts.items():
         if not hasattr(cfg.timeouts, key):
-            fail("timeouts", None, key, f"unknown timeout {key!r} (idle, handshake, linger, reset_linger)")
-        if not isinstance(value, (int, float)) or value <= 0:
-            fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds")
+            fail("timeouts", None, key,
+                 f"unknown timeout {key!r} (idle, handshake, linger, reset_linger, keepalive)")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+                or (value == 0 and key != "keepalive"):
+            fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds"
+                 + (" (0: off)" if key == "keepalive" else ""))
         setattr(cfg.timeouts, key, float(value))
     seen = {}
     for i, svc in enumerate(_table_list(data, "service", fail)):

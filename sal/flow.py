@@ -117,6 +117,11 @@ class SalFlow:
         """Client: the ACK that completes the handshake (CONTROL + SERVICE)."""
         return self._control(ACK, service=True)
 
+    def keepalive(self) -> SalHeader:
+        """A bare ACK of what we have (it consumes no number and asks for no answer):
+        traffic that keeps a NAT's mapping of an idle flow alive."""
+        return self._control(ACK)
+
     # --- closing -------------------------------------------------------------------
     def close(self, now: float) -> SalHeader | None:
         """Our side has finished sending: a SAL FIN, now or once the outstanding

@@ -33,6 +33,9 @@ class Timeouts:
     handshake: float = 60.0     # a flow whose handshake never completed
     linger: float = 5.0         # after both directions closed: late retransmissions
     reset_linger: float = 2.0   # after a reset
+    # an established flow quiet this long sends its peer a SAL ACK, so that a NAT on the
+    # way keeps its mapping (home routers forget idle UDP in 30-180 s); 0: never
+    keepalive: float = 0.0
 
 
 class Flow:
@@ -45,7 +48,7 @@ class Flow:
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
                  "migration_started", "prev_peer_addr", "source_key", "remote_fin_end",
-                 "remote_fin_acked")
+                 "remote_fin_acked", "rebind_to")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -67,6 +70,7 @@ class Flow:
         self.moving_peer = None         # (address, port) the peer is moving to
         self.migration_started = None
         self.prev_peer_addr = None      # the peer's address before its last move
+        self.rebind_to = None           # (address, port) a path challenge went to (NAT rebinding)
         self.source_key = None          # what the per-source cap counts this flow under
 
     def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
@@ -130,6 +134,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         self.migration_times: list[float] = []    # seconds from move to confirmed path
         self.handshake_times: list[float] = []    # seconds from the first SYN to established
         self.forgotten_bytes_out = self.forgotten_bytes_in = 0   # of flows no longer held
+        self._keepalive_at: float | None = None   # the next look for quiet flows
 
     # --- flows ---------------------------------------------------------------------
     def _new_flow(self, now: float) -> Flow:
@@ -178,6 +183,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         # from now on the idle timeout applies, which may be shorter than the handshake's
         heapq.heappush(self._expiry, (flow.last_seen + self.timeouts.idle, flow.sal.local_flow))
         self.events.append(FlowEstablished(flow, None if now is None else now - flow.created))
+        if self.timeouts.keepalive and self._keepalive_at is None:
+            self._keepalive_at = flow.last_seen + self.timeouts.keepalive
 
     def _deadline(self, flow: Flow) -> float:
         state = flow.sal.state
@@ -214,10 +221,36 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         times += [self.flows[f].hold_deadline for f in self._holding if f in self.flows]
         if self._expiry:
             times.append(self._expiry[0][0])
+        if self._keepalive_at is not None:
+            times.append(self._keepalive_at)
         return min(times) if times else None
+
+    def _send_keepalives(self, now: float) -> None:
+        """A SAL ACK on each established flow quiet for the keepalive interval; the next
+        look in half an interval while any flow is established."""
+        every = self.timeouts.keepalive
+        self._keepalive_at = None
+        if not every:
+            return
+        live = False
+        for flow in self.flows.values():
+            if flow.closed_at is not None or flow.sal.state != State.ESTABLISHED or flow.send_handshake_ack:
+                continue
+            live = True
+            if now - flow.last_seen < every:
+                continue
+            if self.refresh is not None:
+                self.refresh(flow)             # the kernel may have carried its packets
+            if now - flow.last_seen >= every and flow.sal.outstanding is None and flow.held is None:
+                self._emit_sal(flow, flow.sal.keepalive().encode())
+                self.stats["keepalives_sent"] += 1
+        if live:
+            self._keepalive_at = now + every / 2
 
     def handle_timer(self, now: float) -> None:
         self._expire_holds(now)
+        if self._keepalive_at is not None and self._keepalive_at <= now:
+            self._send_keepalives(now)
         heap, due = self._rtx_heap, set()
         while heap and heap[0][0] <= now:
             due.add(heapq.heappop(heap)[1])
@@ -275,6 +308,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 or pkt[16:20] != flow.local_addr
                 or _U16.unpack_from(pkt, 2)[0] != len(pkt) or pkt[6] & 0x3F or pkt[7]):
             return None
+        if at != 20 and _U16.unpack_from(pkt, 20)[0] != flow.peer_port:
+            return None          # over UDP, from another port: a NAT rebound the peer
         return flow
 
     def _fast_from_sal(self, pkt: bytes, now: float) -> bytes | None:
@@ -327,9 +362,11 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             if hdr.src_flow != flow.sal.remote_flow:
                 self.stats["dropped_wrong_peer"] += 1
                 return None
+            if self._from_elsewhere(flow, ip.src, peer_port):
+                self.challenge_path(flow, ip.src, peer_port, now)
             if ip.src != flow.peer_addr and ip.src != flow.prev_peer_addr:
                 if flow.moving_peer is None or flow.moving_peer[0] != ip.src:
-                    self.stats["dropped_wrong_peer"] += 1
+                    self.stats["dropped_wrong_peer"] += 1    # until the new path answers
                     return None
             if flow.moving_peer is not None and flow.moving_peer[0] == ip.src:
                 # data from where the peer is moving: its ACK was lost, the data confirms it
@@ -344,6 +381,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             events = self._sal_control(flow, ip, hdr, now, off < len(body), peer_port)
             if events is None:
                 return None
+            if not events and self._from_elsewhere(flow, ip.src, peer_port):
+                self.challenge_path(flow, ip.src, peer_port, now)   # a keepalive, say
             self._after_control(flow, ip, peer_port, events)
         if off >= len(body):
             if hdr.control is None:
@@ -354,6 +393,13 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             return None
         self.stats["from_sal"] += 1
         return self._to_legacy(flow, pkt, seg, now, self._in_delta_for(flow, ip))
+
+    def _from_elsewhere(self, flow: Flow, addr: bytes, port: int) -> bool:
+        """A packet of the flow from another address, or UDP port, than the peer's
+        (and not from where a move of the peer's own is taking it)."""
+        if addr == flow.peer_addr and (not port or port == flow.peer_port):
+            return False
+        return flow.moving_peer is None and flow.rebind_to != (addr, port)
 
     def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
         """What a side does on a flow's events besides the shared handling."""
@@ -375,6 +421,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 self.outbox.append(self.carriage.wrap(flow.local_addr, ip.src, reply.encode(),
                                                       peer_port or flow.peer_port))
             replies = []
+        if Event.MIGRATED in events and flow.rebind_to is not None:
+            self._on_path_validated(flow, ip.src, peer_port)   # before the ACK goes out
         for reply in replies:
             self._emit_sal(flow, reply.encode())
         if Event.MIGRATED in events:
@@ -424,6 +472,9 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
     # --- SAL output ----------------------------------------------------------------
     def _emit_sal(self, flow: Flow, body: bytes) -> None:
         self.outbox.append(self.carriage.wrap(flow.local_addr, flow.peer_addr, body, flow.peer_port))
+        if flow.rebind_to is not None:          # a path challenge: the new place too
+            addr, port = flow.rebind_to
+            self.outbox.append(self.carriage.wrap(flow.local_addr, addr, body, port))
 
     def _to_sal(self, flow: Flow, pkt: bytes, seg: bytes, now: float, sal_header: bytes,
                 csum_delta: int | None = None) -> bytes:

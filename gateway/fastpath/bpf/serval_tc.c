@@ -289,16 +289,14 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 	__u32 tcp_off = ETH_HLEN + IP_LEN + shrink, seg_len;
 	__u8 *sal = data + ETH_HLEN + IP_LEN + shrink - SAL_LEN;
 	struct tcphdr *th = data + tcp_off;
+	struct udphdr *udp = data + ETH_HLEN + IP_LEN;
 	struct flow *f;
 	__u32 fid;
 
 	if ((void *)(th + 1) > end || tot < IP_LEN + shrink + TCP_MIN)
 		return PASS;
-	if (cfg->udp) {
-		struct udphdr *udp = data + ETH_HLEN + IP_LEN;
-		if (udp->dest != cfg->udp_port)
-			return PASS;
-	}
+	if (cfg->udp && udp->dest != cfg->udp_port)
+		return PASS;
 	__builtin_memcpy(&fid, sal + 4, 4);
 	f = bpf_map_lookup_elem(&serval_flows, &fid);
 	if (!f)
@@ -309,6 +307,10 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 	 * so the same checksum), from the peer, to us */
 	if (!same_header(sal, f->in_hdr) || ip->saddr != f->peer_addr ||
 	    ip->daddr != f->local_addr)
+		return count(C_PASS_MISMATCH, PASS);
+	/* over UDP, from another port of the peer's address: a NAT rebound it, and
+	 * Python validates the new path before the flow follows it */
+	if (cfg->udp && udp->source != f->peer_port)
 		return count(C_PASS_MISMATCH, PASS);
 	if (th->fin || th->rst)
 		return hand_back(f);
