@@ -19,9 +19,10 @@ from sal.wire import RST, SYN
 from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32, _seq_geq
 from .ports import TIME_WAIT, PortPool
 
-# The reference retransmits a SYN after 3 s: the verdict on an old flow comes before.
-CHALLENGE_INTERVAL = 0.5    # seconds between probes of an old flow
-CHALLENGE_TRIES = 2         # unanswered this many times: the peer no longer knows the flow
+# The reference retransmits a SYN after 3 s: the verdict on an old flow comes before
+# (1.8 s), and a live peer up to about a second and a half away answers in time.
+CHALLENGE_INTERVAL = 0.6    # seconds between probes of an old flow
+CHALLENGE_TRIES = 3         # unanswered this many times: the peer no longer knows the flow
 CHALLENGE_HOLDOFF = 1.0     # after an answer, new SYNs for the flow are dropped unprobed
 _NEW = object()             # the old flow is gone: the SYN opens a new one
 
@@ -181,6 +182,7 @@ class ServerTranslator(Translator):
         if flow.closed_at is None:
             self._reset_legacy(flow)
             self._backend_fate[flow.sal.local_flow] = "reset"
+            self._finish(flow, now, "replaced")
         self._forget(flow)
         return _NEW
 
@@ -242,13 +244,14 @@ class ServerTranslator(Translator):
                 self.stats["syn_challenge_unanswered"] += 1
                 self._reset_legacy(flow)
                 self._backend_fate[fid] = "reset"
+                self._finish(flow, now, "replaced")
                 self._forget(flow)
 
     def next_deadline(self) -> float | None:
         at = super().next_deadline()
-        heap = self._challenge_heap
-        while heap and heap[0][1] not in self._challenges:
-            heapq.heappop(heap)
+        heap, challenges = self._challenge_heap, self._challenges
+        while heap and (heap[0][1] not in challenges or challenges[heap[0][1]].deadline != heap[0][0]):
+            heapq.heappop(heap)          # stale: answered (a later deadline is in), or ended
         if heap:
             at = heap[0][0] if at is None else min(at, heap[0][0])
         return at
