@@ -58,7 +58,7 @@ class GatewayConfig:
     intercept_local: bool = True
     intercept_forwarded: bool = True
     client_address: str = "gateway"
-    # our ports toward backends: all of 1024-65535 below Linux's ephemeral range
+    # our ports toward backends: every unprivileged port below Linux's ephemeral range
     # (32768-60999, net.ipv4.ip_local_port_range), which this host's own connections use
     port_range: tuple[int, int] = (1024, 32767)
     source_addresses: list = field(default_factory=list)   # our addresses toward backends (server)

@@ -10,10 +10,10 @@ when the backend can take a new connection on the same 4-tuple:
 * after the backend's TIME_WAIT (60 s on Linux) when the backend closed first (or both
   at once), or when we cannot know (a handshake that timed out).
 
-Pairs given back are reused first, in the order they become ready. Pairs never used yet are walked from a
-random place (a restarted gateway must not walk straight into the 4-tuples its
-previous run left in TIME_WAIT), alternating between the source addresses, so that a
-burst spreads over all of them. Nothing is allocated per pair until it is used.
+Pairs given back are reused first, in the order they become ready. Pairs never used
+yet are walked from a random place (a restarted gateway must not walk straight into the
+4-tuples its previous run left in TIME_WAIT), alternating between the source addresses,
+so that a burst spreads over all of them. Nothing is allocated per pair until it is used.
 """
 import heapq
 
