@@ -58,7 +58,12 @@ class GatewayConfig:
     intercept_local: bool = True
     intercept_forwarded: bool = True
     client_address: str = "gateway"
-    port_range: tuple[int, int] = (10000, 32767)
+    # our ports toward backends: every unprivileged port below Linux's ephemeral range
+    # (32768-60999, net.ipv4.ip_local_port_range), which this host's own connections use
+    port_range: tuple[int, int] = (1024, 32767)
+    source_addresses: list = field(default_factory=list)   # our addresses toward backends (server)
+    backend_time_wait: float = 60.0    # how long a backend holds TIME_WAIT (Linux 60 s, Windows 120 s)
+    accept_broadcast_syn: bool = True  # answer a SAL SYN sent to one of our subnets' broadcast
     mtu: int | str = "auto"            # "auto": the smallest MTU of this host's links
     queue_bypass: bool = True
     control_socket: str = ""
@@ -92,6 +97,7 @@ _GATEWAY_KEYS = {
     "resume_window", "fast_path", "bpffs", "fast_path_redirect",
 }
 _GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
+_GATEWAY_KEYS |= {"source_addresses", "backend_time_wait", "accept_broadcast_syn"}   # server gateway
 
 
 class _Locator:
@@ -189,8 +195,9 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     if "port_range" in gw:
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", str(gw["port_range"]))
         if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
-            fail("gateway", None, "port_range", "port_range must look like '10000-32767' (1024..65535)")
+            fail("gateway", None, "port_range", "port_range must look like '1024-32767' (1024..65535)")
         cfg.port_range = (int(m.group(1)), int(m.group(2)))
+    _server_keys(cfg, gw, lambda key, message: fail("gateway", None, key, message))
     cfg.mtu = gw.get("mtu", "auto")
     if cfg.mtu != "auto":
         cfg.mtu = _int(cfg.mtu, 576, 65535, lambda m: fail("gateway", None, "mtu", f"mtu: 'auto' or {m}"))
@@ -259,6 +266,28 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     if role == "client" and not cfg.rules:
         fail("gateway", None, None, "no [[route]] configured: a client gateway needs a next hop")
     return cfg
+
+
+def _server_keys(cfg: GatewayConfig, gw: dict, fail) -> None:
+    """A server gateway's source addresses toward backends, their TIME_WAIT, broadcast SYNs."""
+    if "source_addresses" in gw:
+        given = gw["source_addresses"]
+        if cfg.role != "server":
+            fail("source_addresses", "source_addresses is for a server gateway (its addresses toward backends)")
+        if not isinstance(given, list) or not given:
+            fail("source_addresses", "source_addresses is a list of our IPv4 addresses facing the backends")
+        cfg.source_addresses = [_ipv4(a, lambda m: fail("source_addresses", m)) for a in given]
+        if len(set(cfg.source_addresses)) != len(cfg.source_addresses):
+            fail("source_addresses", "an address is listed twice in source_addresses")
+    if "backend_time_wait" in gw:
+        value = gw["backend_time_wait"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 600:
+            fail("backend_time_wait", "backend_time_wait is the backends' TIME_WAIT in seconds (0 to 600)")
+        cfg.backend_time_wait = float(value)
+    if "accept_broadcast_syn" in gw:
+        if not isinstance(gw["accept_broadcast_syn"], bool):
+            fail("accept_broadcast_syn", "accept_broadcast_syn must be true or false")
+        cfg.accept_broadcast_syn = gw["accept_broadcast_syn"]
 
 
 def _table_list(data, name, fail):

@@ -58,8 +58,26 @@ def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
         table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
         config_targets.append((ServicePrefix(svc.service_id), backend))
+    _check_ephemeral_overlap(cfg)
     return ServerTranslator(table, carriage, port_range=cfg.port_range,
-                            keep_client_address=cfg.client_address == "peer", **common)
+                            keep_client_address=cfg.client_address == "peer",
+                            sources=[aton(a) for a in cfg.source_addresses],
+                            backend_time_wait=cfg.backend_time_wait,
+                            accept_broadcast_syn=cfg.accept_broadcast_syn, **common)
+
+
+def _check_ephemeral_overlap(cfg: GatewayConfig) -> None:
+    """This host's own connections (health checks; the backend's, in a sidecar) take
+    their ports from the ephemeral range: the pool toward backends must stay out of it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        return
+    if cfg.port_range[0] <= high and low <= cfg.port_range[1]:
+        log.warning("port_range %d-%d overlaps this host's ephemeral ports %d-%d "
+                    "(net.ipv4.ip_local_port_range): a local connection to a backend may take a "
+                    "port a translated one holds; make them disjoint", *cfg.port_range, low, high)
 
 
 def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], need_route) -> dict:
@@ -197,6 +215,8 @@ class Gateway(LifecycleMixin):
             self.stop()
             raise
         self.translator.local_addresses = {aton(a) for a in netlink.address_interfaces()}
+        if cfg.role == "server":     # a SAL SYN may come to one of our subnets' broadcast addresses
+            self.translator.broadcast_addresses = netlink.broadcast_addresses()
         self._log_started(plan)
 
     def stop(self) -> None:
@@ -324,6 +344,8 @@ class Gateway(LifecycleMixin):
                 peers.setdefault(flow.peer_addr, set()).add(flow.local_addr)
         ours = netlink.address_interfaces()
         t.local_addresses = {aton(a) for a in ours}
+        if t.role == "server":
+            t.broadcast_addresses = netlink.broadcast_addresses()
         if self.fastpath is not None:
             try:
                 self.fastpath.attach(netlink.ipv4_interfaces())

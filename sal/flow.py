@@ -113,6 +113,16 @@ class SalFlow:
             self.outstanding.transport = transport
         return hdr
 
+    def challenge(self) -> SalHeader:
+        """Server: ask the peer whether it still holds this flow (a SYN named its flowID
+        with another nonce), as TCP answers a SYN in ESTABLISHED with a challenge ACK
+        (RFC 5961). It is our SYN|ACK again, numbered with a number the peer has already
+        had: a peer that holds the flow answers with an ACK (the reference does so for
+        any control packet with an old number, ours for a repeated SYN|ACK), carrying
+        the nonce we know; a peer that lost the flow stays silent or resets."""
+        spent = 2 if self.outstanding is not None else 1   # the outstanding one may not have arrived
+        return self._control(SYN | ACK, verno=(self.snd_nxt - spent) & MASK32)
+
     def handshake_ack(self) -> SalHeader:
         """Client: the ACK that completes the handshake (CONTROL + SERVICE)."""
         return self._control(ACK, service=True)

@@ -3,6 +3,8 @@
 One netlink socket is kept for the process: opening one costs milliseconds, and these
 questions are asked on the way to moving live flows.
 """
+import ipaddress
+import socket
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
@@ -78,3 +80,23 @@ def links_up() -> set[str]:
     with _ipr() as ipr:
         return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
                 if link.get_attr("IFLA_OPERSTATE") in ("UP", "UNKNOWN") and link["flags"] & 1}
+
+
+def broadcast_addresses() -> dict[bytes, bytes]:
+    """The broadcast address of each of our IPv4 subnets -> our address on it (both
+    packed). The kernel takes a subnet's all-ones host part as broadcast (up to /30)
+    whether or not the address was given one (``brd``); a primary address wins over
+    a secondary one on the same subnet."""
+    out = {}
+    with _ipr() as ipr:
+        for a in ipr.get_addr(family=2):
+            local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if not local or a["prefixlen"] > 30:
+                continue
+            net = ipaddress.IPv4Interface(f"{local}/{a['prefixlen']}").network
+            for brd in {str(net.broadcast_address), a.get_attr("IFA_BROADCAST")} - {None}:
+                if a["flags"] & 0x01:            # IFA_F_SECONDARY
+                    out.setdefault(socket.inet_aton(brd), socket.inet_aton(local))
+                else:
+                    out[socket.inet_aton(brd)] = socket.inet_aton(local)
+    return out

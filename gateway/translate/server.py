@@ -1,13 +1,37 @@
-"""The server side: SAL flows become legacy TCP toward unmodified backends."""
-from collections import deque
+"""The server side: SAL flows become legacy TCP toward unmodified backends.
+
+A SYN from a peer flowID we already hold a flow for (a reference host numbers its flows
+1, 2, 3, ... and starts again from 1 when it restarts) is judged by its nonce: the same
+nonce is the same SYN again; another nonce starts a new flow at once if the old one is
+closed, lingering or never answered, and if the old one looks established, the peer is
+asked first (``SalFlow.challenge``, as TCP's challenge ACK of RFC 5961) and the old flow
+is replaced only once the peer shows it no longer knows it: a reset, or no answer within
+``CHALLENGE_TRIES * CHALLENGE_INTERVAL``. A forged SYN cannot end a live flow.
+"""
+import heapq
 from dataclasses import dataclass
 
 from sal.flow import State
-from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, ntoa
+from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ntoa
 from sal.service_table import Action, ServiceTable
-from sal.wire import SYN
+from sal.wire import RST, SYN
 
-from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32
+from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32, _seq_geq
+from .ports import TIME_WAIT, PortPool
+
+# The reference retransmits a SYN after 3 s: the verdict on an old flow comes before
+# (1.8 s), and a live peer up to about a second and a half away answers in time.
+CHALLENGE_INTERVAL = 0.6    # seconds between probes of an old flow
+CHALLENGE_TRIES = 3         # unanswered this many times: the peer no longer knows the flow
+CHALLENGE_HOLDOFF = 1.0     # after an answer, new SYNs for the flow are dropped unprobed
+_NEW = object()             # the old flow is gone: the SYN opens a new one
+
+
+class _Challenge:
+    __slots__ = ("tries", "deadline", "answered")
+
+    def __init__(self, deadline: float):
+        self.tries, self.deadline, self.answered = 1, deadline, False
 
 
 @dataclass(frozen=True)
@@ -22,39 +46,32 @@ class Backend:
         return f"{ntoa(self.address)}:{self.port}"
 
 
-class PortPool:
-    """Local ports toward one backend; freed ports go to the back, so that a port is
-    reused as late as possible (the backend may still hold it in TIME_WAIT). A pool
-    starts at a random place, so a restarted gateway does not reuse the very ports its
-    previous run just closed."""
-
-    def __init__(self, low: int, high: int, rng=None):
-        self.free = deque(range(low, high + 1))
-        if rng is not None:
-            self.free.rotate(-rng.randrange(len(self.free)))
-
-    def take(self) -> int | None:
-        return self.free.popleft() if self.free else None
-
-    def give_back(self, port: int) -> None:
-        self.free.append(port)
-
-
 class ServerTranslator(Translator):
     role = "server"
 
-    def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (10000, 32767),
-                 keep_client_address: bool = False, **kwargs):
+    def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (1024, 32767),
+                 keep_client_address: bool = False, sources: list[bytes] | None = None,
+                 backend_time_wait: float = TIME_WAIT, accept_broadcast_syn: bool = True, **kwargs):
         """``table`` maps serviceIDs to DEMUX targets whose target is a ``Backend``.
         With ``keep_client_address`` the backend sees the SAL peer's (client gateway's)
-        address instead of ours, and must route it back through this gateway."""
+        address instead of ours, and must route it back through this gateway. Else it
+        sees one of ``sources`` (our addresses facing the backends; default: each
+        backend's ``source``) with a port of ``port_range``."""
         super().__init__(carriage, **kwargs)
         self.table = table
         self.port_range = port_range
         self.keep_client_address = keep_client_address
+        self.sources = list(sources or [])
+        self.backend_time_wait = backend_time_wait
+        self.accept_broadcast_syn = accept_broadcast_syn
+        # the broadcast address of each of our subnets -> our address there (set by the daemon)
+        self.broadcast_addresses: dict[bytes, bytes] = {}
         self.by_peer: dict[tuple, Flow] = {}      # (peer address, peer flowID)
-        self.by_backend: dict[tuple, Flow] = {}   # (backend address, port, our port)
+        self.by_backend: dict[bytes, Flow] = {}   # backend address, our address, backend port, our port
         self.pools: dict[tuple, PortPool] = {}
+        self._backend_fate: dict[int, str] = {}   # flowID -> "time_wait" (backend closed first) or "reset"
+        self._challenges: dict[int, _Challenge] = {}
+        self._challenge_heap: list = []           # (deadline, flowID), checked lazily
 
     # --- SAL side ------------------------------------------------------------------
     def from_sal(self, pkt: bytes, now: float):
@@ -66,71 +83,182 @@ class ServerTranslator(Translator):
             return parsed
         ip, hdr, off, peer_port, body = parsed
         if hdr.dst_flow == 0:
+            ours = self.broadcast_addresses.get(ip.dst)
+            if ours is not None:
+                # a reference host's default rule broadcasts SYNs on its subnet: answer
+                # from our address there, as a reference host would
+                if not self.accept_broadcast_syn:
+                    return PASS
+                return self._on_syn(pkt, ip, hdr, off, peer_port, body, now, ours)
             if self.local_addresses and ip.dst not in self.local_addresses:
                 return PASS                  # a SYN on its way elsewhere
-            return self._on_syn(pkt, ip, hdr, off, peer_port, body, now)
+            return self._on_syn(pkt, ip, hdr, off, peer_port, body, now, ip.dst)
         flow = self.flows.get(hdr.dst_flow)
         if flow is None:
             return self._answer_unknown(ip, hdr, peer_port)
+        if self._challenges:
+            self._check_answer(flow, hdr, now)
         return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
 
-    def _on_syn(self, pkt: bytes, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float):
+    def _on_syn(self, pkt: bytes, ip: IPv4, hdr, off: int, peer_port: int, body: bytes, now: float,
+                local: bytes):
         ctl = hdr.control
         if ctl is None or not ctl.flags & SYN or off >= len(body):
             self.stats["dropped_no_flow"] += 1
             return None
         seg = body[off:]
-        flow = self.by_peer.get((ip.src, hdr.src_flow))
+        broadcast = local != ip.dst
+        source = hdr.source
+        reply_to = source.addresses[0] if source and source.addresses else ip.src
+        flow = self.by_peer.get((reply_to, hdr.src_flow))
         if flow is not None:
-            if flow.sal.state not in (State.SYN_SEEN, State.SYN_RECEIVED):
-                self.stats["dropped_unexpected_syn"] += 1
-                return None
-            self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
-            return self._syn_to_backend(flow, pkt, seg, now, ip)
+            verdict = self._syn_for_old_flow(flow, pkt, seg, ip, ctl, now, broadcast)
+            if verdict is not _NEW:
+                return verdict
         if not self.accepting:
             self.stats["refused_draining"] += 1
             return None
         service = hdr.service
         target = self.table.resolve(service.service_id) if service else None
         if target is None or target.action != Action.DEMUX:
+            if broadcast:
+                return PASS                  # asked of every host on the subnet: not ours
             # as the reference: a SYN that matches nothing is dropped, not reset
             self.stats["dropped_no_service"] += 1
             return None
         backend: Backend = target.target
-        source = hdr.source
-        reply_to = source.addresses[0] if source and source.addresses else ip.src
         if not self._admit(reply_to):
             return None
-        pool = self.pools.get((backend.address, backend.port))
-        if pool is None:
-            pool = self.pools[(backend.address, backend.port)] = PortPool(*self.port_range, rng=self.rng)
-        port = pool.take()
-        if port is None:
+        pool = self._pool(backend)
+        pair = pool.take(now)
+        if pair is None:
             self.stats["dropped_ports_exhausted"] += 1
             return None
+        ours = ip.src if self.keep_client_address else pair[0]
+        key = backend.address + ours + _TCP_PORTS.pack(backend.port, pair[1])
+        old = self.by_backend.get(key)
+        if old is not None:
+            # a closed flow lingers on the pair the backend has let go of: forgotten, so
+            # that no late packet of it reaches the backend on the new connection
+            self.stats["ports_reused_early"] += 1
+            self._forget(old)
         flow = self._new_flow(now)
+        pool.leased[pair] = flow
         flow.sal.accept(hdr)                 # a SYN with CONTROL: checked above
         self._opened(flow, reply_to)
-        flow.local_addr = ip.dst
+        flow.local_addr = local
         flow.peer_addr = reply_to
         flow.peer_port = peer_port
-        flow.extra = (backend, pool, port, (ip.src, hdr.src_flow))
-        ours = ip.src if self.keep_client_address else backend.source
-        flow.set_legacy(backend.address, ours, backend.port, port)
-        flow.legacy_key = (backend.address, backend.port, port)
+        flow.extra = (backend, pool, pair[1], (reply_to, hdr.src_flow))
+        flow.set_legacy(backend.address, ours, backend.port, pair[1])
+        flow.legacy_key = key
         flow.rebuild(self.carriage)
         flow.legacy_last_ack = (_U32.unpack_from(seg, 4)[0] + 1) & 0xFFFFFFFF   # what the backend expects
         self.by_peer[flow.extra[3]] = flow
-        self.by_backend[flow.legacy_key] = flow
-        return self._syn_to_backend(flow, pkt, seg, now, ip)
+        self.by_backend[key] = flow
+        if broadcast:
+            self.stats["syn_broadcast_accepted"] += 1
+        return self._syn_to_backend(flow, pkt, seg, now, ip, broadcast)
 
-    def _syn_to_backend(self, flow: Flow, pkt: bytes, seg: bytes, now: float, ip: IPv4) -> bytes:
+    def _syn_for_old_flow(self, flow: Flow, pkt: bytes, seg: bytes, ip: IPv4, ctl, now: float,
+                          broadcast: bool):
+        """A SYN naming the peer flowID of ``flow``: the same SYN again, or a new
+        connection from a peer that forgot the old one (see the module's docstring).
+        Returns the verdict for the packet, or _NEW once the old flow is forgotten."""
+        state = flow.sal.state
+        if ctl.nonce == flow.sal.remote_nonce:
+            if state in (State.SYN_SEEN, State.SYN_RECEIVED):
+                self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
+                return self._syn_to_backend(flow, pkt, seg, now, ip, broadcast)
+            self.stats["dropped_syn_duplicate"] += 1  # a late copy of a SYN already answered
+            return None
+        if flow.closed_at is None and state == State.ESTABLISHED:
+            self._challenge(flow, now)
+            self.stats["dropped_syn_challenged"] += 1  # its retransmission finds the verdict
+            return None
+        # Closed, lingering, or a handshake never completed: the peer started again. No
+        # SAL RST toward it: it would name the peer's new flow, which reuses the flowID.
+        self.stats["syn_replaced_closed" if flow.closed_at is not None else "syn_replaced_unanswered"] += 1
+        if flow.closed_at is None:
+            self._reset_legacy(flow)
+            self._backend_fate[flow.sal.local_flow] = "reset"
+            self._finish(flow, now, "replaced")
+        self._forget(flow)
+        return _NEW
+
+    def _syn_to_backend(self, flow: Flow, pkt: bytes, seg: bytes, now: float, ip: IPv4,
+                        broadcast: bool = False):
         # the SYN's checksum is over its own addresses, which need not be the flow's
         # (a SOURCE naming another peer, a repeated SYN to another of our addresses)
         in_delta = self._in_delta_for(flow, ip)
         seg, csum_delta = self._clamp(seg, flow.in_delta if in_delta is None else in_delta, flow.peer_addr, now)
         self.stats["from_sal"] += 1
-        return self._to_legacy(flow, pkt, seg, now, csum_delta)
+        out = self._to_legacy(flow, pkt, seg, now, csum_delta)
+        if broadcast:
+            # The kernel keeps a broadcast packet's type through a rewrite, and neither
+            # forwards nor delivers such a packet to TCP: the SYN is sent anew instead.
+            self.outbox.append(out)
+            return None
+        return out
+
+    # --- challenges: does the peer still know an old flow? ---------------------------
+    def _challenge(self, flow: Flow, now: float) -> None:
+        fid = flow.sal.local_flow
+        if fid in self._challenges:
+            return                       # one at a time, and none again just after an answer
+        self._emit_sal(flow, flow.sal.challenge().encode())
+        self.stats["syn_challenges_sent"] += 1
+        c = self._challenges[fid] = _Challenge(now + CHALLENGE_INTERVAL)
+        heapq.heappush(self._challenge_heap, (c.deadline, fid))
+
+    def _check_answer(self, flow: Flow, hdr, now: float) -> None:
+        """A control packet from the peer, on the flow, with the nonce it gave us: it
+        still holds the flow (a reset is judged by the flow itself)."""
+        c = self._challenges.get(flow.sal.local_flow)
+        ctl = hdr.control
+        if c is None or c.answered or ctl is None or ctl.flags & RST \
+                or hdr.src_flow != flow.sal.remote_flow or ctl.nonce != flow.sal.remote_nonce:
+            return
+        c.answered = True
+        c.deadline = now + CHALLENGE_HOLDOFF
+        heapq.heappush(self._challenge_heap, (c.deadline, flow.sal.local_flow))
+        self.stats["syn_challenge_answered"] += 1
+
+    def _challenge_timers(self, now: float) -> None:
+        heap = self._challenge_heap
+        while heap and heap[0][0] <= now:
+            at, fid = heapq.heappop(heap)
+            c = self._challenges.get(fid)
+            if c is None or c.deadline != at:
+                continue                 # stale: answered, or ended with its flow
+            flow = self.flows.get(fid)
+            if c.answered or flow is None:
+                del self._challenges[fid]
+            elif c.tries < CHALLENGE_TRIES:
+                c.tries += 1
+                c.deadline = now + CHALLENGE_INTERVAL
+                heapq.heappush(heap, (c.deadline, fid))
+                self._emit_sal(flow, flow.sal.challenge().encode())
+            else:
+                # the peer no longer knows the flow: its next SYN opens the new one
+                self.stats["syn_challenge_unanswered"] += 1
+                self._reset_legacy(flow)
+                self._backend_fate[fid] = "reset"
+                self._finish(flow, now, "replaced")
+                self._forget(flow)
+
+    def next_deadline(self) -> float | None:
+        at = super().next_deadline()
+        heap, challenges = self._challenge_heap, self._challenges
+        while heap and (heap[0][1] not in challenges or challenges[heap[0][1]].deadline != heap[0][0]):
+            heapq.heappop(heap)          # stale: answered (a later deadline is in), or ended
+        if heap:
+            at = heap[0][0] if at is None else min(at, heap[0][0])
+        return at
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        self._challenge_timers(now)
 
     # --- backend side --------------------------------------------------------------
     def from_backend(self, pkt: bytes, now: float):
@@ -141,9 +269,8 @@ class ServerTranslator(Translator):
         seg = pkt[(pkt[0] & 15) * 4:]
         if len(seg) < 20:
             return PASS
-        sport, dport = _TCP_PORTS.unpack_from(seg)
-        flow = self.by_backend.get((pkt[12:16], sport, dport))
-        if flow is None or pkt[16:20] != flow.legacy_dst:
+        flow = self.by_backend.get(pkt[12:20] + seg[:4])
+        if flow is None:
             return PASS          # not a translated connection: the kernel answers it
         flags = seg[13]
         state = flow.sal.state
@@ -164,6 +291,10 @@ class ServerTranslator(Translator):
                 self._finish(flow, now, "refused")
                 self.stats["to_sal"] += 1
                 return self._to_sal(flow, pkt, seg, now, header)
+        if flags & TCP_FIN and (flow.remote_fin_end is None
+                                or not _seq_geq(_U32.unpack_from(seg, 8)[0], flow.remote_fin_end)):
+            # the backend closes before it has the peer's FIN: it will hold TIME_WAIT
+            self._backend_fate[flow.sal.local_flow] = "time_wait"
         if not self._track_tcp(flow, seg, True, now):
             return None
         if flow.held is not None:
@@ -172,20 +303,59 @@ class ServerTranslator(Translator):
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
 
+    # --- ports ---------------------------------------------------------------------
+    def _pool(self, backend: Backend) -> PortPool:
+        key = (backend.address, backend.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            sources = [b""] if self.keep_client_address else self.sources or [backend.source]
+            # a backend that shares our address must never see its own port as ours
+            exclude = (backend.port,) if backend.address in sources else ()
+            pool = self.pools[key] = PortPool(*self.port_range, sources, rng=self.rng, exclude=exclude)
+        return pool
+
+    def _give_back_port(self, flow: Flow, when: float, done: bool) -> None:
+        """Give the flow's pair back, ready when the backend can take a new connection
+        on it: at once (``when``, the flow's end) if the backend's side is gone (our
+        side closed first, or a reset), even while the flow lingers (it still carries
+        late packets until a new connection takes the pair); after the backend's
+        TIME_WAIT if it closed first or we cannot tell, once the flow is forgotten."""
+        fid = flow.sal.local_flow
+        fate = self._backend_fate.pop(fid, None) if done else self._backend_fate.get(fid)
+        if fate == "time_wait":
+            ready_at = when + self.backend_time_wait
+        elif fate == "reset" or flow.sal.state in (State.CLOSED, State.RESET, State.FAILED):
+            ready_at = when
+        else:
+            ready_at = flow.last_seen + self.backend_time_wait   # a handshake given up: who knows
+        if not done and ready_at != when:
+            return               # it waits anyway: late packets of the flow still find it
+        _, pool, port, _ = flow.extra
+        pair = (b"" if self.keep_client_address else flow.legacy_dst, port)
+        if not pool.release(pair, flow, ready_at):
+            return
+        self.stats["ports_back_at_once" if ready_at == when else "ports_back_after_time_wait"] += 1
+
+    def _finish(self, flow: Flow, now: float, reason: str) -> None:
+        first = flow.closed_at is None
+        super()._finish(flow, now, reason)
+        if first:
+            self._challenges.pop(flow.sal.local_flow, None)   # the flow ended: no verdict needed
+            if flow.extra is not None:
+                self._give_back_port(flow, now, done=False)
+
     def adopt(self, flow: Flow, row: dict) -> bool:
         """Take a flow back from a snapshot (see snapshot.py): its port leaves the pool."""
         address, port, source, name = row["backend"]
         backend = Backend(bytes.fromhex(address), port, bytes.fromhex(source), name)
-        key = (backend.address, backend.port)
-        pool = self.pools.get(key)
-        if pool is None:
-            pool = self.pools[key] = PortPool(*self.port_range, rng=self.rng)
-        if row["port"] not in pool.free:
+        pool = self._pool(backend)
+        pair = (b"" if self.keep_client_address else flow.legacy_dst, row["port"])
+        if not pool.lease(pair):
             return False
-        pool.free.remove(row["port"])
+        pool.leased[pair] = flow
         peer_key = (bytes.fromhex(row["peer_key"][0]), row["peer_key"][1])
         flow.extra = (backend, pool, row["port"], peer_key)
-        flow.legacy_key = (backend.address, backend.port, row["port"])
+        flow.legacy_key = backend.address + flow.legacy_dst + _TCP_PORTS.pack(backend.port, row["port"])
         self.by_peer[peer_key] = flow
         self.by_backend[flow.legacy_key] = flow
         self._adopt_common(flow, flow.peer_addr, flow.last_seen)
@@ -196,11 +366,11 @@ class ServerTranslator(Translator):
         # SYN-ACK: a RST frees it at once
         if flow.legacy_key is not None:
             self._reset_legacy(flow)
+            self._backend_fate[flow.sal.local_flow] = "reset"
 
     def _flow_of_legacy_quote(self, src: bytes, dst: bytes, sport: int, dport: int):
-        # we sent it toward the backend: from our port on our address facing it
-        flow = self.by_backend.get((dst, dport, sport))
-        return flow if flow is not None and flow.legacy_dst == src else None
+        # we sent it toward the backend: keyed as the backend's answers would be
+        return self.by_backend.get(dst + src + _TCP_PORTS.pack(dport, sport))
 
     def live_flows_by_backend(self) -> dict[tuple[bytes, int], int]:
         """Open flows per backend (address, port), for the services view."""
@@ -213,11 +383,13 @@ class ServerTranslator(Translator):
 
     def _forget(self, flow: Flow) -> None:
         super()._forget(flow)
+        fid = flow.sal.local_flow
+        self._challenges.pop(fid, None)
         if flow.extra is None:
+            self._backend_fate.pop(fid, None)
             return
-        backend, pool, port, peer_key = flow.extra
         if self.by_backend.get(flow.legacy_key) is flow:
             del self.by_backend[flow.legacy_key]
-            pool.give_back(port)
-        if self.by_peer.get(peer_key) is flow:
-            del self.by_peer[peer_key]
+        self._give_back_port(flow, flow.last_seen if flow.closed_at is None else flow.closed_at, done=True)
+        if self.by_peer.get(flow.extra[3]) is flow:
+            del self.by_peer[flow.extra[3]]
