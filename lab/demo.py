@@ -29,7 +29,7 @@ from lab import demo_pair, demo_story
 from lab.demo_report import Outcome, StepFailed, by_hand, heading, note, say, summary
 from lab.demo_world import World, remove
 
-STEPS = {           # name: (title, function, needs the routed deployment)
+STEPS = {           # name: (title, function of the Run or, if it needs it, of the routed World)
     "pair": (demo_pair.TITLE, demo_pair.run, False),
     "name": (demo_story.NAME_TITLE, demo_story.name, True),
     "spread": (demo_story.SPREAD_TITLE, demo_story.spread, True),
@@ -55,6 +55,8 @@ class Run:
         self._world_error = ""
 
     def world(self) -> World:
+        """The routed deployment, built on first use; later, made whole again (a failed
+        step may have left a daemon or a replica down), so one failure does not cascade."""
         if self._world_error:
             raise StepFailed(f"the routed deployment could not be built: {self._world_error}")
         if self._world is None:
@@ -62,13 +64,20 @@ class Run:
             self._world = World(self)
             try:
                 self._world.build()
-            except (StepFailed, Interrupted):
-                raise
             except Exception as exc:
-                self._world_error = first_line(exc)
+                self._world_error = str(exc) if isinstance(exc, StepFailed) else first_line(exc)
                 self._world.log_tails()
                 raise StepFailed(f"the routed deployment could not be built: {self._world_error}") from exc
+        else:
+            try:
+                self._world.ready()
+            except Exception as exc:
+                raise StepFailed(f"the routed deployment could not be made whole again: {first_line(exc)}") from exc
         return self._world
+
+    def log_tails(self) -> None:
+        if self._world is not None:
+            self._world.log_tails()
 
     def close(self) -> list[str]:
         problems = self._world.close() if self._world is not None else []
@@ -110,22 +119,20 @@ def leftovers(run: Run) -> list[str]:
 
 def run_step(run: Run, name: str, index: int, total: int) -> Outcome:
     title, fn, needs_world = STEPS[name]
-    unbuilt = ""
+    subject, unready = run, ""
     if needs_world:             # built under its own heading, before the first story step
         try:
-            run.world()
+            subject = run.world()
         except StepFailed as exc:
-            unbuilt = str(exc)
+            unready = str(exc)
     heading(f"[{index}/{total}] {name}: {title}")
     t0 = time.monotonic()
     try:
-        if unbuilt:
-            raise StepFailed(unbuilt)
-        shown = fn(run)
+        if unready:
+            raise StepFailed(unready)
+        shown = fn(subject)
     except StepFailed as exc:
         reason = str(exc)
-    except Interrupted:
-        raise
     except Exception as exc:            # a lab or daemon error: the step failed, say why
         reason = first_line(exc)
         traceback.print_exc(limit=4, file=sys.stdout)
@@ -135,8 +142,7 @@ def run_step(run: Run, name: str, index: int, total: int) -> Outcome:
         return Outcome(name, title, True, seconds, shown.measured, by_hand=shown.by_hand)
     seconds = time.monotonic() - t0
     note(f"FAILED ({seconds:.1f} s): {reason}")
-    if run._world is not None:
-        run._world.log_tails()
+    run.log_tails()
     return Outcome(name, title, False, seconds, reason=reason)
 
 
@@ -173,9 +179,11 @@ def main(argv=None) -> int:
     run, outcomes, stopped = Run(), [], ""
     try:
         for i, name in enumerate(names, 1):
+            started = time.monotonic()
             outcomes.append(run_step(run, name, i, len(names)))
     except Interrupted as exc:
         stopped = f"interrupted ({exc})"
+        outcomes.append(Outcome(name, STEPS[name][0], False, time.monotonic() - started, reason=stopped))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # the clean-up must finish
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,16 +69,18 @@ def run(ctx) -> Shown:
         gws = RunningGateways(pair)
         ctx.cleanup_paths.append(gws.dir)
         gws.start(timeout=60)
-        for line in gws.log("client").splitlines() + gws.log("server").splitlines():
-            if "serving" in line or "fast path" in line or "SAL address" in line:
-                note(f"  {line.split(': ', 1)[-1]}")
+        for role in ("client", "server"):
+            for line in gws.log(role).splitlines():
+                if " gateway up:" in line or "service " in line or "fast path on" in line:
+                    note(f"  {role} gateway: {line.split(': ', 1)[-1]}")
 
         pcap = www / "sal.pcap"
         dump = pair.cgw.popen(["tcpdump", "-U", "-s", "0", "-ni", pair.cgw_sal_if, "-w", str(pcap)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_line(dump.stderr, "listening on", 30)
-            note(f"\ncurl http://{VIRTUAL_ADDR}/ on the client ({SERVICE}:80 is {VIRTUAL_ADDR} in the client gateway's config)")
+            note(f"\n$ curl http://{VIRTUAL_ADDR}/      (on the client; {VIRTUAL_ADDR}:80 is {SERVICE}:80 "
+                 "in the client gateway's config)")
             r = pair.client.run(["curl", "-sS", "-m", "30", f"http://{VIRTUAL_ADDR}/"], check=False, timeout=60)
             show(r)
             check(r.returncode == 0 and "Hello" in r.stdout, f"curl by virtual address failed: {r.stderr.strip()}")
@@ -135,12 +136,12 @@ def run(ctx) -> Shown:
     check(counts.get("malformed") == "0" and counts.get("sal_checksum_ok") == counts["packets"]
           and counts.get("transport_checksum_ok") == counts["packets"],
           f"the capture has packets with bad checksums or malformed: {last}")
-    shutil.rmtree(www, ignore_errors=True)
     return Shown(
-        f"10 MB in {float(took.group(1)) if took else 0:.2f} s, SHA-256 equal; {counts['packets']} SAL packets, all checksums ok",
+        f"10 MB in {float(took.group(1)) if took else 0:.2f} s, SHA-256 equal; "
+        f"{counts['packets']} SAL packets, all checksums ok",
         [("server", "python3 -m http.server 8080"),
-         ("server gateway", "serval gateway server --config server.toml     # [[service]] backend = \"198.19.3.2:8080\""),
-         ("client gateway", "serval gateway client --config client.toml     # [[service]] address = \"198.18.0.10\", [[route]] next_hop"),
+         ("server gateway", "serval gateway server --config server.toml  # [[service]] backend 198.19.3.2:8080"),
+         ("client gateway", "serval gateway client --config client.toml  # [[service]] 198.18.0.10, [[route]]"),
          ("client", f"curl http://{VIRTUAL_ADDR}/"),
          ("client gateway", "tcpdump -U -w sal.pcap -i eth1 &  ...  serval decode sal.pcap"),
          ("client gateway", "serval ctl --socket /run/serval/client.sock flows")])

@@ -30,8 +30,7 @@ def _curl(world: World, *args, timeout: float = 30):
 NAME_TITLE = "an unmodified client resolves web.svc.example and loads the page by name"
 
 
-def name(ctx) -> Shown:
-    world = ctx.world()
+def name(world: World) -> Shown:
     client = world.topo.client
     answers = {}
     for rtype in ("A", "TXT"):
@@ -41,11 +40,13 @@ def name(ctx) -> Shown:
         note(f"$ dig {SERVICE} {rtype}      (on the client; answered by {server.group(1) if server else '?'})")
         for owner, ttl, t, data in d.answer:
             note(f"  {owner:20} {ttl:<4} IN {t:4} {data}")
-        check(r.returncode == 0 and d.status == "NOERROR" and d.answer,
-              f"dig {SERVICE} {rtype} got no answer (status {d.status or '-'}, exit {r.returncode}): {r.stderr.strip()}")
+        check(r.returncode == 0 and d.status == "NOERROR" and d.answer, f"dig {SERVICE} {rtype} got no answer "
+              f"(status {d.status or '-'}, exit {r.returncode}): {r.stderr.strip()}")
         answers[rtype] = d
-    (address,) = answers["A"].values("A") or [None]
-    check(address and ipaddress.ip_address(address) in VIRTUAL_NET,
+    addresses = answers["A"].values("A")
+    check(len(addresses) == 1, f"dig {SERVICE} A gave {len(addresses)} addresses, not one: {addresses}")
+    address = addresses[0]
+    check(ipaddress.ip_address(address) in VIRTUAL_NET,
           f"the A record {address} is not a virtual address in {VIRTUAL_NET}")
     sid = service_id_for(SERVICE, SERVICE_PORT).hex()
     texts = " ".join(answers["TXT"].values("TXT"))
@@ -59,7 +60,7 @@ def name(ctx) -> Shown:
     check(r.returncode == 0 and replica, f"curl by name failed (exit {r.returncode}): {r.stderr.strip()}")
     check(f"from {address}:80" in r.stdout, f"curl connected somewhere else than {address}")
     return Shown(f"{SERVICE} -> {address}, TXT id={sid[:8]}…{sid[-4:]}; page from {replica}",
-                 [("resolver host", "serval dns --config dns.toml           # [[zone]] svc.example, [[zone.service]] web"),
+                 [("resolver host", "serval dns --config dns.toml      # [[zone]] svc.example, [[zone.service]] web"),
                   ("client", f"dig {SERVICE} A; dig {SERVICE} TXT      # resolv.conf: nameserver {RESOLVER}"),
                   ("client", f"curl http://{SERVICE}/")])
 
@@ -70,8 +71,7 @@ SPREAD_TITLE = "twenty requests spread over two replicas by the service router"
 REQUESTS = 20
 
 
-def spread(ctx) -> Shown:
-    world = ctx.world()
+def spread(world: World) -> Shown:
     note(f"$ for i in $(seq {REQUESTS}); do curl -s http://{SERVICE}/; done      (on the client)")
     r = world.topo.client.run(["sh", "-c", f"for i in $(seq {REQUESTS}); do curl -sS -m 10 http://{SERVICE}/ "
                                "|| echo FAILED; done"], check=False, timeout=SLOW * 2)
@@ -89,9 +89,9 @@ def spread(ctx) -> Shown:
     rows = [row for row in world.dep.ctl("r0", "services") if row["service"] == SERVICE]
     check(len(rows) == 2, f"the router's table has {len(rows)} instance(s) of {SERVICE}, not 2")
     return Shown(f"{REQUESTS} requests: srv0 {counts['srv0']}, srv1 {counts['srv1']}, none failed",
-                 [("router", "serval router --config router.toml      # [[key]]: the deployment's key"),
-                  ("each server gateway", "serval gateway server --config server.toml    # [[service]] + [routing] routers, key"),
-                  ("client gateway", "serval gateway client --config client.toml    # mappings = the resolver's file, [routing]"),
+                 [("router", "serval router --config router.toml            # [[key]]: the deployment's key"),
+                  ("each server gateway", "serval gateway server --config server.toml    # [[service]], [routing]"),
+                  ("client gateway", "serval gateway client --config client.toml    # mappings, [routing]"),
                   ("client", f"for i in $(seq {REQUESTS}); do curl -s http://{SERVICE}/; done | sort | uniq -c"),
                   ("router", "serval ctl --socket /run/serval/router.sock services")])
 
@@ -102,8 +102,15 @@ FAILOVER_TITLE = "one replica's server killed: new requests go to the other at o
 STREAK = 25          # consecutive new requests answered by the other replica: failed over
 
 
-def failover(ctx) -> Shown:
-    world = ctx.world()
+def _settled(results: list, t_kill: float) -> list:
+    """The requests started after the kill and after the last one that srv1 did not
+    answer: the unbroken run on the surviving replica."""
+    after = [r for r in results if r["t0"] >= t_kill]
+    bad = [i for i, r in enumerate(after) if r["replica"] != "srv1"]
+    return after[bad[-1] + 1:] if bad else after
+
+
+def failover(world: World) -> Shown:
     dep, backend = world.dep, world.backends[0]
     prober = Prober(world.topo.client)
     try:
@@ -118,39 +125,43 @@ def failover(ctx) -> Shown:
         def failed_over():
             if "router" not in gone and set(dep.instances("r0")) == {world.topo.sgw_sal(1)}:
                 gone["router"] = time.monotonic()
-            after = [r for r in prober.snapshot() if r["t0"] >= t_kill]
-            bad = [i for i, r in enumerate(after) if r["replica"] != "srv1"]
-            streak = after[bad[-1] + 1:] if bad else after
-            return "router" in gone and len(streak) >= STREAK and streak[0]
+            return "router" in gone and len(_settled(prober.snapshot(), t_kill)) >= STREAK
 
-        first_good = wait_until(failed_over, f"{STREAK} new requests in a row answered by srv1", SLOW)
+        wait_until(failed_over, f"{STREAK} new requests in a row answered by srv1", SLOW)
     finally:
         results = prober.stop()
+    # counted again once every request has ended (one that was stuck may have failed late)
+    settled = _settled(results, t_kill)
+    check(len(settled) >= STREAK, f"only the last {len(settled)} requests went to srv1 when all had ended")
     after = [r for r in results if r["t0"] >= t_kill]
     failed = [r for r in results if r["t1"] >= t_kill and not r["replica"]]
-    failover_ms = (first_good["t0"] - t_kill) * 1000
+    failover_ms = (settled[0]["t0"] - t_kill) * 1000
     router_ms = (gone["router"] - t_kill) * 1000
     errors = Counter(r["error"] for r in failed)
     note(f"  {len(after)} requests started after the kill: {len(failed)} failed "
          f"({', '.join(f'{n} {e}' for e, n in errors.items()) or 'none'}), "
          f"{sum(1 for r in after if r['replica'] == 'srv1')} answered by srv1")
-    note(f"  srv0's gateway saw its backend down and withdrew it: the router dropped srv0 {router_ms:.0f} ms after the kill")
+    note(f"  srv0's gateway saw its backend down and withdrew it: the router dropped srv0 "
+         f"{router_ms:.0f} ms after the kill")
     note(f"  every request started {failover_ms:.0f} ms after the kill or later went to srv1")
     check(not any(r["replica"] == "srv0" for r in after), "a request started after the kill was answered by srv0")
 
     note(f"\n$ serval ctl --socket {dep.socket('sgw0')} services      (on sgw0)")
     show(world.ctl_cli("sgw0", "services"))
+    (row,) = dep.ctl("sgw0", "services")
+    check((row["health"], row["state"]) == ("down", "withdrawn"),
+          f"srv0's gateway says its backend is {row['health']}, {row['state']}, not down and withdrawn")
     t_back = time.monotonic()
     world.start_backend(0)
     dep.wait_registered(2, SLOW)
     back_ms = (time.monotonic() - t_back) * 1000
     note(f"srv0's web server started again: registered again {back_ms:.0f} ms later")
-    return Shown(f"failover {failover_ms:.0f} ms ({len(failed)} refused), router updated in {router_ms:.0f} ms; "
+    return Shown(f"failover {failover_ms:.0f} ms ({len(failed)} failed), router updated in {router_ms:.0f} ms; "
                  f"srv0 back in {back_ms:.0f} ms",
                  [("replica srv0", "kill -9 <pid of the web server>"),
                   ("client", f"while :; do curl -s http://{SERVICE}/; done      # srv1 answers, at once"),
-                  ("server gateway 0", "serval ctl --socket /run/serval/server.sock services   # health down, withdrawn"),
-                  ("router", "serval ctl --socket /run/serval/router.sock services   # srv1's gateway only")])
+                  ("server gateway 0", "serval ctl --socket /run/serval/server.sock services  # down, withdrawn"),
+                  ("router", "serval ctl --socket /run/serval/router.sock services  # srv1's gateway only")])
 
 
 # --- move -------------------------------------------------------------------------------
@@ -207,8 +218,7 @@ class ServerTcp:
         return f"{d['RetransSegs']} segment(s) retransmitted, {d['TCPTimeouts']} retransmission timeout(s)"
 
 
-def move(ctx) -> Shown:
-    world = ctx.world()
+def move(world: World) -> Shown:
     cgw, dep = world.topo.cgw, world.dep
     ifname = "eth1"                                   # the client gateway's uplink, to core
     old = cgw.run(["ip", "-4", "-o", "addr", "show", "dev", ifname], timeout=SLOW).stdout.split()[3].split("/")[0]
@@ -256,8 +266,7 @@ def move(ctx) -> Shown:
 RESTART_TITLE = "the client gateway killed (kill -9) and restarted during a download"
 
 
-def restart(ctx) -> Shown:
-    world = ctx.world()
+def restart(world: World) -> Shown:
     dep = world.dep
     out = world.dir / "restart.bin"
     tcp = ServerTcp(world)
@@ -301,5 +310,5 @@ def restart(ctx) -> Shown:
     return Shown(f"back in {up_ms:.0f} ms, the flow resumed, SHA-256 equal",
                  [("client", f"curl --limit-rate 3M -o big.bin http://{SERVICE}/big.bin &"),
                   ("client gateway", "kill -9 $(pgrep -f 'serval gateway client')"),
-                  ("client gateway", "serval gateway client --config client.toml    # log: resumed 1 established flow(s)"),
+                  ("client gateway", "serval gateway client --config client.toml    # resumed 1 established flow"),
                   ("client", "wait; sha256sum big.bin")])
