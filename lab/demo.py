@@ -50,7 +50,8 @@ class Run:
     def __init__(self):
         self.cleanup_paths: list[Path] = []
         self.lab_prefixes: list[str] = []
-        self.instance_tags: list[str] = []
+        self.netns_ids: set[int] = set()        # daemons' state files are named .net<id>
+        self.not_ours: set[str] = set()         # such files there before (an id used again)
         self._world: World | None = None
         self._world_error = ""
 
@@ -75,6 +76,19 @@ class Run:
                 raise StepFailed(f"the routed deployment could not be made whole again: {first_line(exc)}") from exc
         return self._world
 
+    def track(self, lab) -> None:
+        """Remember a lab (called as soon as it exists, and again once it has its hosts)."""
+        if lab.prefix not in self.lab_prefixes:
+            self.lab_prefixes.append(lab.prefix)
+        for host in lab.hosts.values():
+            try:
+                ino = os.stat(f"/run/netns/{host.ns}").st_ino
+            except OSError:
+                continue
+            if ino not in self.netns_ids:
+                self.netns_ids.add(ino)
+                self.not_ours.update(state_files(ino))
+
     def log_tails(self) -> None:
         if self._world is not None:
             self._world.log_tails()
@@ -84,6 +98,10 @@ class Run:
         for path in self.cleanup_paths:
             remove(Path(path))
         return problems + leftovers(self)
+
+
+def state_files(netns_id: int) -> list[str]:
+    return glob.glob(f"/run/serval/*.net{netns_id}.*")
 
 
 def first_line(exc: BaseException) -> str:
@@ -100,9 +118,11 @@ def leftovers(run: Run) -> list[str]:
     for prefix in run.lab_prefixes:
         found += [f"namespace {n}" for n in names if n.startswith(prefix + "-")]
         found += [f"file {p}" for p in glob.glob(f"/etc/netns/{prefix}-*")]
-    for tag in run.lab_prefixes + run.instance_tags:
-        found += [f"file {p}" for p in glob.glob(f"/run/serval/{tag}-*")]
-        found += [f"pin {p}" for p in glob.glob(f"/sys/fs/bpf/serval/{tag}-*")]
+        # the daemons name their control sockets, state files and pins after the lab
+        found += [f"file {p}" for p in glob.glob(f"/run/serval/{prefix}-*")]
+        found += [f"pin {p}" for p in glob.glob(f"/sys/fs/bpf/serval/{prefix}-*")]
+    for ino in run.netns_ids:                # and state files after their namespace
+        found += [f"file {p}" for p in state_files(ino) if p not in run.not_ours]
     found += [f"file {p}" for p in run.cleanup_paths if os.path.lexists(p)]
     marks = [str(p) for p in run.cleanup_paths] + [f"{prefix}-" for prefix in run.lab_prefixes]
     for proc in glob.glob("/proc/[0-9]*/cmdline"):

@@ -49,11 +49,12 @@ def run(ctx) -> Shown:
     blob = os.urandom(10 * 1024 * 1024)
     (www / "10MB.bin").write_bytes(blob)
     with Lab() as lab:
-        ctx.lab_prefixes.append(lab.prefix)
+        ctx.track(lab)
         # wire-like legacy links: the hosts segment and checksum their own TCP as behind a
         # NIC (a veth would hand on partial checksums, shown as "bad" in the capture), so
         # the kernel fast path carries the established flows
         pair = gateway_pair(lab, server_route_back=False, wire=True)
+        ctx.track(lab)
         note("four namespaces joined by veth pairs:")
         for host, addr in ((pair.client, pair.client_addr), (pair.cgw, f"{pair.cgw_lan} | {pair.cgw_sal}"),
                            (pair.sgw, f"{pair.sgw_sal} | {pair.sgw_lan}"), (pair.server, pair.server_addr)):

@@ -72,8 +72,9 @@ class World:
         self.dir = Path(tempfile.mkdtemp(prefix="serval-demo-"))
         self.ctx.cleanup_paths.append(self.dir)
         self.lab = Lab()
-        self.ctx.lab_prefixes.append(self.lab.prefix)
+        self.ctx.track(self.lab)
         topo = self.topo = routed_replicas(self.lab, replicas=2, routers=1)
+        self.ctx.track(self.lab)
         # hosts that segment and checksum their own TCP, as behind a NIC: the gateways'
         # kernel fast path then carries the established flows
         for host in (topo.client, *topo.servers):
@@ -97,7 +98,6 @@ class World:
         mappings = self.dir / "mappings.json"
         self.dep = NamedDeployment(topo, KNOBS, mappings)
         self.ctx.cleanup_paths.append(self.dep.dir)
-        self.ctx.instance_tags.append(self.dep.tag)
         (self.dir / "dns").mkdir()
         self.resolver = RunningResolver(topo.cgw, resolver_config(
             listen=[RESOLVER], allow=["198.19.1.0/24"], zones={ZONE: [("web", (SERVICE_PORT,))]},
