@@ -50,7 +50,7 @@ def ruleset(host) -> str:
 
 
 def check(condition, reason: str) -> None:
-    """Print the check and raise StepFailed when it does not hold."""
+    """Raise StepFailed with ``reason`` when ``condition`` does not hold."""
     if not condition:
         raise StepFailed(reason)
 
