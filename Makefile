@@ -52,8 +52,10 @@ unit: venv bpf
 test-compose: venv bpf
 	SERVAL_TEST_COMPOSE=1 $(PY) -m pytest -q -rs -s tests/deploy
 
+# The whole system in namespaces, each step checked (lab/demo.py); STEP=NAME (or
+# STEP="move restart") runs only those: pair name spread failover move restart.
 demo: venv bpf
-	$(PY) -m lab.demo
+	$(PY) -m lab.demo $(foreach s,$(STEP),--step $(s))
 
 # The tools of bench/fastpath.py (HAProxy, socat, memcached, PostgreSQL, an HTTP server and
 # their load generators): only installed when one is missing, and not by `make test`.

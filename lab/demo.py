@@ -1,125 +1,232 @@
-"""``make demo``: the gateway pair in a lab of network namespaces, step by step.
+"""``make demo``: the whole system in network namespaces, each step checked as it happens.
 
-    client ── cgw (client gateway) ══ SAL ══ sgw (server gateway) ── server
+    pair      a static gateway pair: curl by virtual address, 10 MB, the SAL on the wire
+    name      an unmodified client resolves web.svc.example and loads the page by name
+    spread    twenty requests spread over two replicas by the service router
+    failover  one replica's server killed: new requests go to the other at once
+    move      a download while the client gateway's address is replaced
+    restart   the client gateway killed (kill -9) and restarted during a download
 
-An unmodified curl on the client fetches a page and a 10 MB file from an unmodified
-Python http.server on the server, by a virtual address that stands for a serviceID.
-The packets between the gateways are captured and decoded; everything is torn down.
+``python -m lab.demo`` runs them all (``make demo``); ``--step NAME`` (``make demo
+STEP=NAME``) runs one, and may be given more than once. The story steps share one routed
+deployment (lab/demo_world.py), built before the first of them. At the end: a summary of
+what was shown and measured, the commands to do it by hand, and a check that nothing is
+left behind. Exit status 0 when every step's checks held, 1 when one did not (the summary
+says which and why), 2 when the demo cannot run here.
 """
 from __future__ import annotations
 
-import hashlib
+import argparse
+import glob
 import os
-import subprocess
+import signal
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from lab.gateways import SERVICE, VIRTUAL_ADDR, REPO, RunningGateways
-from lab.topologies import gateway_pair
-from lab.topology import Lab
+from lab import demo_pair, demo_story
+from lab.demo_report import Outcome, StepFailed, by_hand, heading, note, say, summary
+from lab.demo_world import World, remove
+
+STEPS = {           # name: (title, function of the Run or, if it needs it, of the routed World)
+    "pair": (demo_pair.TITLE, demo_pair.run, False),
+    "name": (demo_story.NAME_TITLE, demo_story.name, True),
+    "spread": (demo_story.SPREAD_TITLE, demo_story.spread, True),
+    "failover": (demo_story.FAILOVER_TITLE, demo_story.failover, True),
+    "move": (demo_story.MOVE_TITLE, demo_story.move, True),
+    "restart": (demo_story.RESTART_TITLE, demo_story.restart, True),
+}
+CLEANUP_TITLE = "nothing left behind: namespaces, processes, rules, pins, files"
 
 
-def say(text: str = "") -> None:
-    print(text, flush=True)
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C: stop the steps, still clean up."""
 
 
-def step(text: str) -> None:
-    say(f"\n==> {text}")
+class Run:
+    """What one demo run made, so that all of it can be removed and checked gone."""
+
+    def __init__(self):
+        self.cleanup_paths: list[Path] = []
+        self.lab_prefixes: list[str] = []
+        self.netns_ids: set[int] = set()        # daemons' state files are named .net<id>
+        self.not_ours: set[str] = set()         # such files there before (an id used again)
+        self._world: World | None = None
+        self._world_error = ""
+
+    def world(self) -> World:
+        """The routed deployment, built on first use; later, made whole again (a failed
+        step may have left a daemon or a replica down), so one failure does not cascade."""
+        if self._world_error:
+            raise StepFailed(f"the routed deployment could not be built: {self._world_error}")
+        if self._world is None:
+            heading("setting up the routed deployment: namespaces, two replicas, the resolver, a router, gateways")
+            self._world = World(self)
+            try:
+                self._world.build()
+            except Exception as exc:
+                self._world_error = str(exc) if isinstance(exc, StepFailed) else first_line(exc)
+                self._world.log_tails()
+                raise StepFailed(f"the routed deployment could not be built: {self._world_error}") from exc
+        else:
+            try:
+                self._world.ready()
+            except Exception as exc:
+                raise StepFailed(f"the routed deployment could not be made whole again: {first_line(exc)}") from exc
+        return self._world
+
+    def track(self, lab) -> None:
+        """Remember a lab (called as soon as it exists, and again once it has its hosts)."""
+        if lab.prefix not in self.lab_prefixes:
+            self.lab_prefixes.append(lab.prefix)
+        for host in lab.hosts.values():
+            try:
+                ino = os.stat(f"/run/netns/{host.ns}").st_ino
+            except OSError:
+                continue
+            if ino not in self.netns_ids:
+                self.netns_ids.add(ino)
+                self.not_ours.update(state_files(ino))
+
+    def log_tails(self) -> None:
+        if self._world is not None:
+            self._world.log_tails()
+
+    def close(self) -> list[str]:
+        problems = self._world.close() if self._world is not None else []
+        for path in self.cleanup_paths:
+            remove(Path(path))
+        return problems + leftovers(self)
 
 
-def show(result: subprocess.CompletedProcess, limit: int = 40) -> None:
-    lines = (result.stdout or "").rstrip().splitlines()
-    for line in lines[:limit]:
-        say(f"    {line}")
-    if len(lines) > limit:
-        say(f"    … ({len(lines) - limit} more lines)")
-    if result.returncode:
-        say(f"    (exit {result.returncode}) {result.stderr.strip()}")
+def state_files(netns_id: int) -> list[str]:
+    return glob.glob(f"/run/serval/*.net{netns_id}.*")
 
 
-def main() -> int:
-    www = Path(tempfile.mkdtemp(prefix="serval-demo-"))
-    (www / "index.html").write_text("<h1>Hello from an unmodified server</h1>\n")
-    blob = os.urandom(10 * 1024 * 1024)
-    (www / "10MB.bin").write_bytes(blob)
-    ok = True
-    with Lab() as lab:
-        step("building the lab: four network namespaces joined by veth pairs")
-        # wire-like legacy links: the hosts segment and checksum their own TCP as behind a
-        # NIC (a veth would hand on partial checksums, shown as "bad" in the capture), so
-        # the kernel fast path carries the established flows
-        pair = gateway_pair(lab, server_route_back=False, wire=True)
-        for host, addr in ((pair.client, pair.client_addr), (pair.cgw, f"{pair.cgw_lan} | {pair.cgw_sal}"),
-                           (pair.sgw, f"{pair.sgw_sal} | {pair.sgw_lan}"), (pair.server, pair.server_addr)):
-            say(f"    {host.ns:16} {addr}")
-        say("    (the server has no route beyond its own subnet: it is not changed at all)")
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
-        step("starting an unmodified web server on the server host (python -m http.server 8080)")
-        pair.server.popen([sys.executable, "-m", "http.server", "8080", "-d", str(www)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        step("starting the gateways (serval gateway client / server)")
-        gws = RunningGateways(pair)
-        say(f"    client config: {gws.configs['client']}")
-        say(f"    server config: {gws.configs['server']}")
-        gws.start()
-        for line in gws.log("client").splitlines() + gws.log("server").splitlines():
-            say(f"    {line.split(': ', 1)[-1]}")
+def leftovers(run: Run) -> list[str]:
+    """What this run left on the machine, if anything."""
+    from pyroute2 import netns
 
-        pcap = www / "sal.pcap"
-        dump = pair.cgw.popen(["tcpdump", "-U", "-s", "0", "-ni", pair.cgw_sal_if, "-w", str(pcap)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
+    found = []
+    names = netns.listnetns()
+    for prefix in run.lab_prefixes:
+        found += [f"namespace {n}" for n in names if n.startswith(prefix + "-")]
+        found += [f"file {p}" for p in glob.glob(f"/etc/netns/{prefix}-*")]
+        # the daemons name their control sockets, state files and pins after the lab
+        found += [f"file {p}" for p in glob.glob(f"/run/serval/{prefix}-*")]
+        found += [f"pin {p}" for p in glob.glob(f"/sys/fs/bpf/serval/{prefix}-*")]
+    for ino in run.netns_ids:                # and state files after their namespace
+        found += [f"file {p}" for p in state_files(ino) if p not in run.not_ours]
+    found += [f"file {p}" for p in run.cleanup_paths if os.path.lexists(p)]
+    marks = [str(p) for p in run.cleanup_paths] + [f"{prefix}-" for prefix in run.lab_prefixes]
+    for proc in glob.glob("/proc/[0-9]*/cmdline"):
+        pid = int(proc.split("/")[2])
         try:
-            step(f"curl http://{VIRTUAL_ADDR}/ on the client ({SERVICE}:80 has virtual address {VIRTUAL_ADDR})")
-            r = pair.client.run(["curl", "-sS", "-m", "10", f"http://{VIRTUAL_ADDR}/"], check=False)
-            show(r)
-            ok &= r.returncode == 0
+            with open(proc, "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if pid != os.getpid() and any(m in cmdline for m in marks):
+            found.append(f"process {pid}: {cmdline[:80]}")
+    return found
 
-            step("downloading 10 MB through both gateways, SHA-256 checked at both ends")
-            r = pair.client.run(["sh", "-c", f"curl -sS -m 60 -w '%{{size_download}} bytes in %{{time_total}} s\\n' "
-                                 f"-o /tmp/serval-demo-10MB.bin http://{VIRTUAL_ADDR}/10MB.bin && "
-                                 "sha256sum /tmp/serval-demo-10MB.bin && rm -f /tmp/serval-demo-10MB.bin"],
-                                check=False, timeout=90)
-            show(r)
-            expected = hashlib.sha256(blob).hexdigest()
-            same = expected in r.stdout
-            say(f"    server side sha256 {expected}: {'identical' if same else 'DIFFERENT'}")
-            ok &= r.returncode == 0 and same
 
-            step("a connection held open, as `serval ctl flows` shows it on the client gateway")
-            holder = pair.client.popen(["curl", "-sS", "--limit-rate", "200k", "-o", "/dev/null",
-                                        f"http://{VIRTUAL_ADDR}/10MB.bin"])
-            time.sleep(1.0)
-            show(pair.cgw.run([sys.executable, "-m", "serval", "ctl", "-s", gws.sockets["client"], "flows"],
-                              check=False, cwd=str(REPO)))
-            holder.kill()
+def run_step(run: Run, name: str, index: int, total: int) -> Outcome:
+    title, fn, needs_world = STEPS[name]
+    subject, unready = run, ""
+    if needs_world:             # built under its own heading, before the first story step
+        try:
+            subject = run.world()
+        except StepFailed as exc:
+            unready = str(exc)
+    heading(f"[{index}/{total}] {name}: {title}")
+    t0 = time.monotonic()
+    try:
+        if unready:
+            raise StepFailed(unready)
+        shown = fn(subject)
+    except StepFailed as exc:
+        reason = str(exc)
+    except Exception as exc:            # a lab or daemon error: the step failed, say why
+        reason = first_line(exc)
+        traceback.print_exc(limit=4, file=sys.stdout)
+    else:
+        seconds = time.monotonic() - t0
+        note(f"ok ({seconds:.1f} s): {shown.measured}")
+        return Outcome(name, title, True, seconds, shown.measured, by_hand=shown.by_hand)
+    seconds = time.monotonic() - t0
+    note(f"FAILED ({seconds:.1f} s): {reason}")
+    run.log_tails()
+    return Outcome(name, title, False, seconds, reason=reason)
 
-            step("counters (serval ctl stats) on the server gateway")
-            show(pair.sgw.run([sys.executable, "-m", "serval", "ctl", "-s", gws.sockets["server"], "stats"],
-                              check=False, cwd=str(REPO)))
-        finally:
-            time.sleep(0.5)
-            dump.terminate()
-            dump.wait(5)
-            step("stopping the gateways (SIGTERM): rules, routes and sysctls are restored")
-            codes = gws.stop()
-            say(f"    exit codes: {codes}")
-            ok &= codes == {"client": 0, "server": 0}
 
-        step("the SAL packets on the wire between the gateways (serval decode, first handshake)")
-        r = subprocess.run([sys.executable, "-m", "serval", "decode", str(pcap)], capture_output=True,
-                           text=True, cwd=REPO)
-        lines = r.stdout.splitlines()
-        for line in [x for x in lines if " ip " in x or " udp " in x][:6]:
-            say(f"    {line}")
-        say("    …")
-        say(f"    {lines[-1] if lines else r.stderr.strip()}")
-        step("tearing the lab down")
-    say(f"\ndemo {'finished: everything worked' if ok else 'FAILED: see above'}")
-    return 0 if ok else 1
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="steps:\n" + "\n".join(f"  {n:9} {t}" for n, (t, _, _) in STEPS.items()))
+    p.add_argument("--step", action="append", choices=list(STEPS), metavar="NAME",
+                   help="run only this step (may be repeated); the default is all of them")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        say("the demo builds network namespaces: run it as root")
+        return 2
+    names = [n for n in STEPS if n in args.step] if args.step else list(STEPS)
+
+    main_pid = os.getpid()
+
+    def interrupted(signum, frame):
+        if os.getpid() != main_pid:
+            # a forked copy of this process (pyroute2's namespace helpers are, and are
+            # ended with SIGTERM): it must simply go, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
+    t0 = time.monotonic()
+    run, outcomes, stopped = Run(), [], ""
+    try:
+        for i, name in enumerate(names, 1):
+            started = time.monotonic()
+            outcomes.append(run_step(run, name, i, len(names)))
+    except Interrupted as exc:
+        stopped = f"interrupted ({exc})"
+        outcomes.append(Outcome(name, STEPS[name][0], False, time.monotonic() - started, reason=stopped))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # the clean-up must finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        heading("cleaning up: daemons stopped (SIGTERM), namespaces removed, files deleted")
+        c0 = time.monotonic()
+        problems = run.close()
+        for problem in problems:
+            note(f"left behind: {problem}")
+        outcomes.append(Outcome("cleanup", CLEANUP_TITLE, not problems, time.monotonic() - c0,
+                                "daemons exited 0, their rules gone; no namespace, process, pin or file left",
+                                reason="; ".join(problems[:3]) + (" …" if len(problems) > 3 else "")))
+    summary(outcomes)
+    by_hand(outcomes)
+    failed = [o for o in outcomes if not o.ok]
+    took = time.monotonic() - t0
+    if stopped:
+        say(f"\ndemo {stopped} after {took:.0f} s")
+        return 130
+    if failed:
+        say(f"\ndemo FAILED ({took:.0f} s): " + "; ".join(f"{o.name}: {o.reason}" for o in failed))
+        return 1
+    say(f"\ndemo finished: {len(outcomes) - 1} step(s) ok, nothing left behind ({took:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":

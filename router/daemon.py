@@ -2,6 +2,7 @@
 (registrations and probes), a raw socket (SYNs released by DELAY), the control socket
 and a timer; the gateway's adapters are reused as they are."""
 import logging
+import os
 import time
 
 from twisted.internet.protocol import DatagramProtocol
@@ -76,12 +77,19 @@ class Router:
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
         for attr, close in (("reader", lambda r: (self.reactor.removeReader(r), r.close())),
-                            ("udp", lambda p: p.stopListening()), ("port", lambda p: p.stopListening()),
+                            ("udp", lambda p: p.stopListening()), ("port", self._close_control),
                             ("injector", lambda i: i.close()), ("interception", lambda i: i.remove())):
             thing = getattr(self, attr)
             if thing is not None:
                 close(thing)
                 setattr(self, attr, None)
+
+    def _close_control(self, port) -> None:
+        port.stopListening()
+        try:       # no stale socket after a clean stop (Twisted unlinks it only later)
+            os.unlink(self.cfg.control_socket)
+        except FileNotFoundError:
+            pass
 
     # --- packets, datagrams, time --------------------------------------------------
     def _handle(self, payload: bytes):
