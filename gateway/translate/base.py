@@ -399,6 +399,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         (and not from where a move of the peer's own is taking it)."""
         if addr == flow.peer_addr and (not port or port == flow.peer_port):
             return False
+        if addr == flow.prev_peer_addr and addr != flow.peer_addr:
+            return False         # still queued from before the peer's own move: its own
         return flow.moving_peer is None and flow.rebind_to != (addr, port)
 
     def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
@@ -421,11 +423,14 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 self.outbox.append(self.carriage.wrap(flow.local_addr, ip.src, reply.encode(),
                                                       peer_port or flow.peer_port))
             replies = []
-        if Event.MIGRATED in events and flow.rebind_to is not None:
+        challenge = Event.MIGRATED in events and flow.rebind_to is not None
+        if challenge:
             self._on_path_validated(flow, ip.src, peer_port)   # before the ACK goes out
         for reply in replies:
             self._emit_sal(flow, reply.encode())
-        if Event.MIGRATED in events:
+        if challenge:
+            self._release(flow, now)
+        elif Event.MIGRATED in events:
             self._on_migrated(flow, now)
         if Event.PEER_MOVED in events:
             self._on_peer_moved(flow, ip.src, peer_port, now)

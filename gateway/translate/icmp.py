@@ -74,7 +74,7 @@ class IcmpMixin:
         if err.frag_needed:
             self._learn_path_mtu(flow, err, body, now)
             return None
-        if self._in_handshake(flow):
+        if self._in_handshake(flow) and _a_refusal(err):
             self.stats["icmp_refused_handshake"] += 1
             self._reset_legacy(flow)
             self._finish(flow, now, "unreachable")
@@ -181,3 +181,12 @@ class IcmpMixin:
         else:
             self.stats["icmp_soft_errors"] += 1
         return None
+
+
+def _a_refusal(err) -> bool:
+    """An error that refuses a handshake: the hop we sent it to says it cannot reach
+    anyone for it (a service router with no live instance says host unreachable). A hop
+    whose daemon is down answers with its kernel's protocol or port unreachable instead:
+    not a refusal, the SYN goes on (to another router, once that one is known dead)."""
+    return (err.type == icmp.DEST_UNREACH and err.src == err.quoted_dst
+            and err.code in (icmp.NET_UNREACH, icmp.HOST_UNREACH, icmp.ADMIN_PROHIBITED))

@@ -196,3 +196,14 @@ def test_mtu_auto_is_the_smallest_link_and_too_large_is_refused_with_its_line(tm
     bad.write_text('[gateway]\nmtu = "big"\n')
     with pytest.raises(ConfigError, match=r"bad\.toml:2: mtu: 'auto' or expected a whole number"):
         load(str(bad), "client")
+
+
+def test_a_next_hop_whose_daemon_is_down_does_not_refuse():
+    """A router host whose daemon died answers a SAL SYN with its kernel's protocol
+    unreachable: the SYN goes on (another router takes it), the client is not refused."""
+    client, server = make_pair()
+    syn = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1000, flags=SYN, mss=1460), 0.0)
+    assert client.from_icmp(unreachable(syn, icmp.PROTO_UNREACH, SGW), 0.1) is None
+    assert client.outbox == [] and client.stats["icmp_soft_errors"] == 1
+    [flow] = client.flows.values()
+    assert flow.closed_at is None and flow.sal.state == State.SYN_SENT
