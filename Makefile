@@ -85,6 +85,7 @@ bench: venv bpf
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
 	$(PY) -m bench.hardening
+	$(PY) -m bench.pathnet
 	$(PY) -m bench.memory
 
 clean:
