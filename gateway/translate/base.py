@@ -423,13 +423,13 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 self.outbox.append(self.carriage.wrap(flow.local_addr, ip.src, reply.encode(),
                                                       peer_port or flow.peer_port))
             replies = []
-        challenge = Event.MIGRATED in events and flow.rebind_to is not None
+        challenge = flow.rebind_to is not None and (Event.MIGRATED in events or Event.FIN_ACKED in events)
         if challenge:
-            self._on_path_validated(flow, ip.src, peer_port)   # before the ACK goes out
+            self._challenge_answered(flow, ip.src, peer_port, events)   # before the ACK goes out
         for reply in replies:
             self._emit_sal(flow, reply.encode())
-        if challenge:
-            self._release(flow, now)
+        if challenge and Event.MIGRATED in events:
+            self._release(flow, now)             # (an RSYN of ours was only a challenge)
         elif Event.MIGRATED in events:
             self._on_migrated(flow, now)
         if Event.PEER_MOVED in events:

@@ -40,26 +40,34 @@ class MigrationMixin:
         """Packets of an established flow with its flowIDs came from somewhere new
         (``addr``:``port``): a NAT on the way rebound the peer (a home router's reboot,
         a carrier NAT's expired mapping), or someone forges them. The flow moves only
-        once the peer answers from there, as QUIC validates a new path: an RSYN, which
-        needs the peer's nonce to answer, goes both to the new place and to the
-        current path, and the flow switches to wherever its RSYN|ACK comes from (a late
-        packet from an older mapping is then answered on the current path and moves
-        nothing). Legacy packets toward the peer wait meanwhile, as for any move."""
-        if (flow.closed_at is not None or flow.sal.state != State.ESTABLISHED or flow.moving_peer is not None
-                or flow.sal.migrating or flow.sal.outstanding is not None):
+        once the peer answers from there, as QUIC validates a new path: a control packet
+        that only the peer can answer (it needs the peer's nonce and acknowledges our
+        latest number) goes both to the new place and to the current path, and the flow
+        switches to wherever the answer comes from (a late packet from an older mapping
+        is then answered on the current path and moves nothing). The challenge is an
+        RSYN, or the control packet already outstanding (a FIN), sent again at once;
+        while an RSYN is out legacy packets toward the peer wait, as for any move."""
+        if flow.closed_at is not None or flow.sal.state != State.ESTABLISHED or flow.moving_peer is not None:
             self.stats["path_challenges_deferred"] += 1
             return
         flow.rebind_to = (addr, port)
+        self.stats["path_challenges_sent"] += 1
+        out = flow.sal.outstanding
+        if out is not None:
+            # something of ours is waiting for its answer (our RSYN, a FIN): the same
+            # packet, now, to the newest place and the current path
+            self._emit_sal(flow, out.header.encode() + out.transport)
+            return
         self._start_holding(flow, now, (flow.local_addr, flow.peer_addr))
         flow.migration_started = now
         rsyn = flow.sal.migrate(now)
         if rsyn is not None:
             self._emit_sal(flow, rsyn.encode())
         self._track_retransmit(flow)
-        self.stats["path_challenges_sent"] += 1
 
-    def _on_path_validated(self, flow, addr: bytes, port: int) -> None:
-        """Our challenge's RSYN|ACK came from ``addr``:``port``: the flow's path now."""
+    def _challenge_answered(self, flow, addr: bytes, port: int, events: list) -> None:
+        """Our outstanding control packet was answered (RSYN|ACK, the ACK of a FIN)
+        while a path challenge is out: the flow's path is wherever it came from."""
         flow.rebind_to = None
         if (addr, port) != (flow.peer_addr, flow.peer_port):
             flow.prev_peer_addr = flow.peer_addr

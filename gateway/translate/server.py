@@ -112,7 +112,7 @@ class ServerTranslator(Translator):
         reply_to = source.addresses[0] if source and source.addresses else ip.src
         flow = self.by_peer.get((reply_to, hdr.src_flow))
         if flow is not None:
-            verdict = self._syn_for_old_flow(flow, pkt, seg, ip, ctl, now, broadcast)
+            verdict = self._syn_for_old_flow(flow, pkt, seg, ip, ctl, now, broadcast, peer_port)
             if verdict is not _NEW:
                 return verdict
         if not self.accepting:
@@ -161,7 +161,7 @@ class ServerTranslator(Translator):
         return self._syn_to_backend(flow, pkt, seg, now, ip, broadcast)
 
     def _syn_for_old_flow(self, flow: Flow, pkt: bytes, seg: bytes, ip: IPv4, ctl, now: float,
-                          broadcast: bool):
+                          broadcast: bool, peer_port: int = 0):
         """A SYN naming the peer flowID of ``flow``: the same SYN again, or a new
         connection from a peer that forgot the old one (see the module's docstring).
         Returns the verdict for the packet, or _NEW once the old flow is forgotten."""
@@ -169,6 +169,11 @@ class ServerTranslator(Translator):
         if ctl.nonce == flow.sal.remote_nonce:
             if state in (State.SYN_SEEN, State.SYN_RECEIVED):
                 self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
+                if peer_port and peer_port != flow.peer_port and ip.src == flow.peer_addr:
+                    # from another UDP port: a NAT rebound the peer mid-handshake; the
+                    # same nonce says it is the same peer, and our answer must follow it
+                    flow.peer_port = peer_port
+                    self.stats["nat_rebindings_followed"] += 1
                 return self._syn_to_backend(flow, pkt, seg, now, ip, broadcast)
             self.stats["dropped_syn_duplicate"] += 1  # a late copy of a SYN already answered
             return None

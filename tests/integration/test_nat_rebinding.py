@@ -69,7 +69,9 @@ def download_with_flushes(pair, url, src, out, flushes=2):
 
 
 def test_flows_follow_a_rebinding_nat_that_direct_tcp_cannot(lab, tmp_path):
-    pair, gws, www = build(lab, tmp_path)
+    # (a download's client has nothing to send once its mapping is gone: the keepalive
+    # makes the new one if no ACK happens to be on its way)
+    pair, gws, www = build(lab, tmp_path, client_extra="[timeouts]\nkeepalive = 2\n")
     src = make_file(www, "20MB.bin", 20 * MB)
     direct_ok, direct_err = download_with_flushes(pair, f"http://{pair.server_addr}:8080/20MB.bin", src,
                                                   tmp_path / "direct.bin")

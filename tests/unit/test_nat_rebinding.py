@@ -112,3 +112,43 @@ def test_keepalives_on_quiet_flows_only():
     # the peer takes it quietly: nothing to answer, nothing dropped
     assert server.from_sal(ka, 50.0) is None
     assert server.outbox == [] and not any(k.startswith("dropped") for k in server.stats)
+
+
+def test_a_handshake_follows_a_rebinding_by_its_repeated_syn():
+    client, server = make_pair("udp")
+    syn = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1000, flags=0x02, mss=1460), 0.0)
+    server.from_sal(syn, 0.0)
+    [sflow] = server.flows.values()
+    # the backend's SYN-ACK goes out, and is lost at a NAT that just forgot the mapping
+    synack = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, sflow.legacy_dport, 5000, 1001, 0x12,
+                                            mss=1460), 0.1)
+    assert udp_dst(synack)[1] == 54324
+    # the client gateway's SYN again, through the NAT's new mapping: the same nonce
+    client.handle_timer(3.0)                            # its SYN retransmission
+    [again] = [p for p in client.outbox if flags(p) & wire.SYN]
+    server.from_sal(rebound(again, 40001), 3.0)
+    assert sflow.peer_port == 40001 and server.stats["nat_rebindings_followed"] == 1
+    synack = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, sflow.legacy_dport, 5000, 1001, 0x12,
+                                            mss=1460), 3.1)
+    assert udp_dst(synack)[1] == 40001
+
+
+def test_a_fin_waiting_for_its_answer_is_the_challenge():
+    client, server, lport, sflow = setup()
+    # the backend finished: its FIN, then our SAL FIN once the client acknowledged it
+    server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1001, ACK | 0x01), 1.0)
+    ack = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5002, ACK), 1.1)
+    server.outbox.clear()
+    assert server.from_sal(ack, 1.1) is not None
+    [fin] = server.outbox
+    assert flags(fin) == wire.FIN
+    server.outbox.clear()
+    # ... lost at the NAT, which rebinds: the client's next packet comes from a new port
+    server.from_sal(rebound(up(client, 1001, 2.0), 40001), 2.0)
+    assert sorted(udp_dst(p)[1] for p in server.outbox if flags(p) == wire.FIN) == [40001, 54324]
+    [fin_again] = [p for p in server.outbox if udp_dst(p)[1] == 40001]
+    server.outbox.clear()
+    client.from_sal(to_client(fin_again), 2.1)
+    [fin_ack] = [p for p in client.outbox if flags(p) & wire.ACK]
+    server.from_sal(rebound(fin_ack, 40001), 2.2)
+    assert sflow.peer_port == 40001 and sflow.rebind_to is None
