@@ -83,6 +83,7 @@ bench: venv bpf
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
 	$(PY) -m bench.hardening
+	$(PY) -m bench.realnet
 	$(PY) -m bench.memory
 
 clean:
