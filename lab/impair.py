@@ -257,18 +257,28 @@ class Damage:
         self.index = None
         self.added_qdisc = False
 
-    def start(self) -> "Damage":
+    def load(self) -> int:
+        """The program in the kernel, not yet attached; returns its descriptor."""
         from gateway.fastpath.libbpf import BpfObject, Map
         self.obj = BpfObject(str(compile_damage()))
         self.config = Map(self.obj.map_fd("impair_config"), 4, _CONFIG.size)
         self.counters_map = Map(self.obj.map_fd("impair_counters"), 4, _COUNTERS.size)
-        with self.host.iproute() as ipr:
-            self.index = ipr.link_lookup(ifname=self.ifname)[0]
-            if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=self.index)):
-                ipr.tc("add", kind="clsact", index=self.index)
-                self.added_qdisc = True
-            ipr.tc("add-filter", kind="bpf", index=self.index, handle=1, fd=self.obj.program_fd("impair"),
-                   name="serval-impair", parent=EGRESS, classid=1, direct_action=True, prio=1)
+        return self.obj.program_fd("impair")
+
+    def start(self) -> "Damage":
+        prog = self.load()
+        try:
+            with self.host.iproute() as ipr:
+                index = ipr.link_lookup(ifname=self.ifname)[0]
+                if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index)):
+                    ipr.tc("add", kind="clsact", index=index)
+                    self.added_qdisc = True
+                ipr.tc("add-filter", kind="bpf", index=index, handle=1, fd=prog,
+                       name="serval-impair", parent=EGRESS, classid=1, direct_action=True, prio=1)
+                self.index = index
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def set(self, drop: float = 0.0, duplicate: float = 0.0, corrupt: float = 0.0,
@@ -285,11 +295,13 @@ class Damage:
         if self.obj is None:
             return
         try:
-            with self.host.iproute() as ipr:
-                ipr.tc("del-filter", kind="bpf", index=self.index, handle=1, parent=EGRESS, prio=1)
-                if self.added_qdisc:
-                    ipr.tc("del", kind="clsact", index=self.index)
+            if self.index is not None:          # (not when only loaded)
+                with self.host.iproute() as ipr:
+                    ipr.tc("del-filter", kind="bpf", index=self.index, handle=1, parent=EGRESS, prio=1)
+                    if self.added_qdisc:
+                        ipr.tc("del", kind="clsact", index=self.index)
         finally:
+            self.index = None
             self.obj.close()
             self.obj = None
 
