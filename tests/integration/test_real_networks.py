@@ -57,9 +57,9 @@ class Paths:
     def base(self, through: bool) -> str:
         return f"http://{VIRTUAL_ADDR}" if through else f"http://{self.pair.server_addr}:8080"
 
-    def start_gateways(self, fast_path: str) -> RunningGateways:
+    def start_gateways(self, fast_path: str, carriage: str = "ip") -> RunningGateways:
         self.before = {h.name: ruleset(h) for h in (self.pair.cgw, self.pair.sgw)}
-        self.gws = RunningGateways(self.pair, fast_path=fast_path).start()
+        self.gws = RunningGateways(self.pair, carriage=carriage, fast_path=fast_path).start()
         return self.gws
 
     def stop_gateways(self) -> None:
@@ -140,8 +140,8 @@ def test_long_round_trip(lab, tmp_path, rtt, where, fast_path):
         assert stats["client"]["fastpath_from_sal"] > 10 * MB // 1500 // 2, stats["client"]
 
 
-@pytest.mark.parametrize("fast_path", ["on", "off"])
-def test_damaged_packets_leave_the_flow_and_its_bytes_intact(lab, tmp_path, fast_path):
+@pytest.mark.parametrize("fast_path,carriage", [("on", "ip"), ("off", "ip"), ("on", "udp")])
+def test_damaged_packets_leave_the_flow_and_its_bytes_intact(lab, tmp_path, fast_path, carriage):
     """During a transfer, 2% of the packets between the gateways (both ways) are
     corrupted; half of those have the TCP RST flag set rather than a random bit
     flipped (the checksum no longer matches, as on a real damaged link). Direct TCP
@@ -154,7 +154,7 @@ def test_damaged_packets_leave_the_flow_and_its_bytes_intact(lab, tmp_path, fast
         for through in (False, True):
             name = "through" if through else "direct"
             if through:
-                gws = paths.start_gateways(fast_path)
+                gws = paths.start_gateways(fast_path, carriage)
             before = {d: d.counters() for d in (down, up)}
             out = tmp_path / f"{name}.bin"
             dl = paths.download(through, out.name, "--limit-rate", "8M")
