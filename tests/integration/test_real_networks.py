@@ -95,6 +95,11 @@ class Paths:
         return got == sha256_file(self.src), f"SHA-256 {got}"
 
 
+def rules(host) -> list[str]:
+    """Rules and user chains (an emptied table may stay, as iptables leaves it)."""
+    return [line for line in ruleset(host).splitlines() if line.startswith(("-A ", ":SV-"))]
+
+
 def wait_for(what, condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -113,7 +118,9 @@ def test_long_round_trip(lab, tmp_path, rtt, where, fast_path):
     require(fast_path)
     pair, src = build(lab, tmp_path, 10 * MB)
     paths = Paths(pair, src, tmp_path)
-    delayer = delay_path(pair, rtt, where).start()
+    delayer = delay_path(pair, rtt, where)
+    untouched = rules(delayer.host)
+    delayer.start()
     try:
         direct_ok, direct_log = paths.connects(through=False)
         direct_dl = paths.finish(paths.download(False, "direct.bin"), "direct.bin")
@@ -128,6 +135,7 @@ def test_long_round_trip(lab, tmp_path, rtt, where, fast_path):
     finally:
         held = delayer.stop()
     assert all(n > 100 for n in held["queued"].values()), held       # both ways were delayed
+    assert rules(delayer.host) == untouched, "the delayer's rules and chains are gone"
     assert through_ok == direct_ok, f"{through_ok} of {CONNECTS} through the gateways: {through_log}\n{stats}"
     assert through_dl[0], f"through the gateways: {through_dl[1]}\n{stats}"
     for role, s in stats.items():
