@@ -17,6 +17,7 @@ TCP, no gateways) beside the gateway pair through the same impaired router.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import json
 import os
@@ -219,7 +220,6 @@ _COUNTERS = struct.Struct("=6Q")
 COUNTERS = ("seen", "dropped", "duplicated", "corrupted", "flagged", "skipped_gso")
 TCP_RST, TCP_FIN = 0x04, 0x01
 EGRESS = "ffff:fff3"
-_object: Path | None = None
 
 
 def _rate(p: float) -> int:
@@ -229,20 +229,24 @@ def _rate(p: float) -> int:
 
 
 def compile_damage() -> Path:
-    """``impair_tc.c`` compiled once per process into a temporary folder."""
-    global _object
-    if _object is not None and _object.exists():
-        return _object
+    """``impair_tc.c`` compiled with clang, kept by the hash of its source in the temporary
+    folder (so runs share one object, and an edit compiles afresh)."""
+    source = SOURCE.read_bytes()
+    out = Path(tempfile.gettempdir()) / "serval-impair" / f"impair_tc-{hashlib.sha256(source).hexdigest()[:16]}.o"
+    if out.exists():
+        return out
     clang = shutil.which("clang")
     if clang is None:
         raise RuntimeError("clang is not installed (make deps)")
     arch = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True).stdout.strip()
-    out = Path(tempfile.mkdtemp(prefix="serval-impair-")) / "impair_tc.o"
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.o")        # two runs may compile at once
     r = subprocess.run([clang, "-O2", "-g", "-Wall", "-target", "bpf", f"-I/usr/include/{arch}", "-c",
-                        str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+                        str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
     if r.returncode:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"compiling {SOURCE.name} failed: {r.stderr[-2000:]}")
-    _object = out
+    os.replace(tmp, out)
     return out
 
 
