@@ -1,4 +1,4 @@
-"""Impair a path through a middle router (this kernel has no netem).
+"""Impair a path in the lab: a middle router, or a host's own link (this kernel has no netem).
 
 - ``Delayer``: an NFQUEUE consumer run inside a namespace (the router's, or a host's for
   its own link) that holds each packet for a fixed delay, chosen by the interface it
@@ -9,8 +9,8 @@
   one egress of the router that drops, duplicates or corrupts packets at rates the
   caller sets and changes at any time, and counts what it did.
 
-Both leave the router as they found it. Tests run the same scenario direct (plain routed
-TCP, no gateways) beside the gateway pair through the same impaired router.
+Both leave the namespace as they found it. Tests run the same scenario direct (plain
+routed TCP, no gateways) beside the gateway pair over the same impaired path.
 
     python -m lab.impair delay in:IFNAME=SECONDS out:IFNAME=SECONDS ... [--reorder P]
 """
@@ -41,7 +41,7 @@ QUEUE_BASE = 40          # queue numbers are per namespace; far from the gateway
 MAX_HELD = 200_000       # the kernel's queue length: packets a delay may hold at once
 
 
-# --- the delayer (runs inside the router's namespace) -----------------------------------
+# --- the delayer (runs inside the namespace it delays) -----------------------------------
 def _iptables(*args: str, check: bool = True) -> bool:
     r = subprocess.run(["iptables", "-w", "-t", "mangle", *args], capture_output=True, text=True)
     if check and r.returncode:
