@@ -20,7 +20,7 @@ import os
 from nat.state import StateFile, netns_id
 from sal.flow import State
 
-from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving
+from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving, FlowSteady
 from . import build, maps, tc
 from .libbpf import (BpfError, BpfObject, Map, is_bpffs, map_fd_by_id, map_info, pin, pinned, prog_fd_by_id,
                      prog_id, prog_map_ids)
@@ -231,6 +231,10 @@ class FastPath:
                 self.install(ev.flow)
             elif isinstance(ev, (FlowMoving, FlowClosing, FlowClosed)):
                 self.remove(ev.flow)
+            elif isinstance(ev, FlowSteady):
+                # the program marked it Python's at the FIN or RST: in again, unmarked
+                self.remove(ev.flow)
+                self.install(ev.flow)
 
     def _eligible(self, flow) -> bool:
         return (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None

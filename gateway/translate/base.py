@@ -14,7 +14,7 @@ from sal.ip import IPv4, TCP_ACK, TCP_FIN, TCP_RST, clamp_mss, ntoa, transport_c
 from sal.wire import MalformedPacket, SalHeader
 
 from .carriage import header_sum, ip_header
-from .events import FlowClosed, FlowClosing, FlowEstablished
+from .events import FlowClosed, FlowClosing, FlowEstablished, FlowSteady
 from .icmp import IcmpMixin
 from .limits import Limits, LimitsMixin
 from .migration import MigrationMixin
@@ -544,6 +544,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             pseudo = (flow.legacy_src, flow.legacy_dst) if from_legacy else sal_pseudo
             if not transport_checksum_ok(*pseudo, 6, seg):
                 self.stats["dropped_fin_rst_bad_checksum"] += 1
+                if flow.closed_at is None:
+                    self.events.append(FlowSteady(flow))   # nothing happened to the flow
                 return False
             self.events.append(FlowClosing(flow))
         if from_legacy:

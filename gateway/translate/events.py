@@ -30,6 +30,13 @@ class FlowMoved:
 
 
 @dataclass(slots=True)
+class FlowSteady:
+    """Plain data again after a packet that only Python could judge (a FIN or RST that
+    proved damaged): whatever that packet made the kernel hand over comes back."""
+    flow: object
+
+
+@dataclass(slots=True)
 class FlowClosing:
     """A FIN or RST was seen: the close is followed packet by packet from here."""
     flow: object

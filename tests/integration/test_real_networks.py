@@ -190,9 +190,6 @@ def test_damaged_packets_leave_the_flow_and_its_bytes_intact(lab, tmp_path, fast
         assert stats["client"]["fastpath_from_sal"] > MB // 1500, json.dumps(stats)
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel fast path hands a flow to Python for good on any "
-                   "FIN or RST, before its checksum is checked: one damaged packet ends the flow's "
-                   "fast path (serval_tc.c hand_back; Python drops the packet but never reinstalls the flow)")
 def test_a_damaged_rst_leaves_the_flow_in_the_kernel(lab, tmp_path):
     require("on")
     pair, src = build(lab, tmp_path, 20 * MB)
