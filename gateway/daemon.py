@@ -52,7 +52,8 @@ def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
         virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)
-        return ClientTranslator(aton(sal_address), virtual, table, carriage, **common)
+        return ClientTranslator(aton(sal_address), virtual, table, carriage,
+                                virtual_network=cfg.virtual_network, **common)
     for svc in cfg.services:
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
@@ -103,10 +104,13 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     if cfg.role == "client":
         legacy = ["-p", "tcp", "-d", cfg.virtual_network]
         syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
+        # UDP is not carried yet: its datagrams are refused at once (ICMP port
+        # unreachable), rather than lost on a route with no next hop
+        datagrams = ToQueue(["-p", "udp", "-d", cfg.virtual_network], cfg.control_queue)
         if cfg.intercept_forwarded:
-            pre += [syn, legacy]
+            pre += [syn, legacy, datagrams]
         if cfg.intercept_local:
-            out += [syn, legacy]
+            out += [syn, legacy, datagrams]
             route = need_route(cfg)
             if route:
                 routes.append(route)
@@ -278,6 +282,8 @@ class Gateway(LifecycleMixin):
             return out
         if payload[9] == 1:
             return t.from_icmp(payload, now)
+        if payload[9] == 17 and t.role == "client" and t.is_virtual(payload[16:20]):
+            return t.refuse_datagram(payload, now)
         return t.from_sal(payload, now)
 
     def _flush(self) -> None:

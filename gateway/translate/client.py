@@ -2,6 +2,9 @@
 from dataclasses import dataclass
 from typing import Callable
 
+import ipaddress
+
+from sal import icmp
 from sal.checksum import apply_delta, delta
 from sal.flow import Event, State
 from sal.ip import IPv4, TCP_ACK, TCP_SYN, aton
@@ -9,6 +12,9 @@ from sal.service_table import Action, ServiceTable
 from sal.wire import MalformedPacket
 
 from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32
+from .limits import TokenBucket
+
+REFUSALS_PER_SECOND = 100     # ICMP port unreachable we send, at most (a router's own limit)
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class ClientTranslator(Translator):
     role = "client"
 
     def __init__(self, sal_address: bytes, resolve: Callable[[bytes, int], bytes | None],
-                 table: ServiceTable, carriage, **kwargs):
+                 table: ServiceTable, carriage, virtual_network: str = "198.18.0.0/16", **kwargs):
         """``resolve(virtual_address, port)`` gives the serviceID a virtual address stands
         for (the seam for the resolver); ``table`` picks the next hop for a serviceID."""
         super().__init__(carriage, **kwargs)
@@ -32,6 +38,25 @@ class ClientTranslator(Translator):
         self.resolve = resolve
         self.table = table
         self.by_legacy: dict[tuple, Flow] = {}
+        net = ipaddress.IPv4Network(virtual_network)
+        self._virtual = (int(net.network_address), int(net.netmask))
+        self._refusals = TokenBucket(REFUSALS_PER_SECOND, REFUSALS_PER_SECOND)
+
+    def is_virtual(self, address: bytes) -> bool:
+        base, mask = self._virtual
+        return int.from_bytes(address, "big") & mask == base
+
+    def refuse_datagram(self, pkt: bytes, now: float):
+        """A legacy UDP datagram toward a virtual address: UDP flows are not carried
+        yet, so its sender hears "port unreachable" at once (a connected socket gets
+        ECONNREFUSED, dig says so) instead of waiting for nothing. Rate-limited, as a
+        router limits its ICMP; dropped either way, and counted."""
+        self.stats["dropped_udp_not_carried"] += 1
+        if len(pkt) >= 28 and self._refusals.take(now):
+            self.outbox.append(icmp.build_error(pkt[16:20], pkt[12:16], icmp.DEST_UNREACH,
+                                                icmp.PORT_UNREACH, pkt))
+            self.stats["icmp_port_unreachable_sent"] += 1
+        return None
 
     # --- legacy side ---------------------------------------------------------------
     def from_legacy(self, pkt: bytes, now: float):

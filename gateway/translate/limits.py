@@ -83,3 +83,20 @@ class LimitsMixin:
             else:
                 self._per_source.pop(key, None)
             flow.source_key = None
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; time is passed in."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, None
+
+    def take(self, now: float) -> bool:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

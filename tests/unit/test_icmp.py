@@ -207,3 +207,24 @@ def test_a_next_hop_whose_daemon_is_down_does_not_refuse():
     assert client.outbox == [] and client.stats["icmp_soft_errors"] == 1
     [flow] = client.flows.values()
     assert flow.closed_at is None and flow.sal.state == State.SYN_SENT
+
+
+def test_udp_toward_a_virtual_address_is_refused_at_once_and_rate_limited():
+    client, server = make_pair()
+    assert client.is_virtual(aton(VIP)) and not client.is_virtual(aton(SERVER))
+    dgram = udp_packet(CLIENT, 5353, VIP, 53, b"query")
+    assert client.refuse_datagram(dgram, 0.0) is None
+    [out] = client.outbox
+    ip, err = parse_icmp(out)
+    assert (ntoa(ip.src), ntoa(ip.dst)) == (VIP, CLIENT)
+    assert (err.type, err.code) == (icmp.DEST_UNREACH, icmp.PORT_UNREACH) and err.quoted == dgram
+    for _ in range(300):                                 # a flood within one second
+        client.refuse_datagram(dgram, 0.5)
+    assert client.stats["icmp_port_unreachable_sent"] <= 101
+    assert client.stats["dropped_udp_not_carried"] == 301
+
+
+def udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    from sal.ip import ipv4_header
+    body = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return ipv4_header(aton(src), aton(dst), 17, len(body)) + body
