@@ -43,8 +43,9 @@ class DnsConfig:
     tcp_connections: int = 128
     log_level: str = "info"
     metrics: tuple | None = None                       # (host, port): Prometheus metrics (default: off)
-    rate: float = 100.0
-    burst: float = 200.0
+    rate: float = 2000.0
+    burst: float = 4000.0
+    slip: int = 1
     rate_clients: int = 10000
     upstreams: list = field(default_factory=list)      # [(host, port)]
     upstreams_configured: bool = False                 # servers given (even empty: no forwarding)
@@ -131,7 +132,7 @@ def load(path: str) -> DnsConfig:
 SECTIONS = {
     "server": {"listen", "port", "allow", "max_udp_size", "tcp_timeout", "tcp_connections", "log_level",
                "metrics", "metrics_public"},
-    "rate_limit": {"rate", "burst", "clients"},
+    "rate_limit": {"rate", "burst", "slip", "clients"},
     "upstream": {"servers", "resolv_conf", "timeout", "retry_down_after", "udp_size"},
     "cache": {"size", "min_ttl", "max_ttl", "max_negative_ttl"},
     "virtual": {"network", "exclude", "mappings", "gateway_control", "reclaim_after",
@@ -182,8 +183,9 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
 
     # [rate_limit]
     rl = data.get("rate_limit", {})
-    cfg.rate = _num(rl.get("rate", 100), 0, 1e9, lambda m: fail(("rate_limit", "rate"), m))
+    cfg.rate = _num(rl.get("rate", 2000), 0, 1e9, lambda m: fail(("rate_limit", "rate"), m))
     cfg.burst = _num(rl.get("burst", max(1.0, 2 * cfg.rate)), 1, 1e9, lambda m: fail(("rate_limit", "burst"), m))
+    cfg.slip = _int(rl.get("slip", 1), 0, 100, lambda m: fail(("rate_limit", "slip"), m))
     cfg.rate_clients = _int(rl.get("clients", 10000), 1, 10_000_000, lambda m: fail(("rate_limit", "clients"), m))
 
     # [upstream]

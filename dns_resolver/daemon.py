@@ -85,7 +85,7 @@ class DnsDaemon:
         self.core = Resolver(self.zones, self.cache, Acl(cfg.allow),
                              RateLimiter(cfg.rate, cfg.burst, cfg.rate_clients),
                              forwarding=bool(self.upstreams), max_udp=cfg.max_udp_size,
-                             upstream_udp=cfg.upstream_udp_size)
+                             upstream_udp=cfg.upstream_udp_size, slip=cfg.slip)
         self.forwarder = Forwarder(reactor, self.upstreams, cfg.timeout, cfg.retry_down_after)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -237,13 +237,16 @@ class DnsDaemon:
             log.warning("no upstream resolvers (from %s): names outside the service zones get SERVFAIL",
                         self.upstreams_from)
         if cfg.rate > 0:
-            log.info("rate limit %g queries/s per client (burst %g)", cfg.rate, cfg.burst)
+            over = ("queries over it dropped" if not cfg.slip else
+                    "queries over it answered TC (the client asks again over TCP)" if cfg.slip == 1 else
+                    f"1 in {cfg.slip} queries over it answered TC (the client asks again over TCP), the rest dropped")
+            log.info("rate limit %g queries/s per client over UDP (burst %g), %s", cfg.rate, cfg.burst, over)
         if cfg.gateway_control:
             log.info("asking the gateway at %s before reclaiming an address", cfg.gateway_control)
 
     def summary(self) -> str:
         s = self.core.stats
         keys = ("queries", "zone_answers", "cache_answers", "upstream_answers", "servfail", "formerr",
-                "refused", "rate_limited", "dropped", "truncated")
+                "refused", "rate_limited", "rate_limited_truncated", "dropped", "truncated")
         return ", ".join(f"{k}={s.get(k, 0)}" for k in keys) + \
             f", mappings={len(self.allocator.by_name)}, cached={len(self.cache)}"

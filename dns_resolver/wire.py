@@ -158,6 +158,13 @@ def error_reply(ident: int, query_flags: int, rcode: int, query: Query | None, s
             + query.question + opt)
 
 
+def truncated_reply(query: Query, server_udp: int) -> bytes:
+    """An empty reply with TC set: "ask again over TCP" (the rate limit's answer)."""
+    opt = opt_record(server_udp, query.do) if query.edns else b""
+    return (HEADER.pack(query.ident, response_flags(query.flags, TC), 1, 0, 0, 1 if opt else 0)
+            + query.question + opt)
+
+
 def fit(message: bytes, limit: int, query: Query, server_udp: int) -> bytes:
     """``message`` if it fits in ``limit`` bytes, else its truncated form (TC set)."""
     if len(message) <= limit:
