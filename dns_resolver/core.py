@@ -65,14 +65,16 @@ class Resolver:
         self.stats = dict.fromkeys(
             ("queries", "rate_limited", "dropped", "formerr", "notimp", "badvers", "refused",
              "zone_answers", "cache_answers", "forwarded", "upstream_answers", "servfail",
-             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped"), 0)
+             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "tcp_queries"), 0)
 
     # --- queries -------------------------------------------------------------------
     def handle(self, data: bytes, client: str, tcp: bool, now: float, wall: float, to) -> list:
         """``now``: monotonic seconds (cache); ``wall``: Unix time (allocations)."""
         stats = self.stats
         stats["queries"] += 1
-        if not tcp and not self.limiter.allow(client, now):
+        if tcp:
+            stats["tcp_queries"] += 1
+        elif not self.limiter.allow(client, now):
             return self._limited(data, to)
         try:
             query = wire.parse_query(data)
@@ -139,13 +141,10 @@ class Resolver:
         stats["rate_limited"] += 1
         self.limited_seen += 1
         if self.slip and self.limited_seen % self.slip == 0:
-            try:
-                query = wire.parse_query(data)
-            except (wire.Drop, wire.QueryError):
-                query = None
-            if query is not None:
+            reply = wire.truncated_reply(data, self.max_udp)
+            if reply is not None:
                 stats["rate_limited_truncated"] += 1
-                return [Reply(to, wire.truncated_reply(query, self.max_udp))]
+                return [Reply(to, reply)]
         stats["rate_limited_dropped"] += 1
         return []
 
