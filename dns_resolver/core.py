@@ -65,7 +65,7 @@ class Resolver:
         self.stats = dict.fromkeys(
             ("queries", "rate_limited", "dropped", "formerr", "notimp", "badvers", "refused",
              "zone_answers", "cache_answers", "forwarded", "upstream_answers", "servfail",
-             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "tcp_queries"), 0)
+             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "rate_limited_flood", "tcp_queries"), 0)
 
     # --- queries -------------------------------------------------------------------
     def handle(self, data: bytes, client: str, tcp: bool, now: float, wall: float, to) -> list:
@@ -74,8 +74,9 @@ class Resolver:
         stats["queries"] += 1
         if tcp:
             stats["tcp_queries"] += 1
+            self.limiter.followed(client)
         elif not self.limiter.allow(client, now):
-            return self._limited(data, to)
+            return self._limited(data, client, to)
         try:
             query = wire.parse_query(data)
         except wire.Drop:
@@ -130,19 +131,24 @@ class Resolver:
         return (wire.HEADER.pack(0, flags, 1, 0, 0, 1) + question
                 + wire.opt_record(self.upstream_udp, query.do))
 
-    def _limited(self, data: bytes, to) -> list:
+    def _limited(self, data: bytes, client: str, to) -> list:
         """A UDP query over its client's rate: answered with the question alone and TC
         set (as BIND's RRL "slip" does), which a stub resolver takes as "ask me again
         over TCP" and does at once (glibc: same server, no timeout). Over TCP, where the
         source address is proven and connections are bounded, no limit applies. With
-        ``slip`` N only every N-th limited query gets that reply; the others, and
-        queries not worth a reply (runts, responses, malformed), are dropped."""
+        ``slip`` N only every N-th limited query gets that reply. Dropped, each counted
+        by reason: the queries ``slip`` skips and those not worth a reply (runts,
+        responses, malformed) as ``rate_limited_dropped``; those of a client that does
+        not act on TC replies (a flood, a forged source) as ``rate_limited_flood``."""
         stats = self.stats
         stats["rate_limited"] += 1
         self.limited_seen += 1
         if self.slip and self.limited_seen % self.slip == 0:
             reply = wire.truncated_reply(data, self.max_udp)
             if reply is not None:
+                if not self.limiter.may_truncate(client):
+                    stats["rate_limited_flood"] += 1
+                    return []
                 stats["rate_limited_truncated"] += 1
                 return [Reply(to, reply)]
         stats["rate_limited_dropped"] += 1

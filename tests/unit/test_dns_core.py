@@ -136,13 +136,32 @@ def test_over_the_limit_a_udp_query_is_told_to_ask_over_tcp():
 
 
 def test_slip_answers_every_nth_limited_query_and_drops_the_rest():
-    core = make(rate=10, burst=1, slip=3)
-    core.handle(q("www.example.org"), LAN, False, 0.0, 1e9, "c")              # the bucket's one token
+    core = make(rate=10, burst=3, slip=3)
+    for _ in range(3):                                                        # the bucket's tokens
+        core.handle(q("www.example.org"), LAN, False, 0.0, 1e9, "c")
     replies = [core.handle(q("www.example.org", ident=i), LAN, False, 0.0, 1e9, "c") for i in range(9)]
     assert [bool(r) for r in replies] == [False, False, True] * 3
     assert all(DNSRecord.parse(r[0].data).header.tc for r in replies if r)
     assert core.stats["rate_limited_truncated"] == 3 and core.stats["rate_limited_dropped"] == 6
     assert core.stats["forwarded"] == 1                      # a limited query never goes upstream
+
+
+def test_a_client_that_ignores_tc_replies_is_dropped_until_it_asks_over_tcp():
+    core = make(rate=10, burst=4)
+    for _ in range(4):
+        core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    replies = [core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c") for _ in range(10)]
+    assert [bool(r) for r in replies] == [True] * 4 + [False] * 6     # burst TC replies not followed: a flood
+    assert core.stats["rate_limited_truncated"] == 4 and core.stats["rate_limited_flood"] == 6
+    assert answered(core.handle(q("web.svc.example"), LAN, True, 0.0, 1e9, "t"))   # it asks over TCP ...
+    again = core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    assert DNSRecord.parse(again[0].data).header.tc                                  # ... and is told TC again
+    # a glibc-like client follows every TC over TCP: never dropped, however fast it asks
+    for i in range(100):
+        r = one_reply(core.handle(q("web.svc.example", ident=i), "198.19.1.9", False, 0.0, 1e9, "c"))
+        if r.header.tc:
+            assert answered(core.handle(q("web.svc.example", ident=i), "198.19.1.9", True, 0.0, 1e9, "t"))
+    assert core.stats["rate_limited_flood"] == 6
 
 
 def test_slip_zero_drops_and_unparsable_limited_queries_are_dropped():
