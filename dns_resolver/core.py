@@ -50,7 +50,7 @@ class _Waiter:
 class Resolver:
     def __init__(self, zones, cache, acl, limiter, forwarding: bool = True,
                  max_udp: int = 1232, upstream_udp: int = 1232, max_pending: int = 2000,
-                 max_waiters: int = 64, slip: int = 1):
+                 max_waiters: int = 64, slip: int = 1, stats: dict | None = None):
         self.zones = list(zones)
         self.cache = cache
         self.acl = acl
@@ -62,10 +62,11 @@ class Resolver:
         self.slip = slip               # every slip-th limited query is answered TC (0: none)
         self.limited_seen = 0
         self.pending: dict[tuple, list[_Waiter]] = {}
-        self.stats = dict.fromkeys(
+        self.stats = stats if stats is not None else {}       # shared with the zones' counters
+        self.stats.update(dict.fromkeys(
             ("queries", "rate_limited", "dropped", "formerr", "notimp", "badvers", "refused",
              "zone_answers", "cache_answers", "forwarded", "upstream_answers", "servfail",
-             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "rate_limited_flood", "tcp_queries"), 0)
+             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "rate_limited_flood", "tcp_queries"), 0))
 
     # --- queries -------------------------------------------------------------------
     def handle(self, data: bytes, client: str, tcp: bool, now: float, wall: float, to) -> list:
