@@ -16,6 +16,7 @@ from serval.metrics import parse_config as parse_metrics
 from .names import Service, normalize
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
+NAMES_VIEW_PORT = 54327      # a router's names view (TCP), beside its registrations (UDP 54326)
 _NAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
@@ -30,6 +31,7 @@ class ZoneConfig:
     name: str
     ttl: int = 30
     negative_ttl: int = 60
+    routed: bool = True          # its names are served through the routers: [liveness] applies
     services: list = field(default_factory=list)
 
 
@@ -43,8 +45,9 @@ class DnsConfig:
     tcp_connections: int = 128
     log_level: str = "info"
     metrics: tuple | None = None                       # (host, port): Prometheus metrics (default: off)
-    rate: float = 100.0
-    burst: float = 200.0
+    rate: float = 2000.0
+    burst: float = 4000.0
+    slip: int = 1
     rate_clients: int = 10000
     upstreams: list = field(default_factory=list)      # [(host, port)]
     upstreams_configured: bool = False                 # servers given (even empty: no forwarding)
@@ -63,6 +66,11 @@ class DnsConfig:
     reclaim_after: float = 3600.0
     reclaim_interval: float = 60.0
     flush_interval: float = 30.0
+    liveness_routers: list = field(default_factory=list)   # [(host, port)]: each router's names view
+    liveness_interval: float = 1.0
+    liveness_timeout: float = 1.0
+    liveness_stale_after: float = 3.0
+    down_ttl: int = 5
     zones: list = field(default_factory=list)
 
     @property
@@ -131,11 +139,12 @@ def load(path: str) -> DnsConfig:
 SECTIONS = {
     "server": {"listen", "port", "allow", "max_udp_size", "tcp_timeout", "tcp_connections", "log_level",
                "metrics", "metrics_public"},
-    "rate_limit": {"rate", "burst", "clients"},
+    "rate_limit": {"rate", "burst", "slip", "clients"},
     "upstream": {"servers", "resolv_conf", "timeout", "retry_down_after", "udp_size"},
     "cache": {"size", "min_ttl", "max_ttl", "max_negative_ttl"},
     "virtual": {"network", "exclude", "mappings", "gateway_control", "reclaim_after",
                 "reclaim_interval", "flush_interval"},
+    "liveness": {"routers", "interval", "timeout", "stale_after", "down_ttl"},
 }
 
 
@@ -182,8 +191,9 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
 
     # [rate_limit]
     rl = data.get("rate_limit", {})
-    cfg.rate = _num(rl.get("rate", 100), 0, 1e9, lambda m: fail(("rate_limit", "rate"), m))
+    cfg.rate = _num(rl.get("rate", 2000), 0, 1e9, lambda m: fail(("rate_limit", "rate"), m))
     cfg.burst = _num(rl.get("burst", max(1.0, 2 * cfg.rate)), 1, 1e9, lambda m: fail(("rate_limit", "burst"), m))
+    cfg.slip = _int(rl.get("slip", 1), 0, 100, lambda m: fail(("rate_limit", "slip"), m))
     cfg.rate_clients = _int(rl.get("clients", 10000), 1, 10_000_000, lambda m: fail(("rate_limit", "clients"), m))
 
     # [upstream]
@@ -227,6 +237,24 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
                                 lambda m: fail(("virtual", "reclaim_interval"), m))
     cfg.flush_interval = _num(virtual.get("flush_interval", 30), 0.05, 86400,
                               lambda m: fail(("virtual", "flush_interval"), m))
+
+    # [liveness]
+    live = data.get("liveness", {})
+    routers = live.get("routers", [])
+    if not isinstance(routers, list):
+        fail(("liveness", "routers"), "routers must be a list of \"address:port\" (each router's names view)")
+    cfg.liveness_routers = [_host_port(x, NAMES_VIEW_PORT, lambda m: fail(("liveness", "routers"), m)) for x in routers]
+    if len(set(cfg.liveness_routers)) != len(cfg.liveness_routers):
+        fail(("liveness", "routers"), "a router is listed twice")
+    cfg.liveness_interval = _num(live.get("interval", 1), 0.05, 3600, lambda m: fail(("liveness", "interval"), m))
+    cfg.liveness_timeout = _num(live.get("timeout", min(1.0, cfg.liveness_interval)), 0.05, 60,
+                                lambda m: fail(("liveness", "timeout"), m))
+    cfg.liveness_stale_after = _num(live.get("stale_after", 3 * cfg.liveness_interval), 0.05, 86400,
+                                    lambda m: fail(("liveness", "stale_after"), m))
+    if cfg.liveness_stale_after < cfg.liveness_interval:
+        fail(("liveness", "stale_after"), f"stale_after ({cfg.liveness_stale_after:g} s) is below interval "
+             f"({cfg.liveness_interval:g} s): every view would be stale before the next poll")
+    cfg.down_ttl = _int(live.get("down_ttl", 5), 0, 3600, lambda m: fail(("liveness", "down_ttl"), m))
 
     # [[zone]] and [[zone.service]], [[service]]
     zones = data.get("zone", [])
@@ -277,8 +305,11 @@ def _zone(z, i: int, fail) -> ZoneConfig:
     if not isinstance(z, dict):
         fail(where, "a [[zone]] must be a table")
     for key in z:
-        if key not in ("name", "ttl", "negative_ttl", "service"):
-            fail(where + (key,), f"unknown key {key!r} in [[zone]] (name, ttl, negative_ttl, [[zone.service]])")
+        if key not in ("name", "ttl", "negative_ttl", "routed", "service"):
+            fail(where + (key,), f"unknown key {key!r} in [[zone]] (name, ttl, negative_ttl, routed, "
+                 f"[[zone.service]])")
+    if not isinstance(z.get("routed", True), bool):
+        fail(where + ("routed",), "routed must be true or false")
     if not isinstance(z.get("name"), str):
         fail(where, "every [[zone]] needs a name, like \"svc.example\"")
     name = normalize(z["name"])
@@ -287,7 +318,8 @@ def _zone(z, i: int, fail) -> ZoneConfig:
     zone = ZoneConfig(name,
                       ttl=_int(z.get("ttl", 30), 0, 86400, lambda m: fail(where + ("ttl",), m)),
                       negative_ttl=_int(z.get("negative_ttl", 60), 0, 86400,
-                                        lambda m: fail(where + ("negative_ttl",), m)))
+                                        lambda m: fail(where + ("negative_ttl",), m)),
+                      routed=z.get("routed", True))
     services = z.get("service", [])
     if not isinstance(services, list):
         fail(where, "write [[zone.service]] (an array of tables)")

@@ -10,8 +10,9 @@ transport, at what time) and returns a list of actions:
   (or None when every upstream failed), which returns the replies for every client
   waiting on that question (identical questions in flight share one upstream query).
 
-Order of checks for each message: the client's token bucket (over the limit: dropped,
-before any parsing), the message itself (runts and responses are dropped, malformed
+Order of checks for each message: the client's token bucket (UDP only; over the limit a
+truncated reply, TC set, so the client asks again over TCP at once: see :meth:`_limited`),
+the message itself (runts and responses are dropped, malformed
 queries answered FORMERR, other opcodes NOTIMP, EDNS versions above 0 BADVERS), the
 access list (REFUSED), then the service zones, then the cache, then the upstreams.
 """
@@ -49,7 +50,7 @@ class _Waiter:
 class Resolver:
     def __init__(self, zones, cache, acl, limiter, forwarding: bool = True,
                  max_udp: int = 1232, upstream_udp: int = 1232, max_pending: int = 2000,
-                 max_waiters: int = 64):
+                 max_waiters: int = 64, slip: int = 1, stats: dict | None = None):
         self.zones = list(zones)
         self.cache = cache
         self.acl = acl
@@ -58,20 +59,25 @@ class Resolver:
         self.max_udp = max_udp
         self.upstream_udp = upstream_udp
         self.max_pending, self.max_waiters = max_pending, max_waiters
+        self.slip = slip               # every slip-th limited query is answered TC (0: none)
+        self.limited_seen = 0
         self.pending: dict[tuple, list[_Waiter]] = {}
-        self.stats = dict.fromkeys(
+        self.stats = stats if stats is not None else {}       # shared with the zones' counters
+        self.stats.update(dict.fromkeys(
             ("queries", "rate_limited", "dropped", "formerr", "notimp", "badvers", "refused",
              "zone_answers", "cache_answers", "forwarded", "upstream_answers", "servfail",
-             "truncated", "coalesced"), 0)
+             "truncated", "coalesced", "rate_limited_truncated", "rate_limited_dropped", "rate_limited_flood", "tcp_queries"), 0))
 
     # --- queries -------------------------------------------------------------------
     def handle(self, data: bytes, client: str, tcp: bool, now: float, wall: float, to) -> list:
         """``now``: monotonic seconds (cache); ``wall``: Unix time (allocations)."""
         stats = self.stats
         stats["queries"] += 1
-        if not self.limiter.allow(client, now):
-            stats["rate_limited"] += 1
-            return []
+        if tcp:
+            stats["tcp_queries"] += 1
+            self.limiter.followed(client)
+        elif not self.limiter.allow(client, now):
+            return self._limited(data, client, to)
         try:
             query = wire.parse_query(data)
         except wire.Drop:
@@ -125,6 +131,29 @@ class Resolver:
         question = wire.encode_name(query.key) + struct.pack("!HH", query.qtype, query.qclass)
         return (wire.HEADER.pack(0, flags, 1, 0, 0, 1) + question
                 + wire.opt_record(self.upstream_udp, query.do))
+
+    def _limited(self, data: bytes, client: str, to) -> list:
+        """A UDP query over its client's rate: answered with the question alone and TC
+        set (as BIND's RRL "slip" does), which a stub resolver takes as "ask me again
+        over TCP" and does at once (glibc: same server, no timeout). Over TCP, where the
+        source address is proven and connections are bounded, no limit applies. With
+        ``slip`` N only every N-th limited query gets that reply. Dropped, each counted
+        by reason: the queries ``slip`` skips and those not worth a reply (runts,
+        responses, malformed) as ``rate_limited_dropped``; those of a client that does
+        not act on TC replies (a flood, a forged source) as ``rate_limited_flood``."""
+        stats = self.stats
+        stats["rate_limited"] += 1
+        self.limited_seen += 1
+        if self.slip and self.limited_seen % self.slip == 0:
+            reply = wire.truncated_reply(data, self.max_udp)
+            if reply is not None:
+                if not self.limiter.may_truncate(client):
+                    stats["rate_limited_flood"] += 1
+                    return []
+                stats["rate_limited_truncated"] += 1
+                return [Reply(to, reply)]
+        stats["rate_limited_dropped"] += 1
+        return []
 
     # --- upstream results ----------------------------------------------------------
     def upstream_done(self, key: tuple, response: bytes | None, now: float) -> list:

@@ -15,8 +15,10 @@ from .allocator import Allocator
 from .cache import Cache
 from .config import DnsConfig, resolv_conf_servers
 from .core import Forward, Reply, Resolver
+from .liveness import Liveness
 from .names import StaticNames
 from .policy import Acl, RateLimiter
+from .router_names import RouterPoller
 from .server import MAX_UDP_QUERY, TCPConnection, TCPServer, UDPServer
 from .store import MappingsFile, MemoryStore
 from .upstream import Forwarder
@@ -47,6 +49,10 @@ def describe(data: bytes) -> str:
         return f"{len(data)} bytes, unparsable ({exc})"
 
 
+def _key(name: str) -> tuple:
+    return tuple(label.encode("ascii") for label in name.split("."))
+
+
 def upstream_servers(cfg: DnsConfig) -> tuple[list, str]:
     """The upstreams and where they came from; never one of our own listen sockets."""
     own = set(cfg.listen)
@@ -73,11 +79,19 @@ class DnsDaemon:
         self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
 
         cfg = self.cfg
+        self.stats: dict = {}        # the counters of the core, the zones and the liveness view
         self.store = MappingsFile(cfg.mappings) if cfg.mappings else MemoryStore()
         self.names = StaticNames(cfg.services)
         pinned = {s.name: s.address for s in cfg.services if s.address}
         self.allocator = Allocator(cfg.virtual_network, cfg.exclude, self.store, pinned)
-        self.zones = [ServiceZone(z.name, self.names, self.allocator, z.ttl, z.negative_ttl) for z in cfg.zones]
+        self.liveness = self.poller = None
+        if cfg.liveness_routers:
+            self.liveness = Liveness(cfg.liveness_routers, cfg.liveness_stale_after, self.stats)
+            self.poller = RouterPoller(reactor, self.liveness, cfg.liveness_interval, cfg.liveness_timeout,
+                                       self._liveness_changed)
+        self.zones = [ServiceZone(z.name, self.names, self.allocator, z.ttl, z.negative_ttl,
+                                  liveness=self.liveness if z.routed else None, down_ttl=cfg.down_ttl,
+                                  stats=self.stats) for z in cfg.zones]
         self.zones.sort(key=lambda z: -len(z.key))          # most specific zone first
         self.max_zone_ttl = max((z.ttl for z in cfg.zones), default=0)
         self.upstreams, self.upstreams_from = upstream_servers(cfg)
@@ -85,7 +99,7 @@ class DnsDaemon:
         self.core = Resolver(self.zones, self.cache, Acl(cfg.allow),
                              RateLimiter(cfg.rate, cfg.burst, cfg.rate_clients),
                              forwarding=bool(self.upstreams), max_udp=cfg.max_udp_size,
-                             upstream_udp=cfg.upstream_udp_size)
+                             upstream_udp=cfg.upstream_udp_size, slip=cfg.slip, stats=self.stats)
         self.forwarder = Forwarder(reactor, self.upstreams, cfg.timeout, cfg.retry_down_after)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -113,6 +127,8 @@ class DnsDaemon:
             call.start(interval, now=False)
             self.timers.append(call)
         self._log_started(kept)
+        if self.poller is not None:
+            self.poller.start()
 
     def stop(self) -> None:
         """Stop listening, drop upstream work, save answer times; safe to call twice."""
@@ -123,6 +139,8 @@ class DnsDaemon:
             if call.running:
                 call.stop()
         self.timers.clear()
+        if self.poller is not None:
+            self.poller.stop()
         for port in self.ports:
             port.stopListening()
         self.ports.clear()
@@ -220,6 +238,25 @@ class DnsDaemon:
 
         return d.addCallbacks(reclaim, unreachable).addBoth(done)
 
+    def _liveness_changed(self, before, after) -> None:
+        """One line when the routers' view becomes known or unknown, one per routed
+        name that loses its last instance or gets one back."""
+        routed = [z for z in self.zones if z.liveness is not None]
+        names = sorted(n for n in self.names.names() if any(z.contains(_key(n)) for z in routed))
+        if after is None:
+            log.warning("no ready router heard from within %g s: answering every name as configured "
+                        "(whether it has a live instance is unknown)", self.liveness.stale_after)
+            return
+        was_down = {n for n in names if before is not None and n not in before}
+        now_down = {n for n in names if n not in after}
+        if before is None:
+            log.info("routers' names view: %d of %d routed name(s) with a live instance%s", len(names) - len(now_down),
+                     len(names), f"; none for {', '.join(sorted(now_down))}" if now_down else "")
+        for name in sorted(now_down - was_down) if before is not None else ():
+            log.info("%s: no live instance at the routers: answering NODATA (ttl %d s)", name, self.cfg.down_ttl)
+        for name in sorted(was_down - now_down):
+            log.info("%s: a live instance again", name)
+
     # --- logs ----------------------------------------------------------------------
     def _log_started(self, kept: int) -> None:
         cfg = self.cfg
@@ -237,13 +274,21 @@ class DnsDaemon:
             log.warning("no upstream resolvers (from %s): names outside the service zones get SERVFAIL",
                         self.upstreams_from)
         if cfg.rate > 0:
-            log.info("rate limit %g queries/s per client (burst %g)", cfg.rate, cfg.burst)
+            over = ("queries over it dropped" if not cfg.slip else
+                    "queries over it answered TC (the client asks again over TCP)" if cfg.slip == 1 else
+                    f"1 in {cfg.slip} queries over it answered TC (the client asks again over TCP), the rest dropped")
+            log.info("rate limit %g queries/s per client over UDP (burst %g), %s", cfg.rate, cfg.burst, over)
         if cfg.gateway_control:
             log.info("asking the gateway at %s before reclaiming an address", cfg.gateway_control)
+        if cfg.liveness_routers:
+            zones = [z.name for z in cfg.zones if z.routed]
+            log.info("asking router(s) %s every %g s which names have a live instance (zones %s; "
+                     "none: NODATA, ttl %d s)", ", ".join(f"{h}:{p}" for h, p in cfg.liveness_routers),
+                     cfg.liveness_interval, ", ".join(zones) or "none", cfg.down_ttl)
 
     def summary(self) -> str:
         s = self.core.stats
         keys = ("queries", "zone_answers", "cache_answers", "upstream_answers", "servfail", "formerr",
-                "refused", "rate_limited", "dropped", "truncated")
+                "refused", "rate_limited", "rate_limited_truncated", "dropped", "truncated")
         return ", ".join(f"{k}={s.get(k, 0)}" for k in keys) + \
             f", mappings={len(self.allocator.by_name)}, cached={len(self.cache)}"

@@ -1,10 +1,13 @@
-"""Ask the client gateway which virtual addresses carry live flows (Twisted adapter).
+"""Ask another daemon one question over its control protocol (Twisted adapter).
 
-The gateway's control socket takes one JSON line and answers one
-(``gateway/adapters/control.py``); ``{"cmd": "virtual_in_use"}`` returns the list of
-virtual addresses with live flows. :func:`virtual_in_use` returns a Deferred firing
-with that set, or failing with :class:`GatewayUnreachable` (no socket, no answer within
-the timeout, an error reply): then the resolver reclaims nothing.
+A control socket takes one JSON line and answers one (``gateway/adapters/control.py``).
+:func:`ask` speaks it over a Unix socket (a path) or TCP (``(host, port)``) and returns
+a Deferred firing with the reply's result, or failing with :class:`GatewayUnreachable`
+(no socket, no answer within the timeout, an error reply).
+
+* :func:`virtual_in_use`: the client gateway's virtual addresses with live flows; when
+  it cannot be asked, the resolver reclaims nothing.
+* ``dns_resolver/router_names.py`` asks the service routers which names are live.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 
 class GatewayUnreachable(Exception):
-    pass
+    """The other daemon could not be asked (the name is historical: routers too)."""
 
 
 class _Ask(LineOnlyReceiver):
@@ -59,9 +62,13 @@ class _AskFactory(ClientFactory):
             self.deferred.errback(GatewayUnreachable("closed without an answer"))
 
 
-def ask(reactor, path: str, cmd: str, timeout: float = 2.0) -> defer.Deferred:
+def ask(reactor, where, cmd: str, timeout: float = 2.0) -> defer.Deferred:
+    """``where``: a Unix socket's path, or ``(host, port)`` for TCP."""
     d = defer.Deferred()
-    connector = reactor.connectUNIX(path, _AskFactory(cmd, d), timeout=timeout)
+    if isinstance(where, str):
+        connector = reactor.connectUNIX(where, _AskFactory(cmd, d), timeout=timeout)
+    else:
+        connector = reactor.connectTCP(where[0], where[1], _AskFactory(cmd, d), timeout=timeout)
 
     def expire():
         if not d.called:

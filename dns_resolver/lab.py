@@ -84,12 +84,16 @@ class Dnsmasq:
 # --- the resolver --------------------------------------------------------------------
 
 def resolver_config(listen, allow, zones, upstreams=None, mappings=None, gateway_control=None,
-                    rate=0, burst=None, timeout=0.5, extra: str = "", virtual=None) -> str:
+                    rate=0, burst=None, timeout=0.5, extra: str = "", virtual=None, metrics=None,
+                    sections: dict | None = None) -> str:
     """A resolver TOML config. ``zones``: {zone: [service names or (name, ports)]};
-    ``upstreams`` None: the key is left out (resolv.conf), [] no forwarding."""
+    ``upstreams`` None: the key is left out (resolv.conf), [] no forwarding;
+    ``metrics``: "127.0.0.1:port"; ``sections``: {section: {key: TOML value text}}."""
     q = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
-    lines = ["[server]", f"listen = {q(listen)}", f"allow = {q(allow)}", "",
-             "[rate_limit]", f"rate = {rate}"]
+    lines = ["[server]", f"listen = {q(listen)}", f"allow = {q(allow)}"]
+    if metrics:
+        lines.append(f'metrics = "{metrics}"')
+    lines += ["", "[rate_limit]", f"rate = {rate}"]
     if burst is not None:
         lines.append(f"burst = {burst}")
     lines += ["", "[upstream]", f"timeout = {timeout}", "retry_down_after = 30"]
@@ -102,6 +106,8 @@ def resolver_config(listen, allow, zones, upstreams=None, mappings=None, gateway
         lines.append(f'gateway_control = "{gateway_control}"')
     for key, value in (virtual or {}).items():
         lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    for section, keys in (sections or {}).items():
+        lines += ["", f"[{section}]", *(f"{k} = {v}" for k, v in keys.items())]
     for zone, services in zones.items():
         lines += ["", "[[zone]]", f'name = "{zone}"']
         for key, value in (services.get("_zone", {}) if isinstance(services, dict) else {}).items():

@@ -34,11 +34,17 @@ class RateLimiter:
     """A token bucket per client address: ``rate`` queries per second on average,
     bursts of up to ``burst``. ``rate`` 0 turns limiting off. At most ``clients``
     buckets are kept; when full, buckets that have refilled (idle clients) go first,
-    then the oldest."""
+    then the oldest.
+
+    Over its rate a client is told to ask again over TCP (a TC reply). A stub resolver
+    does so at once; a flood, or the victim of a forged source address, does not. So
+    each bucket also counts the TC replies its client has not followed over TCP yet
+    (:meth:`followed` clears it): past ``burst`` of them, :meth:`may_truncate` says no
+    and the client's excess is dropped, at the cost of a dropped query, not a reply."""
 
     def __init__(self, rate: float, burst: float, clients: int = 10000):
         self.rate, self.burst, self.clients = float(rate), float(max(burst, 1)), clients
-        self.buckets: dict[str, list] = {}     # address -> [tokens, last time]
+        self.buckets: dict[str, list] = {}     # address -> [tokens, last time, TC replies not followed]
         self.limited = 0
 
     def allow(self, address: str, now: float) -> bool:
@@ -48,9 +54,11 @@ class RateLimiter:
         if bucket is None:
             if len(self.buckets) >= self.clients:
                 self._prune(now)
-            self.buckets[address] = [self.burst - 1, now]
+            self.buckets[address] = [self.burst - 1, now, 0]
             return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens >= self.burst:             # quiet long enough to refill: a fresh start
+            tokens, bucket[2] = self.burst, 0
         bucket[1] = now
         if tokens >= 1:
             bucket[0] = tokens - 1
@@ -58,6 +66,20 @@ class RateLimiter:
         bucket[0] = tokens
         self.limited += 1
         return False
+
+    def may_truncate(self, address: str) -> bool:
+        """Whether a TC reply may go to this (limited) client; counts it if so."""
+        bucket = self.buckets.get(address)
+        if bucket is None or bucket[2] >= self.burst:
+            return False
+        bucket[2] += 1
+        return True
+
+    def followed(self, address: str) -> None:
+        """The client asked over TCP: it acts on TC replies."""
+        bucket = self.buckets.get(address)
+        if bucket is not None:
+            bucket[2] = 0
 
     def _prune(self, now: float) -> None:
         full = [a for a, (tokens, last) in self.buckets.items()

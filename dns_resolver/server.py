@@ -6,7 +6,8 @@ address)`` for UDP, the connection for TCP. The daemon carries out the actions.
 TCP (RFC 7766): two-byte length framing, several queries per connection, replies in
 the order they are ready, an idle timeout, a limit on connections (beyond it a new
 connection is closed at once). Queries waiting upstream are bounded by the core (per
-question and in all), and every message passes the client's token bucket.
+question and in all). UDP messages pass the client's token bucket; TCP ones do not (the
+handshake proves the address; see ``Resolver._limited``).
 """
 from __future__ import annotations
 

@@ -158,6 +158,40 @@ def error_reply(ident: int, query_flags: int, rcode: int, query: Query | None, s
             + query.question + opt)
 
 
+def truncated_reply(data: bytes, server_udp: int) -> bytes | None:
+    """The rate limit's answer to the query ``data``: its question alone with TC set
+    ("ask again over TCP"), and an OPT when the query's first additional record is one;
+    None when ``data`` is no plain query worth that (then it is dropped).
+
+    Read by hand, not by dnslib: this is what a flooding client gets, so it must cost
+    far less than an answer (a few microseconds; the question is echoed as sent)."""
+    n = len(data)
+    if n < 17 or n > MAX_QUERY:
+        return None
+    ident, flags, qd, an, ns, ar = HEADER.unpack_from(data)
+    if flags & (QR | OPCODE) or qd != 1 or an or ns:
+        return None
+    off = 12
+    while True:                      # the question's name: plain labels, no pointers
+        length = data[off] if off < n else 0xFF
+        if length == 0:
+            break
+        if length > MAX_LABEL:
+            return None
+        off += 1 + length
+        if off - 12 > MAX_NAME:
+            return None
+    end = off + 5                    # the root label, QTYPE, QCLASS
+    if end > n:
+        return None
+    opt = b""
+    if ar and end + 11 <= n and data[end] == 0 and data[end + 1:end + 3] == b"\0\x29":
+        do = bool(data[end + 7] & 0x80)          # the DO bit of the OPT's TTL field
+        opt = opt_record(server_udp, do)
+    return (HEADER.pack(ident, response_flags(flags, TC), 1, 0, 0, 1 if opt else 0)
+            + data[12:end] + opt)
+
+
 def fit(message: bytes, limit: int, query: Query, server_udp: int) -> bytes:
     """``message`` if it fits in ``limit`` bytes, else its truncated form (TC set)."""
     if len(message) <= limit:

@@ -11,6 +11,10 @@ empty non-terminal         NODATA (e.g. ``svc.example`` itself when only ``a.b.s
                            exists)
 zone apex, SOA             the zone's SOA
 unknown name               NXDOMAIN with the SOA (negative caching: ``negative_ttl``)
+known, no live instance    NODATA for every type, SOA TTL and MINIMUM ``down_ttl`` (short):
+                           only when the zone has a ``liveness`` that knows (see
+                           ``liveness.py``); the name exists, it has no address now, and a
+                           client asks again soon
 class other than IN/ANY    REFUSED
 =========================  =================================================================
 
@@ -45,15 +49,20 @@ MEMO_SIZE = 20000
 
 class ServiceZone:
     def __init__(self, origin: str, source: NameSource, allocator, ttl: int = 30,
-                 negative_ttl: int = 60, serial: int | None = None):
+                 negative_ttl: int = 60, serial: int | None = None, liveness=None, down_ttl: int = 5,
+                 stats: dict | None = None):
         self.origin = normalize(origin)
         self.key = tuple(label.encode("ascii") for label in self.origin.split(".")) if self.origin else ()
         self.source = source
         self.allocator = allocator
         self.ttl, self.negative_ttl = ttl, negative_ttl
         self.serial = serial if serial is not None else int(time.time())
+        self.liveness = liveness               # None: every known name is answered
+        self.down_ttl = min(down_ttl, negative_ttl)
         self.memo: dict = {}
         self.answers = 0
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("no_instance", 0)
 
     def contains(self, key: tuple) -> bool:
         n = len(self.key)
@@ -65,24 +74,28 @@ class ServiceZone:
         ``now`` is wall-clock time (allocation times are persisted)."""
         self.answers += 1
         memo_key = (query.key, query.qtype, query.qclass)
-        generation = (self.allocator.generation, self.source.generation)
+        generation = (self.allocator.generation, self.source.generation,
+                      self.liveness.generation if self.liveness is not None else 0)
         hit = self.memo.get(memo_key)
         if hit is not None and hit[0] == generation:
-            if hit[2] is not None:
-                self.allocator.answered(hit[2], now)
-            return hit[1]
-        template, alloc = self._build(query, now)
-        if template is not None:
-            if len(self.memo) >= MEMO_SIZE:
-                self.memo.clear()
-            self.memo[memo_key] = (generation, template, alloc)
+            template, alloc, down = hit[1:]
+            if alloc is not None:
+                self.allocator.answered(alloc, now)
+        else:
+            template, alloc, down = self._build(query, now)
+            if template is not None:
+                if len(self.memo) >= MEMO_SIZE:
+                    self.memo.clear()
+                self.memo[memo_key] = (generation, template, alloc, down)
+        if down:
+            self.stats["no_instance"] += 1
         return template
 
     def _build(self, query: wire.Query, now: float):
         reply = DNSRecord(DNSHeader(id=query.ident, qr=1, aa=1), q=None)
         reply.add_question(_question(query))
         if query.qclass not in (wire.C_IN, wire.T_ANY):
-            return self._template(reply, wire.REFUSED, aa=False), None
+            return self._template(reply, wire.REFUSED, aa=False), None, False
         name = query.name
         owner = DNSLabel(query.labels)
         alloc = None
@@ -91,18 +104,23 @@ class ServiceZone:
                 reply.add_answer(self._soa())
             else:
                 reply.add_auth(self._soa())
-            return self._template(reply, wire.NOERROR), None
+            return self._template(reply, wire.NOERROR), None, False
         svc = self.source.lookup(name)
         if svc is None:
             if self._has_descendant(name):
                 reply.add_auth(self._soa())
-                return self._template(reply, wire.NOERROR), None
+                return self._template(reply, wire.NOERROR), None, False
             reply.add_auth(self._soa())
-            return self._template(reply, wire.NXDOMAIN), None
+            return self._template(reply, wire.NXDOMAIN), None, False
+        if self.liveness is not None and self.liveness.down(name):
+            # NODATA, not NXDOMAIN: the name exists (RFC 8020 would let a cache deny
+            # everything below an NXDOMAIN), it has no address now; short negative TTL
+            reply.add_auth(self._soa(self.down_ttl))
+            return self._template(reply, wire.NOERROR), None, True
         if query.qtype in (wire.T_A, wire.T_ANY):
             alloc = self.allocator.allocate(name, now)
             if alloc is None:
-                return None, None
+                return None, None, False
             self.allocator.answered(alloc, now)
             reply.add_answer(RR(owner, QTYPE.A, rdata=A(alloc.address), ttl=self.ttl))
         if query.qtype in (wire.T_TXT, wire.T_ANY):
@@ -110,7 +128,7 @@ class ServiceZone:
                                for text in service_txt(svc.name, svc.ports)])
         if not reply.rr:
             reply.add_auth(self._soa())
-        return self._template(reply, wire.NOERROR), alloc
+        return self._template(reply, wire.NOERROR), alloc, False
 
     def _template(self, reply: DNSRecord, rcode: int, aa: bool = True) -> wire.Template:
         reply.header.rcode = rcode
@@ -118,12 +136,15 @@ class ServiceZone:
         data = reply.pack()
         return wire.template_from(data, wire.scan(data), decrement=False)
 
-    def _soa(self) -> RR:
+    def _soa(self, negative_ttl: int | None = None) -> RR:
+        """The zone's SOA; its TTL and MINIMUM bound how long a negative answer is
+        cached (RFC 2308: the smaller of the two)."""
+        negative_ttl = self.negative_ttl if negative_ttl is None else negative_ttl
         origin = self.origin or "."
         mname = f"ns.{self.origin}" if self.origin else "ns"
         rname = f"hostmaster.{self.origin}" if self.origin else "hostmaster"
-        times = (self.serial & 0xFFFFFFFF, 3600, 600, 86400, self.negative_ttl)
-        return RR(origin, QTYPE.SOA, rdata=SOA(mname, rname, times), ttl=self.negative_ttl)
+        times = (self.serial & 0xFFFFFFFF, 3600, 600, 86400, negative_ttl)
+        return RR(origin, QTYPE.SOA, rdata=SOA(mname, rname, times), ttl=negative_ttl)
 
     def _has_descendant(self, name: str) -> bool:
         suffix = "." + name

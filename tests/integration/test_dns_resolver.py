@@ -18,6 +18,7 @@ import time
 import pytest
 
 from dns_resolver.lab import Dnsmasq, MappedGateways, RunningResolver, dig, resolver_config
+from serval import metrics as m
 from tests.integration.helpers import start_http
 
 RESOLVER = "198.19.1.1"
@@ -25,6 +26,7 @@ UP_A, UP_B = "198.19.4.2", "198.19.4.3"
 FLOODER = "198.19.1.3"
 TXT_CHUNK = "x" * 200
 ZONE = "svc.example"
+METRICS_PORT = 9467
 
 
 def _unavailable():
@@ -66,7 +68,7 @@ def net(tmp_path_factory):
         config = resolver_config(
             listen=[RESOLVER, "127.0.0.1"], allow=["198.19.1.0/24", "127.0.0.0/8"],
             zones={ZONE: [("web", (80,)), "api"]}, upstreams=[UP_A, UP_B], mappings=mappings,
-            rate=50, burst=100, timeout=0.5)
+            rate=50, burst=100, timeout=0.5, metrics=f"127.0.0.1:{METRICS_PORT}")
         resolver = RunningResolver(pair.cgw, config, str(work)).start()
         www = work / "www"
         www.mkdir()
@@ -87,6 +89,14 @@ def ask(net, name, rtype="A", *opts, source=None, server=RESOLVER, timeout=2):
     if source:
         opts = ("-b", source, *opts)
     return dig(host, server, name, rtype, *opts, timeout=timeout)
+
+
+def counters(net) -> dict:
+    """The resolver's core counters, from its metrics page."""
+    r = net.pair.cgw.run(["curl", "-sS", "--fail", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"])
+    samples = m.parse(r.stdout)
+    return {dict(labels)["stat"]: v for (name, labels), v in samples.items()
+            if name == "serval_dns_stat_total"}
 
 
 def mapping_of(net, name):
@@ -270,7 +280,13 @@ s.bind((sys.argv[2], 0))
 s.connect((sys.argv[1], 53))
 s.setblocking(False)
 q = DNSRecord.question("web.svc.example").pack()
-sent = got = 0
+sent = answered = truncated = 0
+def take(data):
+    global answered, truncated
+    if data[2] & 0x02:
+        truncated += 1
+    elif data[6:8] != b"\0\0":
+        answered += 1
 end = time.monotonic() + float(sys.argv[3])
 while time.monotonic() < end:
     for _ in range(50):
@@ -281,23 +297,22 @@ while time.monotonic() < end:
             break
     while True:
         try:
-            s.recv(4096)
-            got += 1
+            take(s.recv(4096))
         except (BlockingIOError, ConnectionRefusedError):
             break
 time.sleep(0.3)
 while True:
     try:
-        s.recv(4096)
-        got += 1
+        take(s.recv(4096))
     except (BlockingIOError, ConnectionRefusedError):
         break
-print(sent, got)
+print(sent, answered, truncated)
 '''
 
 
 def test_a_flood_from_one_client_does_not_starve_the_others(net):
     duration = 3.0
+    before = counters(net)
     flood = net.pair.client.popen([sys.executable, "-c", FLOOD, RESOLVER, FLOODER, str(duration)],
                                   stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -309,11 +324,51 @@ def test_a_flood_from_one_client_does_not_starve_the_others(net):
         slow += time.monotonic() - start > 1.0
         time.sleep(0.1)
     out, _ = flood.communicate(timeout=30)
-    sent, got = map(int, out.split())
-    print(f"flood: sent {sent}, answered {got}")
+    sent, full, truncated = map(int, out.split())
+    print(f"flood: sent {sent}, answered {full}, truncated {truncated}")
     assert answered == 10 and slow == 0
-    # the flooder got its burst and its rate, not what it asked for
+    # the flooder got its burst and its rate in answers; over it, TC replies until it
+    # had ignored `burst` of them (it never asks over TCP), then nothing
     assert sent > 2000, sent
-    assert got <= 100 + 50 * (duration + 0.5) + 20, (sent, got)
-    assert got >= 50, (sent, got)
-    assert re.search(r"rate limit 50 queries/s", net.resolver.log())
+    assert full <= 100 + 50 * (duration + 0.5) + 20, (sent, full)
+    assert full >= 50, (sent, full)
+    after = counters(net)
+    grew = {k: after[k] - before[k] for k in ("rate_limited_truncated", "rate_limited_flood", "rate_limited_dropped")}
+    assert 0 < truncated <= grew["rate_limited_truncated"] <= 100, (truncated, grew)
+    assert grew["rate_limited_flood"] > 0 and grew["rate_limited_dropped"] == 0, grew
+    assert re.search(r"rate limit 50 queries/s per client over UDP \(burst 100\), queries over it answered TC",
+                     net.resolver.log())
+
+
+GLIBC_LOOKUPS = r'''
+import json, socket, sys
+seen = {}
+for _ in range(int(sys.argv[2])):
+    try:
+        for *_, (address, _port) in socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET, socket.SOCK_STREAM):
+            seen[address] = seen.get(address, 0) + 1
+    except socket.gaierror as exc:
+        seen[str(exc)] = seen.get(str(exc), 0) + 1
+print(json.dumps(seen))
+'''
+
+
+def test_glibc_lookups_over_the_limit_are_answered_over_tcp(net):
+    """glibc's stub resolver (getaddrinfo, as every unmodified program) asking far above
+    the client's rate: each query over it is answered TC, glibc asks again over TCP at
+    once, and every lookup gets its address; nothing is dropped (which would cost the
+    client its resolv.conf timeout, 5 s by default)."""
+    address = ask(net, f"web.{ZONE}").values()[0]
+    before = counters(net)
+    lookups = 600                                   # > burst 100 + 50/s for as long as they take
+    r = net.pair.client.run([sys.executable, "-c", GLIBC_LOOKUPS, f"web.{ZONE}", str(lookups)], timeout=120)
+    seen = json.loads(r.stdout)
+    after = counters(net)
+    assert seen == {address: lookups}, seen
+    truncated = after["rate_limited_truncated"] - before["rate_limited_truncated"]
+    over_tcp = after["tcp_queries"] - before["tcp_queries"]
+    print(f"{lookups} lookups: {truncated} answered TC, {over_tcp} asked again over TCP")
+    assert truncated > 0                       # the limit was reached ...
+    assert over_tcp >= truncated               # ... and each TC was followed by the query over TCP
+    for reason in ("rate_limited_dropped", "rate_limited_flood"):
+        assert after[reason] == before[reason], reason

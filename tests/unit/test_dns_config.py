@@ -29,7 +29,7 @@ def test_defaults(tmp_path):
     cfg = load(write(tmp_path, ""))
     assert cfg.listen == [("127.0.0.1", 53)]
     assert cfg.allow == ["127.0.0.0/8", "::1/128"]          # no open recursion by default
-    assert cfg.rate == 100 and cfg.burst == 200
+    assert cfg.rate == 2000 and cfg.burst == 4000 and cfg.slip == 1   # see docs/resolver.md
     assert cfg.virtual_network == "198.18.0.0/16"
     assert not cfg.upstreams_configured and not cfg.zones
 

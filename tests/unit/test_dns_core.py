@@ -16,10 +16,10 @@ from dns_resolver.zone import ServiceZone
 LAN = "198.19.1.2"
 
 
-def make(rate=0, burst=10, allow=("198.19.1.0/24",), forwarding=True):
+def make(rate=0, burst=10, allow=("198.19.1.0/24",), forwarding=True, slip=1):
     names = StaticNames([Service("web.svc.example", (80,))])
     zone = ServiceZone("svc.example", names, Allocator("198.18.0.0/16", store=MemoryStore()), ttl=30)
-    return Resolver([zone], Cache(), Acl(allow), RateLimiter(rate, burst), forwarding=forwarding)
+    return Resolver([zone], Cache(), Acl(allow), RateLimiter(rate, burst), forwarding=forwarding, slip=slip)
 
 
 def q(name, qtype="A", ident=1, edns=None):
@@ -107,14 +107,71 @@ def test_clients_outside_the_allowed_networks_are_refused():
     assert core.stats["refused"] == 2 and core.stats["forwarded"] == 0
 
 
+def answered(actions) -> bool:
+    """A reply with an answer in it (not a TC "ask again over TCP")."""
+    return bool(actions) and bool(DNSRecord.parse(actions[0].data).rr)
+
+
 def test_rate_limit_per_client_with_refill():
     core = make(rate=10, burst=5)
-    answered = sum(bool(core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")) for _ in range(20))
-    assert answered == 5
-    other = sum(bool(core.handle(q("web.svc.example"), "198.19.1.3", False, 0.0, 1e9, "c")) for _ in range(3))
+    full = sum(answered(core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")) for _ in range(20))
+    assert full == 5
+    other = sum(answered(core.handle(q("web.svc.example"), "198.19.1.3", False, 0.0, 1e9, "c")) for _ in range(3))
     assert other == 3                                # another client is not affected
-    assert core.handle(q("web.svc.example"), LAN, False, 0.5, 1e9, "c")     # 0.5 s: 5 tokens back
+    assert answered(core.handle(q("web.svc.example"), LAN, False, 0.5, 1e9, "c"))   # 0.5 s: 5 tokens back
     assert core.stats["rate_limited"] == 15
+
+
+def test_over_the_limit_a_udp_query_is_told_to_ask_over_tcp():
+    core = make(rate=10, burst=1)
+    assert answered(core.handle(q("web.svc.example", ident=1), LAN, False, 0.0, 1e9, "c"))
+    r = one_reply(core.handle(q("web.svc.example", ident=2, edns=1232), LAN, False, 0.0, 1e9, "c"))
+    assert r.header.tc and r.header.id == 2 and r.header.rcode == wire.NOERROR and not r.rr
+    assert str(r.q.qname) == "web.svc.example." and r.ar[0].rclass == 1232     # question and OPT kept
+    # the client's retry over TCP is answered in full: no bucket over TCP
+    for i in range(5):
+        assert answered(core.handle(q("web.svc.example", ident=3 + i), LAN, True, 0.0, 1e9, "t"))
+    assert core.stats["rate_limited"] == 1 and core.stats["rate_limited_truncated"] == 1
+    assert core.stats["rate_limited_dropped"] == 0 and core.stats["zone_answers"] == 6
+
+
+def test_slip_answers_every_nth_limited_query_and_drops_the_rest():
+    core = make(rate=10, burst=3, slip=3)
+    for _ in range(3):                                                        # the bucket's tokens
+        core.handle(q("www.example.org"), LAN, False, 0.0, 1e9, "c")
+    replies = [core.handle(q("www.example.org", ident=i), LAN, False, 0.0, 1e9, "c") for i in range(9)]
+    assert [bool(r) for r in replies] == [False, False, True] * 3
+    assert all(DNSRecord.parse(r[0].data).header.tc for r in replies if r)
+    assert core.stats["rate_limited_truncated"] == 3 and core.stats["rate_limited_dropped"] == 6
+    assert core.stats["forwarded"] == 1                      # a limited query never goes upstream
+
+
+def test_a_client_that_ignores_tc_replies_is_dropped_until_it_asks_over_tcp():
+    core = make(rate=10, burst=4)
+    for _ in range(4):
+        core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    replies = [core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c") for _ in range(10)]
+    assert [bool(r) for r in replies] == [True] * 4 + [False] * 6     # burst TC replies not followed: a flood
+    assert core.stats["rate_limited_truncated"] == 4 and core.stats["rate_limited_flood"] == 6
+    assert answered(core.handle(q("web.svc.example"), LAN, True, 0.0, 1e9, "t"))   # it asks over TCP ...
+    again = core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    assert DNSRecord.parse(again[0].data).header.tc                                  # ... and is told TC again
+    # a glibc-like client follows every TC over TCP: never dropped, however fast it asks
+    for i in range(100):
+        r = one_reply(core.handle(q("web.svc.example", ident=i), "198.19.1.9", False, 0.0, 1e9, "c"))
+        if r.header.tc:
+            assert answered(core.handle(q("web.svc.example", ident=i), "198.19.1.9", True, 0.0, 1e9, "t"))
+    assert core.stats["rate_limited_flood"] == 6
+
+
+def test_slip_zero_drops_and_unparsable_limited_queries_are_dropped():
+    core = make(rate=10, burst=1, slip=0)
+    core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    assert core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c") == []
+    core = make(rate=10, burst=1)
+    core.handle(q("web.svc.example"), LAN, False, 0.0, 1e9, "c")
+    assert core.handle(b"\x01\x02\x03", LAN, False, 0.0, 1e9, "c") == []
+    assert core.stats["rate_limited_dropped"] == 1 and core.stats["rate_limited_truncated"] == 0
 
 
 def test_malformed_is_formerr_and_runts_dropped():

@@ -97,3 +97,24 @@ def test_tcp_from_outside_is_refused_too():
     proto.dataReceived(struct.pack("!H", len(q)) + q)
     [reply] = frames(transport.value())
     assert reply.header.id == 9 and reply.header.rcode == 5
+
+
+def test_over_the_rate_udp_gets_tc_and_the_same_client_over_tcp_is_answered():
+    d = DnsDaemon(parse({"server": {"allow": ["198.19.1.0/24"]}, "upstream": {"servers": []},
+                         "rate_limit": {"rate": 1, "burst": 3},
+                         "zone": [{"name": "svc.example", "service": [{"name": "web"}]}]}, "t.toml"),
+                  MemoryReactorClock())
+    udp = UDPServer(d)
+    udp.transport = FakeDatagramTransport()
+    for ident in range(1, 7):
+        udp.datagramReceived(query(ident=ident), CLIENT)
+    replies = [DNSRecord.parse(data) for data, _ in udp.transport.written]
+    assert [r.header.id for r in replies] == [1, 2, 3, 4, 5, 6]       # every query heard back
+    assert [bool(r.header.tc) for r in replies] == [False] * 3 + [True] * 3
+    assert all(r.rr for r in replies[:3]) and not any(r.rr for r in replies[3:])
+    _, proto, transport = tcp_connection(d)
+    for ident in (6, 7, 8):
+        q = query(ident=ident)
+        proto.dataReceived(struct.pack("!H", len(q)) + q)
+    assert [(r.header.id, bool(r.rr)) for r in frames(transport.value())] == [(6, True), (7, True), (8, True)]
+    assert d.core.stats["rate_limited_truncated"] == 3 and d.core.stats["rate_limited_dropped"] == 0

@@ -1,4 +1,5 @@
 """DNS messages at the byte level: query checks, truncation, templates."""
+import random
 import struct
 
 import pytest
@@ -211,3 +212,29 @@ def test_template_refuses_an_opt_in_the_middle():
     data = r.pack()
     with pytest.raises(wire.WireError):
         wire.template_from(data, wire.scan(data))
+
+
+def test_truncated_reply_echoes_the_question_and_opt():
+    query = DNSRecord.question("WeB.svc.example", "AAAA")
+    query.header.id = 0x4242
+    plain = wire.truncated_reply(query.pack(), 1232)
+    r = DNSRecord.parse(plain)
+    assert r.header.id == 0x4242 and r.header.qr and r.header.tc and r.header.rd and r.header.rcode == 0
+    assert str(r.q.qname) == "WeB.svc.example." and r.q.qtype == 28 and not r.rr and not r.ar
+    query.add_ar(EDNS0(udp_len=4096, flags="do"))
+    r = DNSRecord.parse(wire.truncated_reply(query.pack(), 1232))
+    [opt] = r.ar
+    assert r.header.tc and opt.rtype == 41 and opt.rclass == 1232 and opt.ttl & 0x8000     # our size, DO echoed
+
+
+def test_truncated_reply_refuses_what_is_no_plain_query():
+    good = DNSRecord.question("web.svc.example").pack()
+    response = DNSRecord.question("web.svc.example").reply().pack()
+    pointer = good[:12] + b"\xc0\x0c" + good[-4:]
+    for bad in (b"", good[:11], good[:-1], response, pointer, good[:12] + b"\x40" + b"a" * 70,
+                good[:4] + b"\x00\x02" + good[6:]):
+        assert wire.truncated_reply(bad, 1232) is None, bad
+    rng = random.Random(7)
+    for _ in range(2000):                    # never raises on noise
+        junk = good[:12] + bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        wire.truncated_reply(junk, 1232)
