@@ -736,7 +736,8 @@ class DnsObserver(Observer):
         results = CounterFamily(f"{p}_query_results_total",
                                 "Queries by result: zone (answered from a service zone), cache, upstream "
                                 "(forwarded and answered), servfail, refused, formerr, notimp, badvers, "
-                                "rate_limited and dropped (not answered)", labels=["result"])
+                                "rate_limited (over the client's rate: answered truncated, so it asks again over "
+                                "TCP, or dropped in a flood) and dropped (not answered)", labels=["result"])
         for r in DNS_RESULTS:
             results.add_metric([r], s(f"{r}_answers" if r in ("zone", "cache", "upstream") else r))
         fams.append(results)
