@@ -234,6 +234,8 @@ class Gateway(LifecycleMixin):
                 self.fastpath.handle(events)
             if self.observer is not None:
                 self.observer.flow_events(events)
+            if self.routing is not None:        # real handshakes are passive health checks
+                self.routing.flow_events(events)
             events.clear()
         self._arm_timer()
 

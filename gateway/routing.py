@@ -26,6 +26,7 @@ from sal.serviceid import ServicePrefix, short
 from .health import HealthCheck
 from .registration import Registrar
 from .router_health import RouterHealth
+from .translate.events import FlowClosed, FlowClosing, FlowEstablished
 
 log = logging.getLogger("serval.routing")
 TICK = 0.01
@@ -78,6 +79,9 @@ class _Agent:
             except OSError as exc:
                 self.gw.stats[f"control_send_failed_{exc.errno}"] += 1
 
+    def flow_events(self, events) -> None:
+        """The translator's flow events after each batch (what the server's checks learn from)."""
+
     def _tick(self) -> None:
         try:
             # answers already in the socket first: after a stall of our own (a burst of
@@ -105,8 +109,17 @@ class ServerAgent(_Agent):
             for svc in cfg.services:
                 self.registrar.offer(f"{svc.name}:{svc.port}", reg.Record(
                     svc.name, ServicePrefix(svc.service_id), svc.weight, svc.priority))
-            self.checks = {b: HealthCheck(r.health.interval, r.health.rise, r.health.fall) for b in self.by_backend}
-        self._refused_seen = 0
+            self.checks = {}
+            for backend, keys in self.by_backend.items():
+                # services sharing a backend share its check: the first one's settings
+                h = r.health.for_service(keys[0].rsplit(":", 1)[0])
+                check = self.checks[backend] = HealthCheck(h.interval, h.rise, h.fall, h.kind,
+                                                           h.eject_time, h.timeout)
+                if check.up:                  # passive only: offered from the start
+                    for key in keys:
+                        self.registrar.offers[key].healthy = True
+        self._established: set[int] = set()       # live flows whose backend answered
+        self._failed: set[int] = set()            # flows counted as failed, until forgotten
         self._next_address_check = 0.0
 
     def stop(self) -> None:
@@ -120,16 +133,37 @@ class ServerAgent(_Agent):
         if self.gw.cfg.sal_address is None and now >= self._next_address_check:
             self._next_address_check = now + ADDRESS_CHECK
             self._follow_address(now, wall_ns)
-        refused = self.gw.stats.get("flows_refused", 0)
-        if refused != self._refused_seen:     # a backend refused a connection: check now
-            self._refused_seen = refused
-            for check in self.checks.values():
-                check.hurry(now)
         for backend, check in self.checks.items():
+            if check.tick(now):
+                self._health_changed(backend, True, "")
             if check.due(now):
                 check.started(now)
                 self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(
-                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=self.routing.health.timeout)
+                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=check.timeout)
+
+    def flow_events(self, events) -> None:
+        """The translator's flow events (after each batch): a real handshake with a
+        backend is a passive health check. Established: the backend answered. Closing
+        before that: it refused (RST to the SYN) or never answered (the handshake timed
+        out). (A client giving up mid-handshake counts too: ``fall`` absorbs one.)"""
+        if not self.checks:
+            return
+        for ev in events:
+            flow = ev.flow
+            fid = flow.sal.local_flow
+            if isinstance(ev, FlowEstablished):
+                self._established.add(fid)
+                if ev.rtt is not None:                   # (not a flow resumed from a snapshot)
+                    self._passive(_backend_of(flow), True, "")
+            elif isinstance(ev, (FlowClosing, FlowClosed)):
+                if fid not in self._established and fid not in self._failed:
+                    self._failed.add(fid)
+                    refused = flow.sal.state is not None and flow.sal.state.value == "reset"
+                    self._passive(_backend_of(flow), False,
+                                  "refused a connection" if refused else "a handshake timed out")
+                if isinstance(ev, FlowClosed):
+                    self._established.discard(fid)
+                    self._failed.discard(fid)
 
     def _follow_address(self, now: float, wall_ns: int) -> None:
         """Without a configured sal_address we register the address that reaches the
@@ -142,10 +176,20 @@ class ServerAgent(_Agent):
             log.info("our address is now %s: registering from it", ntoa(address))
             self._send(self.registrar.set_address(address, now, wall_ns))
 
+    def _passive(self, backend, ok: bool, error: str) -> None:
+        check = self.checks.get(backend) if backend is not None else None
+        if check is not None:
+            changed = check.passive(ok, self.gw.clock(), error)
+            if changed is not None and self.udp is not None:
+                self._health_changed(backend, changed, error)
+
     def _checked(self, backend: tuple, ok: bool, error: str) -> None:
         changed = self.checks[backend].result(ok, error)
         if changed is None or self.udp is None:      # (a check that ends after stop)
             return
+        self._health_changed(backend, ok, error)
+
+    def _health_changed(self, backend: tuple, ok: bool, error: str) -> None:
         log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend,
                 "up" if ok else "down", "" if ok else f" ({error})")
         now, wall = self.gw.clock(), self.gw.adapters.wall_ns()
@@ -262,3 +306,8 @@ class _CheckFactory(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         self.report(False, reason.getErrorMessage())
 
+
+def _backend_of(flow):
+    """(host, port) of a server flow's backend, or None."""
+    backend = flow.extra[0] if flow.extra else None
+    return (ntoa(backend.address), backend.port) if backend is not None else None

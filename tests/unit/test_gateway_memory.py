@@ -317,3 +317,67 @@ def test_a_link_event_moves_a_flow_only_when_its_own_path_changed(tmp_path):
     event()
     assert gw.stats["migrations_started"] == 1 and flow.local_addr == aton("198.19.7.2")
     gw.stop()
+
+
+# --- health from live traffic --------------------------------------------------------------
+
+
+
+def passive_server(tmp_path, health):
+    text = SERVER.replace("[routing.health]\ninterval = 0.1\n", "[routing.health]\n" + health + "\ninterval = 0.1\n")
+    net = fakes.Net({"198.19.2.2": "eth0", "198.19.3.1": "back0"},
+                    [("198.19.0.0/16", "198.19.2.2", "eth0"), ("198.19.3.0/24", "198.19.3.1", "back0")],
+                    {"eth0", "back0"})
+    return start(tmp_path, text, "server", net)
+
+
+def connect(gw, client, cport, backend_answers: bool):
+    """A real connection through the server gateway; the backend accepts or refuses it."""
+    from tests.unit.packets import ACK, RST
+    from tests.unit.test_translate import SERVER as BACKEND, SGW_LAN
+    sal_syn = client.from_legacy(tcp_packet("198.19.1.2", cport, "198.18.0.10", 80, 1000, flags=SYN, mss=1460), 0.0)
+    to_backend = gw.control_reader.packet(sal_syn)
+    lport = int.from_bytes(to_backend[20:22], "big")
+    if backend_answers:
+        synack = tcp_packet(BACKEND, 8080, SGW_LAN, lport, 5000, 1001, SYN | ACK, mss=1460)
+        client.from_sal(gw.control_reader.packet(synack), 0.0)
+        ack = client.from_legacy(tcp_packet("198.19.1.2", cport, "198.18.0.10", 80, 1001, 5001, ACK), 0.0)
+        gw.reader.packet(ack)
+    else:
+        gw.control_reader.packet(tcp_packet(BACKEND, 8080, SGW_LAN, lport, 0, 1001, RST | ACK))
+
+
+def test_passive_only_health_learns_from_refused_connections(tmp_path):
+    from tests.unit.test_translate import make_pair
+    gw, reactor = passive_server(tmp_path, 'kind = "none"\neject_time = 2')
+    client, _ = make_pair()
+    advance(reactor, 0.1)
+    assert state(gw) == "registered" and in_table(gw)     # offered without a probe
+    connect(gw, client, 40001, True)
+    connect(gw, client, 40002, False)
+    assert in_table(gw)                                   # one refusal: fall is 2
+    connect(gw, client, 40003, False)
+    assert not in_table(gw) and state(gw) == "withdrawn"
+    advance(reactor, 1.5)
+    assert not in_table(gw)
+    advance(reactor, 0.6)                                 # the ejection is over: offered again
+    assert in_table(gw) and state(gw) == "registered"
+    assert reactor.tcpClients == []                       # and not one probe
+    gw.stop()
+
+
+def test_live_traffic_keeps_tcp_probes_rare(tmp_path):
+    from tests.unit.test_translate import make_pair
+    gw, reactor = passive_server(tmp_path, 'kind = "tcp"')
+    gw.routing.checks[("198.19.3.2", 8080)].interval = 1.0
+    backend = Backend(reactor)
+    backend.run(True, 0.1)                                # the first probe decides
+    client, _ = make_pair()
+    for n in range(20):                                   # a connection every 0.1 s for 2 s
+        connect(gw, client, 41000 + n, True)
+        backend.run(True, 0.1)
+    assert len(reactor.tcpClients) == 1
+    connect(gw, client, 42000, False)                     # a refusal: probe at once
+    advance(reactor, 0.02)
+    assert len(reactor.tcpClients) == 2
+    gw.stop()
