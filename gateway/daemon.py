@@ -2,16 +2,18 @@
 control socket and timers, wired to the Twisted reactor; and undone again on stop."""
 import logging
 import os
-import time
 
 from sal.ip import aton
 from sal.serviceid import ServicePrefix, short
 from sal.service_table import Action, ServiceTable
 
+from .adapters import Adapters
 from .config import GatewayConfig
 from .translate import Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
 from .lifecycle import SNAPSHOT_EVERY, LifecycleMixin
+from .paths import FlowPath, Route, plan_moves
+from .table_owner import TableOwner, config_rules
 from .virtual_map import VirtualMap
 
 log = logging.getLogger("serval.gateway")
@@ -34,21 +36,15 @@ def path_mtu(cfg: GatewayConfig, link_mtus: dict[str, int]) -> int:
     return cfg.mtu
 
 
-def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None = None,
-                     link_mtus: dict[str, int] | None = None):
-    """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``.
-    The service-table targets the config made are appended to ``config_targets``."""
-    config_targets = [] if config_targets is None else config_targets
+def build_translator(cfg: GatewayConfig, source_for, link_mtus: dict[str, int]):
+    """The translator for ``cfg``; ``source_for(address) -> (our address, interface)``,
+    ``link_mtus`` the MTU of each of this host's links."""
     carriage = make_carriage(cfg.carriage, cfg.role)
-    if link_mtus is None:
-        from .adapters import netlink
-        link_mtus = netlink.link_mtus()
     common = dict(mtu=path_mtu(cfg, link_mtus), timeouts=cfg.timeouts, limits=cfg.limits)
     table = ServiceTable()
     if cfg.role == "client":
         for rule in cfg.rules:
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
-            config_targets.append((rule.prefix, rule.next_hop))
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
         virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)
@@ -58,7 +54,6 @@ def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
         table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
-        config_targets.append((ServicePrefix(svc.service_id), backend))
     _check_ephemeral_overlap(cfg)
     return ServerTranslator(table, carriage, port_range=cfg.port_range,
                             keep_client_address=cfg.client_address == "peer",
@@ -152,57 +147,60 @@ def _ntoa(addr: bytes) -> str:
 
 
 class Gateway(LifecycleMixin):
-    def __init__(self, cfg: GatewayConfig, reactor):
+    """A gateway process. ``adapters`` (gateway/adapters) are what it talks to outside
+    itself: the real ones by default; unit tests pass fakes, with Twisted's
+    MemoryReactorClock as ``reactor``."""
+
+    def __init__(self, cfg: GatewayConfig, reactor, adapters: Adapters | None = None):
         self.cfg = cfg
         self.reactor = reactor
+        self.adapters = adapters = adapters or Adapters()
+        self.net = adapters.net
+        self.clock = adapters.clock
         self.translator = None
+        self.table = None            # the one writer of the service table (gateway/table_owner.py)
         self.interception = None
         self.reader = self.control_reader = None
         self.injector = self.port = self.watcher = None
         self._timer = None           # one reactor call at the translator's next deadline
         self._timer_at = None
         self._path_check = None
+        self._paths_seen = {}        # flowID -> (peer, interface) of the last look (gateway/paths.py)
         self.routing = None          # the control plane: routers, health, drain (gateway/routing.py)
         self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.stats = None
         self.snapshotter = None
         self.fastpath = None         # established flows in the kernel (gateway/fastpath), or None
-        self._config_targets = []    # (prefix, target) the config put in the service table
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
-        from nat import Interception
         from twisted.internet.task import LoopingCall
-        from .adapters import control, netlink
-        from .adapters.inject import Injector
-        from .adapters.netwatch import NetlinkWatcher
-        from .adapters.nfqueue import QueueReader
         from serval.observe import GatewayObserver
         from .routing import routing_agent
 
-        cfg = self.cfg
-        if control.in_use(cfg.control_socket):
+        cfg, a, net = self.cfg, self.adapters, self.net
+        if a.control.in_use(cfg.control_socket):
             # a second copy must not take the running one's rules and socket away
             raise RuntimeError(f"a gateway already answers on {cfg.control_socket} (instance "
                                f"{cfg.instance!r} is running): not starting, nothing changed")
-        self.translator = build_translator(cfg, netlink.source_for, self._config_targets)
+        self.translator = build_translator(cfg, net.source_for, net.link_mtus())
         self.stats = self.translator.stats
+        self.table = TableOwner(self.translator.table, config_rules(cfg, net.source_for))
         self.routing = routing_agent(self)
-        plan = interception_plan(cfg, self.translator, netlink.ipv4_interfaces(),
-                                 lambda c: self._virtual_route(c, netlink))
-        self.interception = Interception(cfg.instance, cfg.queue, cfg.state_dir,
-                                         bypass=cfg.queue_bypass, mark=MARK)
+        plan = interception_plan(cfg, self.translator, net.ipv4_interfaces(), self._virtual_route)
+        self.interception = a.interception(cfg.instance, cfg.queue, cfg.state_dir,
+                                           bypass=cfg.queue_bypass, mark=MARK)
         self.interception.install(**plan)
         try:
-            self.fastpath = start_fast_path(cfg, self.translator, netlink.ipv4_interfaces())
-            self.injector = Injector(MARK, self.stats)
-            self.reader = QueueReader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
+            self.fastpath = (a.fast_path or start_fast_path)(cfg, self.translator, net.ipv4_interfaces())
+            self.injector = a.injector(MARK, self.stats)
+            self.reader = a.queue_reader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
             self.reactor.addReader(self.reader)
-            self.control_reader = QueueReader(cfg.control_queue, self._handle, self._flush, self.stats)
+            self.control_reader = a.queue_reader(cfg.control_queue, self._handle, self._flush, self.stats)
             self.reactor.addReader(self.control_reader)
-            self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
-            self.watcher = NetlinkWatcher(self._on_netlink)
+            self.port = a.control.listen(self.reactor, cfg.control_socket, self.commands())
+            self.watcher = a.watcher(self._on_netlink)
             self.reactor.addReader(self.watcher)
             self.resume_snapshot()
             self._flush()                       # resumed flows go back into the kernel
@@ -211,6 +209,7 @@ class Gateway(LifecycleMixin):
                 if swept:
                     log.info("fast path: %d kernel flow(s) of the previous run had no snapshot: removed", swept)
             self.snapshotter = LoopingCall(self.save_snapshot)
+            self.snapshotter.clock = self.reactor
             self.snapshotter.start(SNAPSHOT_EVERY, now=False)
             self.routing.start()
             self.observer = GatewayObserver(self)
@@ -218,9 +217,9 @@ class Gateway(LifecycleMixin):
         except BaseException:
             self.stop()
             raise
-        self.translator.local_addresses = {aton(a) for a in netlink.address_interfaces()}
+        self.translator.local_addresses = {aton(a) for a in net.address_interfaces()}
         if cfg.role == "server":     # a SAL SYN may come to one of our subnets' broadcast addresses
-            self.translator.broadcast_addresses = netlink.broadcast_addresses()
+            self.translator.broadcast_addresses = net.broadcast_addresses()
         self._log_started(plan)
 
     def stop(self) -> None:
@@ -268,7 +267,7 @@ class Gateway(LifecycleMixin):
 
     # --- data path -----------------------------------------------------------------
     def _handle(self, payload: bytes):
-        now = time.monotonic()
+        now = self.clock()
         t = self.translator
         if payload[9] == 6:
             if t.role == "client":
@@ -298,6 +297,8 @@ class Gateway(LifecycleMixin):
                 self.fastpath.handle(events)
             if self.observer is not None:
                 self.observer.flow_events(events)
+            if self.routing is not None:        # real handshakes are passive health checks
+                self.routing.flow_events(events)
             events.clear()
         self._arm_timer()
 
@@ -314,7 +315,7 @@ class Gateway(LifecycleMixin):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             return
-        delay = max(0.0, deadline - time.monotonic())
+        delay = max(0.0, deadline - self.clock())
         if self._timer is not None and self._timer.active():
             self._timer.reset(delay)
         else:
@@ -322,7 +323,7 @@ class Gateway(LifecycleMixin):
 
     def _tick(self) -> None:
         self._timer = self._timer_at = None
-        now = time.monotonic()
+        now = self.clock()
         deadline = self.translator.next_deadline()
         if deadline is not None and deadline <= now:
             self.translator.handle_timer(now)
@@ -334,52 +335,52 @@ class Gateway(LifecycleMixin):
         if self._path_check is None or not self._path_check.active():
             self._path_check = self.reactor.callLater(0.001, self.check_paths)
 
-    def check_paths(self, peer_filter=None, force_address: bytes | None = None) -> int:
-        """Move live flows whose path broke: our address is gone, or the route to the
-        peer now leaves by another interface. A new address beside a working one moves
-        nothing (no churn, and a move made by hand stays). With ``force_address``, move
-        the flows ``peer_filter`` accepts to that address. Returns how many moved."""
-        from .adapters import netlink
-
-        t = self.translator
-        now = time.monotonic()
-        moved = 0
-        peers = {}
-        for flow in t.flows.values():
-            if flow.closed_at is None and (peer_filter is None or peer_filter(flow)):
-                peers.setdefault(flow.peer_addr, set()).add(flow.local_addr)
-        ours = netlink.address_interfaces()
-        t.local_addresses = {aton(a) for a in ours}
+    def check_paths(self, peer_filter=None, force_address: bytes | None = None,
+                    follow_routes: bool = False) -> int:
+        """Look at the live flows' paths and make the moves gateway/paths.py decides
+        (after a link, address or route event; or by hand: ``peer_filter`` picks the
+        flows, ``force_address`` moves them there, ``follow_routes`` to wherever the
+        routes say). Returns how many moved."""
+        t, net = self.translator, self.net
+        flows = [FlowPath(f.sal.local_flow, f.peer_addr, f.local_addr, f.prev_peer_addr is not None)
+                 for f in t.flows.values()
+                 if f.closed_at is None and (peer_filter is None or peer_filter(f))]
+        ours = {aton(a): dev for a, dev in net.address_interfaces().items()}
+        t.local_addresses = set(ours)
         if t.role == "server":
-            t.broadcast_addresses = netlink.broadcast_addresses()
+            t.broadcast_addresses = net.broadcast_addresses()
         if self.fastpath is not None:
             try:
-                self.fastpath.attach(netlink.ipv4_interfaces())
+                self.fastpath.attach(net.ipv4_interfaces())
             except OSError as exc:
                 log.warning("fast path: cannot attach to a new interface: %s", exc)
-        for peer, locals_ in peers.items():
-            new = force_address
-            if new is None:
-                try:
-                    src, dev = netlink.source_for(_ntoa(peer))
-                except (LookupError, OSError) as exc:
-                    log.info("no path to %s for now (%s): its flows wait", _ntoa(peer), exc)
-                    continue
-                new = aton(src)
-                if all(ours.get(_ntoa(addr)) == dev for addr in locals_):
-                    continue                      # every flow's address still works there
-                if not self.cfg.return_to_preferred:
-                    up = netlink.links_up()
-                    if all(ours.get(_ntoa(addr)) in up for addr in locals_):
-                        continue                  # the path in use still works: stay on it
-            n = t.migrate(now, new, peer, peer_filter)
-            moved += n
-            if n:
-                log.info("moving %d flow(s) toward %s to our address %s", n, _ntoa(peer), _ntoa(new))
+        routes = {}
+        for peer in {f.peer for f in flows}:
+            try:
+                src, dev = net.source_for(_ntoa(peer))
+                routes[peer] = Route(aton(src), dev)
+            except (LookupError, OSError) as exc:
+                log.info("no path to %s for now (%s): its flows wait", _ntoa(peer), exc)
+        plan = plan_moves(flows, ours, routes, net.links_up(), self._paths_seen,
+                          return_to_preferred=self.cfg.return_to_preferred,
+                          follow_routes=follow_routes, force_address=force_address)
+        if peer_filter is None:
+            self._paths_seen = plan.seen         # (flows gone since are forgotten)
+        else:
+            self._paths_seen.update(plan.seen)
+        now = self.clock()
+        moved = 0
+        for new, peers in plan.moves.items():
+            for peer, ids in peers.items():
+                wanted = set(ids)
+                n = t.migrate(now, new, peer, lambda f: f.sal.local_flow in wanted)
+                moved += n
+                if n:
+                    log.info("moving %d flow(s) toward %s to our address %s", n, _ntoa(peer), _ntoa(new))
         if t.role == "client" and force_address is None:
             hop = next((r.next_hop for r in self.cfg.rules if r.next_hop), None)
             try:
-                src = aton(netlink.source_for(hop)[0]) if hop else t.sal_address
+                src = aton(net.source_for(hop)[0]) if hop else t.sal_address
                 if src != t.sal_address:
                     log.info("new flows now leave from %s (was %s)", _ntoa(src), _ntoa(t.sal_address))
                     t.sal_address = src
@@ -398,7 +399,7 @@ class Gateway(LifecycleMixin):
         elif service is not None:
             ids = {s.service_id for s in self.cfg.services if s.name == service}
             wanted = lambda f: f.sal.service_id in ids
-        return {"moved": self.check_paths(wanted, aton(address) if address else None)}
+        return {"moved": self.check_paths(wanted, aton(address) if address else None, follow_routes=True)}
 
     # --- control -------------------------------------------------------------------
     def commands(self) -> dict:
@@ -417,7 +418,7 @@ class Gateway(LifecycleMixin):
         fp = self.fastpath
         if fp is not None:
             fp.refresh_all()
-        rows = self.translator.flow_rows(time.monotonic())
+        rows = self.translator.flow_rows(self.clock())
         for row in rows:
             row["path"] = "kernel" if fp is not None and fp.in_kernel(int(row["local_flow"], 16)) else "python"
         return rows
@@ -425,7 +426,7 @@ class Gateway(LifecycleMixin):
     def _stats(self):
         stats = dict(self.stats)
         stats["flows_live"] = len(self.translator.flows)
-        stats["uptime_s"] = round(time.monotonic() - self.started, 1)
+        stats["uptime_s"] = round(self.clock() - self.started, 1)
         stats["fastpath"] = "on" if self.fastpath is not None else "off"
         if self.fastpath is not None:
             stats.update(self.fastpath.stats())
@@ -448,15 +449,23 @@ class Gateway(LifecycleMixin):
                     for s in cfg.services]}
 
     # --- helpers -------------------------------------------------------------------
-    def _virtual_route(self, cfg, netlink):
+    def _virtual_route(self, cfg):
         """Local processes need a route to the virtual range; add one toward the first
         next hop when the host has none (a host with a default route needs nothing)."""
         probe = cfg.services[0].address if cfg.services else cfg.virtual_network.split("/")[0]
-        if netlink.has_route(probe):
+        if self.net.has_route(probe) and not self._stale_route_of_ours(cfg):
             return None
         hop = next(r.next_hop for r in cfg.rules if r.next_hop)
-        src, dev = netlink.source_for(hop)
+        src, dev = self.net.source_for(hop)
         return {"dst": cfg.virtual_network, "dev": dev, "prefsrc": src}
+
+    def _stale_route_of_ours(self, cfg) -> bool:
+        """The route to the virtual range is one a crashed run of this instance added
+        (recorded in its state file): the clean-up before install removes it, so it
+        must be planned again, or local processes meet ENETUNREACH after a restart."""
+        from nat.routes import OwnedRoutes
+        recorded = OwnedRoutes(cfg.instance, cfg.state_dir).state.get("routes") or []
+        return any(r.get("dst") == cfg.virtual_network for r in recorded)
 
     def _log_started(self, plan) -> None:
         cfg, t = self.cfg, self.translator

@@ -7,18 +7,17 @@ import signal
 import time
 
 from sal.ip import aton
-from sal.serviceid import ServicePrefix
-from sal.service_table import Action
 
 from .config import ConfigError, load
-from .translate import Backend, snapshot
+from .translate import snapshot
 
 log = logging.getLogger("serval.gateway")
 
 # what a running gateway cannot take from a reloaded config (its rules and queues)
 NEEDS_RESTART = ("queue", "control_queue", "carriage", "virtual_network", "intercept_local",
                  "intercept_forwarded", "instance", "control_socket", "state_dir", "port_range",
-                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings", "metrics", "fast_path", "bpffs", "fast_path_redirect")
+                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings", "metrics", "fast_path", "bpffs", "fast_path_redirect",
+                 "routing")     # the routers, key and checks the control plane was built with
 SNAPSHOT_EVERY = 1.0
 
 
@@ -47,12 +46,12 @@ class LifecycleMixin:
         if self.routing is not None:           # routers stop sending us new flows
             self.routing.stop()
             self.routing = None
-        deadline = time.monotonic() + self.cfg.drain_timeout
+        deadline = self.clock() + self.cfg.drain_timeout
         log.info("draining: no new flows; waiting up to %.0f s for %d live flow(s)",
                  self.cfg.drain_timeout, self._live_flows())
 
         def check():
-            if self._live_flows() == 0 or time.monotonic() >= deadline:
+            if self._live_flows() == 0 or self.clock() >= deadline:
                 left = self._live_flows()
                 if left:
                     log.info("drain time is up: %d flow(s) still live (saved for a quick restart)", left)
@@ -66,6 +65,10 @@ class LifecycleMixin:
 
     # --- reload --------------------------------------------------------------------
     def reload(self) -> None:
+        """SIGHUP: take what a running gateway can from the config file (its rules,
+        services, timeouts, limits, log level). The service table is rewritten by its
+        owner from the new rules, with router health and drain state as they are."""
+        from .table_owner import config_rules
         try:
             new = load(self.cfg.path, self.cfg.role)
         except ConfigError as exc:
@@ -78,40 +81,25 @@ class LifecycleMixin:
         if self.cfg.role == "server" and self.cfg.routing and new.services != self.cfg.services:
             log.error("reload refused: services change under [routing] needs a restart")
             return
+        try:
+            rules = config_rules(new, self.net.source_for)
+        except (LookupError, OSError) as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
         t = self.translator
         t.timeouts, t.limits = new.timeouts, new.limits
         # a --log-level given on the command line outranks the file
         logging.getLogger("serval").setLevel((getattr(self, "cli_log_level", None) or new.log_level).upper())
         if new.role == "client":
             t.resolve.fixed = {(aton(s.address), s.port): s.service_id for s in new.services}
-            self._swap_targets(new)
-        else:
-            self._swap_targets(new)
+        self.table.set_rules(rules)
+        if new.role == "server":
             from .daemon import interception_plan
             plan = interception_plan(new, t, [], lambda c: None)
             self.interception.firewall.install(plan["prerouting"], plan["output"])   # atomic
         self.cfg.__dict__.update({k: v for k, v in new.__dict__.items() if k not in NEEDS_RESTART})
         log.info("reloaded %s: %d service(s), %d route(s); live flows untouched",
                  new.path, len(new.services), len(new.rules))
-
-    def _swap_targets(self, new) -> None:
-        """Replace the service-table targets the config made (routers' stay)."""
-        table = self.translator.table
-        for prefix, target in self._config_targets:
-            table.remove(prefix, target)
-        self._config_targets = []
-        if new.role == "client":
-            for r in new.rules:
-                table.add(r.prefix, r.action, r.next_hop, r.priority, r.weight)
-                self._config_targets.append((r.prefix, r.next_hop))
-        else:
-            from .adapters import netlink
-            for svc in new.services:
-                host, port = svc.backend
-                backend = Backend(aton(host), port, aton(netlink.source_for(host)[0]), svc.name)
-                prefix = ServicePrefix(svc.service_id)
-                table.add(prefix, Action.DEMUX, backend, svc.priority, svc.weight)
-                self._config_targets.append((prefix, backend))
 
     # --- snapshot ------------------------------------------------------------------
     def snapshot_path(self) -> str:
@@ -133,7 +121,7 @@ class LifecycleMixin:
                 pass
             return
         self._snapshot_sig = sig
-        data = snapshot.dump(self.translator, time.monotonic())
+        data = snapshot.dump(self.translator, self.clock())
         data["written"] = time.time()
         path = self.snapshot_path()
         tmp = path + ".tmp"
@@ -172,7 +160,7 @@ class LifecycleMixin:
             log.info("flow snapshot is %.0f s old (resume_window %.0f s): starting afresh",
                      age, self.cfg.resume_window)
             return 0
-        n = snapshot.restore(self.translator, data, time.monotonic())
+        n = snapshot.restore(self.translator, data, self.clock())
         if n:
             log.info("resumed %d established flow(s) from a snapshot %.1f s old", n, age)
         return n

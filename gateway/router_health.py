@@ -1,4 +1,4 @@
-"""A client gateway's view of its routers, sans-IO, and the default rule that follows it.
+"""A client gateway's view of its routers, sans-IO.
 
 Each router is probed every ``interval`` (PROBE, answered by an authenticated PROBE_ACK
 echoing our seq, so neither a forged nor a replayed answer counts). A router is live
@@ -8,7 +8,8 @@ as down meanwhile. At start every router is given the benefit of the doubt for t
 time.
 
 The default rule (prefix /0, FORWARD) holds the live routers, weighted equally; when
-none is live it holds them all (sending somewhere beats sending nowhere). SYNs already
+none is live it holds them all (sending somewhere beats sending nowhere): the gateway's
+:class:`~gateway.table_owner.TableOwner` writes it from :meth:`RouterHealth.live`. SYNs already
 sent to a router that went down are sent again to a live one
 (``ClientTranslator.redirect_pending``).
 """
@@ -16,7 +17,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from sal import registration as reg
-from sal.service_table import Action, ServiceTable
 
 
 @dataclass
@@ -73,31 +73,3 @@ class RouterHealth:
                  "state": "live" if r.alive_until > now else "warming" if r.answers and not r.ready else "down",
                  "rtt_ms": round(r.rtt * 1000, 2) if r.rtt is not None else None,
                  "answers": r.answers} for r in self.routers.values()]
-
-
-class DefaultRule:
-    """The /0 FORWARD rule of a client's table, kept equal to the live routers."""
-
-    def __init__(self, table: ServiceTable, prefix, routers: list[str]):
-        self.table, self.prefix = table, prefix
-        self.all = list(routers)
-        self.current = list(routers)           # what the config put in the table
-
-    def update(self, live: list[str]) -> tuple[list, list]:
-        """Make the rule hold ``live`` (or every router when none is); returns
-        (removed, added) addresses."""
-        want = [a for a in self.all if a in live] or self.all
-        removed = [a for a in self.current if a not in want]
-        added = [a for a in want if a not in self.current]
-        for a in removed:
-            self.table.remove(self.prefix, a)
-        for a in added:
-            self.table.add(self.prefix, Action.FORWARD, a)
-        self.current = want
-        return removed, added
-
-    def hits(self) -> dict:
-        for entry in self.table.entries():
-            if entry.prefix == self.prefix:
-                return {t.target: t.hits for t in entry.targets}
-        return {}

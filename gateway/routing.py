@@ -10,22 +10,23 @@ health checks, a 10 ms timer, and the ``services`` and ``drain`` control command
 * Client gateway: a :class:`~gateway.router_health.RouterHealth` keeping the default
   rule on the live routers.
 
+Neither writes the service table: each tells the gateway's
+:class:`~gateway.table_owner.TableOwner` what it learnt (health, drain, live routers).
+
 Without a [routing] section only ``services`` (a view) and ``drain`` (local) work.
 """
 import logging
-import time
 
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 
 from sal import registration as reg
 from sal.ip import aton, ntoa
 from sal.serviceid import ServicePrefix, short
-from sal.service_table import Action
 
 from .health import HealthCheck
 from .registration import Registrar
-from .router_health import DefaultRule, RouterHealth
-from .routing_config import DEFAULT_PREFIX
+from .router_health import RouterHealth
+from .translate.events import FlowClosed, FlowClosing, FlowEstablished
 
 log = logging.getLogger("serval.routing")
 TICK = 0.01
@@ -61,6 +62,7 @@ class _Agent:
         # to whichever the kernel chose
         self.udp = self.gw.reactor.listenUDP(0, _Datagrams(self._on_reply))
         self.ticker = LoopingCall(self._tick)
+        self.ticker.clock = self.gw.reactor
         self.ticker.start(TICK, now=True)
 
     def stop(self) -> None:
@@ -77,12 +79,15 @@ class _Agent:
             except OSError as exc:
                 self.gw.stats[f"control_send_failed_{exc.errno}"] += 1
 
+    def flow_events(self, events) -> None:
+        """The translator's flow events after each batch (what the server's checks learn from)."""
+
     def _tick(self) -> None:
         try:
             # answers already in the socket first: after a stall of our own (a burst of
             # packets) a timer must not call a router dead whose answer merely waits here
             self.udp.doRead()
-            self.tick(time.monotonic(), time.time_ns())
+            self.tick(self.gw.clock(), self.gw.adapters.wall_ns())
         except Exception:
             log.exception("control plane tick")
 
@@ -90,32 +95,36 @@ class _Agent:
 class ServerAgent(_Agent):
     def __init__(self, gateway):
         super().__init__(gateway)
-        cfg, table = gateway.cfg, gateway.translator.table
-        self.local: dict[str, tuple] = {}      # service key -> (prefix, backend, priority, weight, in table)
-        self.by_backend: dict[tuple, list] = {}
-        for svc in cfg.services:
-            key, prefix = f"{svc.name}:{svc.port}", ServicePrefix(svc.service_id)
-            entry = table.match(svc.service_id)
-            backend = next(t.target for t in entry.targets if t.action == Action.DEMUX and t.target.name == svc.name)
-            self.local[key] = [prefix, backend, svc.priority, svc.weight, True]
+        cfg, self.table = gateway.cfg, gateway.table
+        self.by_backend: dict[tuple, list] = {}     # (host, port) -> service keys
+        for key, rule in self.table.services().items():
+            backend = rule.target
             self.by_backend.setdefault((ntoa(backend.address), backend.port), []).append(key)
-        self.drained: set[str] = set()
         self.registrar = self.checks = None
         if self.routing is not None:
             r = self.routing
-            address = cfg.sal_address or _source_for(r.routers[0][0])
+            address = cfg.sal_address or gateway.net.source_for(r.routers[0][0])[0]
             self.registrar = Registrar(reg.Signer(r.key, r.sender), aton(address), r.routers,
                                        r.refresh_interval, r.hold_time)
             for svc in cfg.services:
                 self.registrar.offer(f"{svc.name}:{svc.port}", reg.Record(
                     svc.name, ServicePrefix(svc.service_id), svc.weight, svc.priority))
-            self.checks = {b: HealthCheck(r.health.interval, r.health.rise, r.health.fall) for b in self.by_backend}
-        self._refused_seen = 0
+            self.checks = {}
+            for backend, keys in self.by_backend.items():
+                # services sharing a backend share its check: the first one's settings
+                h = r.health.for_service(keys[0].rsplit(":", 1)[0])
+                check = self.checks[backend] = HealthCheck(h.interval, h.rise, h.fall, h.kind,
+                                                           h.eject_time, h.timeout)
+                if check.up:                  # passive only: offered from the start
+                    for key in keys:
+                        self.registrar.offers[key].healthy = True
+        self._established: set[int] = set()       # live flows whose backend answered
+        self._failed: set[int] = set()            # flows counted as failed, until forgotten
         self._next_address_check = 0.0
 
     def stop(self) -> None:
         if self.udp is not None and self.registrar is not None:
-            self._send(self.registrar.stop(time.monotonic(), time.time_ns()))
+            self._send(self.registrar.stop(self.gw.clock(), self.gw.adapters.wall_ns()))
             log.info("unregistered from %d router(s)", len(self.registrar.routers))
         super().stop()
 
@@ -124,83 +133,103 @@ class ServerAgent(_Agent):
         if self.gw.cfg.sal_address is None and now >= self._next_address_check:
             self._next_address_check = now + ADDRESS_CHECK
             self._follow_address(now, wall_ns)
-        refused = self.gw.stats.get("flows_refused", 0)
-        if refused != self._refused_seen:     # a backend refused a connection: check now
-            self._refused_seen = refused
-            for check in self.checks.values():
-                check.hurry(now)
         for backend, check in self.checks.items():
+            if check.tick(now):
+                self._health_changed(backend, True, "")
             if check.due(now):
                 check.started(now)
                 self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(
-                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=self.routing.health.timeout)
+                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=check.timeout)
+
+    def flow_events(self, events) -> None:
+        """The translator's flow events (after each batch): a real handshake with a
+        backend is a passive health check. Established: the backend answered. Closing
+        before that: it refused (RST to the SYN) or never answered (the handshake timed
+        out). (A client giving up mid-handshake counts too: ``fall`` absorbs one.)"""
+        if not self.checks:
+            return
+        for ev in events:
+            flow = ev.flow
+            fid = flow.sal.local_flow
+            if isinstance(ev, FlowEstablished):
+                self._established.add(fid)
+                if ev.rtt is not None:                   # (not a flow resumed from a snapshot)
+                    self._passive(_backend_of(flow), True, "")
+            elif isinstance(ev, (FlowClosing, FlowClosed)):
+                if fid not in self._established and fid not in self._failed:
+                    self._failed.add(fid)
+                    refused = flow.sal.state is not None and flow.sal.state.value == "reset"
+                    self._passive(_backend_of(flow), False,
+                                  "refused a connection" if refused else "a handshake timed out")
+                if isinstance(ev, FlowClosed):
+                    self._established.discard(fid)
+                    self._failed.discard(fid)
 
     def _follow_address(self, now: float, wall_ns: int) -> None:
         """Without a configured sal_address we register the address that reaches the
         routers; when that changes (the host moved), register the new one at once."""
         try:
-            address = aton(_source_for(self.routing.routers[0][0]))
+            address = aton(self.gw.net.source_for(self.routing.routers[0][0])[0])
         except (LookupError, OSError):
             return
         if address != self.registrar.address:
             log.info("our address is now %s: registering from it", ntoa(address))
             self._send(self.registrar.set_address(address, now, wall_ns))
 
+    def _passive(self, backend, ok: bool, error: str) -> None:
+        check = self.checks.get(backend) if backend is not None else None
+        if check is not None:
+            changed = check.passive(ok, self.gw.clock(), error)
+            if changed is not None and self.udp is not None:
+                self._health_changed(backend, changed, error)
+
     def _checked(self, backend: tuple, ok: bool, error: str) -> None:
         changed = self.checks[backend].result(ok, error)
         if changed is None or self.udp is None:      # (a check that ends after stop)
             return
+        self._health_changed(backend, ok, error)
+
+    def _health_changed(self, backend: tuple, ok: bool, error: str) -> None:
         log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend,
                 "up" if ok else "down", "" if ok else f" ({error})")
-        now, wall = time.monotonic(), time.time_ns()
+        now, wall = self.gw.clock(), self.gw.adapters.wall_ns()
         for key in self.by_backend[backend]:
             self._send(self.registrar.set_health(key, ok, now, wall))
-            self._sync_local(key)
+            self.table.set_health(key, ok)
 
     def _on_reply(self, data: bytes, addr) -> None:
-        self.registrar.on_reply(data, tuple(addr), time.monotonic())
-
-    def _sync_local(self, key: str) -> None:
-        """Keep the service in our own table unless it is down or drained."""
-        offer = self.registrar.offers[key] if self.registrar else None
-        want = key not in self.drained and (offer is None or offer.healthy is not False)
-        prefix, backend, priority, weight, present = self.local[key]
-        table = self.gw.translator.table
-        if want and not present:
-            table.add(prefix, Action.DEMUX, backend, priority, weight)
-        elif present and not want:
-            table.remove(prefix, backend)
-        self.local[key][4] = want
+        self.registrar.on_reply(data, tuple(addr), self.gw.clock())
 
     # --- control commands -------------------------------------------------------------
     def commands(self) -> dict:
         return {"services": self.services, "drain": self.drain}
 
     def drain(self, service: str, cancel: bool = False):
-        keys = [k for k in self.local if service in (k, k.rsplit(":", 1)[0])]
+        services = self.table.services()
+        keys = [k for k in services if service in (k, k.rsplit(":", 1)[0])]
         if not keys:
-            raise ValueError(f"no service {service!r} (have {', '.join(self.local)})")
-        now, wall = time.monotonic(), time.time_ns()
+            raise ValueError(f"no service {service!r} (have {', '.join(services)})")
+        now, wall = self.gw.clock(), self.gw.adapters.wall_ns()
         for key in keys:
-            (self.drained.discard if cancel else self.drained.add)(key)
             if self.registrar is not None:
                 self._send(self.registrar.set_drained(key, not cancel, now, wall))
-            self._sync_local(key)
+            self.table.set_drained(key, not cancel)
             log.info("service %s %s", key, "resumed" if cancel else "draining: no new connections")
         return [row for row in self.services() if row["service"] in keys]
 
     def services(self):
-        now = time.monotonic()
+        now = self.gw.clock()
         flows = self.gw.translator.live_flows_by_backend()
         rows = []
-        for key, (prefix, backend, priority, weight, present) in self.local.items():
-            offer = self.registrar.offers[key] if self.registrar else None
+        for key, rule in self.table.services().items():
+            backend = rule.target
+            offer = self.registrar.offers.get(key) if self.registrar else None
             check = self.checks.get((ntoa(backend.address), backend.port)) if self.checks else None
             rows.append({
-                "service": key, "service_id": short(prefix.value.to_bytes(32, "big")),
-                "backend": str(backend), "weight": weight, "priority": priority,
+                "service": key, "service_id": short(rule.prefix.value.to_bytes(32, "big")),
+                "backend": str(backend), "weight": rule.weight, "priority": rule.priority,
                 "health": check.state if check else "unchecked",
-                "state": offer.state if offer else ("draining" if key in self.drained else "serving"),
+                "state": offer.state if offer else ("draining" if key in self.table.drained else "serving"),
                 "routers_acked": f"{self.registrar.routers_acked(now)}/{len(self.registrar.routers)}"
                 if self.registrar else "-",
                 "flows": flows.get((backend.address, backend.port), 0)})
@@ -210,26 +239,25 @@ class ServerAgent(_Agent):
 class ClientAgent(_Agent):
     def __init__(self, gateway):
         super().__init__(gateway)
-        self.health = self.rule = None
+        self.health = None
         if self.routing is not None:
             r = self.routing
             self.health = RouterHealth(reg.Signer(r.key, r.sender), r.routers, r.probe_interval,
-                                       r.probe_misses, time.monotonic())
-            self.rule = DefaultRule(gateway.translator.table, DEFAULT_PREFIX, [a for a, _ in r.routers])
+                                       r.probe_misses, gateway.clock())
 
     def tick(self, now: float, wall_ns: int) -> None:
         self._send(self.health.tick(now, wall_ns))
-        removed, added = self.rule.update(self.health.live(now))
+        removed, added = self.gw.table.set_live_routers(self.health.live(now))
         if removed or added:
             log.warning("routers down: %s; up: %s; default rule now %s", removed or "-", added or "-",
-                        ", ".join(self.rule.current))
+                        ", ".join(self.gw.table.routers_in_rule()))
         if removed:
             moved = self.gw.translator.redirect_pending({aton(a) for a in removed}, now)
             self.gw.stats["syns_redirected"] += moved
             self.gw._flush()
 
     def _on_reply(self, data: bytes, addr) -> None:
-        self.health.on_reply(data, tuple(addr), time.monotonic())
+        self.health.on_reply(data, tuple(addr), self.gw.clock())
 
     def commands(self) -> dict:
         return {"services": self.services, "drain": self.drain}
@@ -239,7 +267,7 @@ class ClientAgent(_Agent):
 
     def services(self):
         """The client's table: each rule's targets, and for routers their health."""
-        now = time.monotonic()
+        now = self.gw.clock()
         health = {row["router"].split(":")[0]: row for row in self.health.rows(now)} if self.health else {}
         rows = []
         for entry in self.gw.translator.table.entries():
@@ -279,6 +307,7 @@ class _CheckFactory(ClientFactory):
         self.report(False, reason.getErrorMessage())
 
 
-def _source_for(address: str) -> str:
-    from .adapters.netlink import source_for
-    return source_for(address)[0]
+def _backend_of(flow):
+    """(host, port) of a server flow's backend, or None."""
+    backend = flow.extra[0] if flow.extra else None
+    return (ntoa(backend.address), backend.port) if backend is not None else None

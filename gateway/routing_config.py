@@ -8,17 +8,21 @@ to them (docs/routing.md).
     hold_time = 0.3            # ... and routers forget us this long after the last one
     probe_interval = 0.1       # client: probe each router this often ...
     probe_misses = 3           # ... and fail over after this many go unanswered
-    [routing.health]           # server: TCP connect checks of each backend
+    [routing.health]           # server: checks of each backend
+    kind = "tcp"               # TCP connects (and live traffic); "none": live traffic only
     interval = 0.5
     timeout = 1.0
     rise = 2
     fall = 2
+    eject_time = 30            # kind "none": a failed backend stays out this long
+    [routing.health."ssh.svc.example"]    # one service's own settings (the rest as above)
+    kind = "none"
 
 A client gateway gets a default rule (prefix /0, FORWARD) to each router, so it needs
 no [[route]] of its own; a server gateway registers its [[service]]s with every router.
 """
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sal import registration as reg
 from sal.serviceid import ServicePrefix
@@ -27,12 +31,21 @@ from sal.service_table import Action
 DEFAULT_PREFIX = ServicePrefix(bytes(32), 0)
 
 
+HEALTH_KINDS = ("tcp", "none")
+
+
 @dataclass
 class HealthConfig:
     interval: float = 0.5
     timeout: float = 1.0
     rise: int = 2
     fall: int = 2
+    kind: str = "tcp"
+    eject_time: float = 30.0
+    services: dict = field(default_factory=dict)    # service name -> its own HealthConfig
+
+    def for_service(self, name: str) -> "HealthConfig":
+        return self.services.get(name, self)
 
 
 @dataclass
@@ -80,17 +93,36 @@ def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
         fail("hold_time", "hold_time must be longer than refresh_interval (a lost refresh must not withdraw)")
     out.probe_misses = _count(section.get("probe_misses", 3), "probe_misses", fail)
     health = section.get("health", {})
-    for k, v in health.items():
-        if k in ("interval", "timeout"):
-            setattr(out.health, k, _seconds(v, f"health.{k}", fail))
-        elif k in ("rise", "fall"):
-            setattr(out.health, k, _count(v, f"health.{k}", fail))
-        else:
-            fail("health", f"unknown key {k!r} in health (interval, timeout, rise, fall)")
+    if not isinstance(health, dict):
+        fail("health", "health must be a table")
+    _health(out.health, {k: v for k, v in health.items() if not isinstance(v, dict)}, "health", fail)
+    names = {s.name for s in cfg.services}
+    for name, own in health.items():
+        if isinstance(own, dict):
+            if name not in names:
+                fail("health", f"[routing.health.\"{name}\"]: no [[service]] named {name!r} "
+                     f"(a table in health gives one service its own checks)")
+            out.health.services[name] = _health(
+                replace(out.health, services={}), own, f"health.\"{name}\"", fail)
     if cfg.role == "client":
         for address, _ in out.routers:
             cfg.rules.append(RuleConfig(DEFAULT_PREFIX, Action.FORWARD, address))
     return out
+
+
+def _health(health: HealthConfig, section: dict, where: str, fail) -> HealthConfig:
+    for k, v in section.items():
+        if k in ("interval", "timeout", "eject_time"):
+            setattr(health, k, _seconds(v, f"{where}.{k}", fail))
+        elif k in ("rise", "fall"):
+            setattr(health, k, _count(v, f"{where}.{k}", fail))
+        elif k == "kind":
+            if v not in HEALTH_KINDS:
+                fail("health", f"{where}.kind must be one of {', '.join(map(repr, HEALTH_KINDS))}, not {v!r}")
+            health.kind = v
+        else:
+            fail("health", f"unknown key {k!r} in {where} (kind, interval, timeout, rise, fall, eject_time)")
+    return health
 
 
 def _router(text, fail) -> tuple[str, int]:

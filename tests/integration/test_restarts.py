@@ -190,3 +190,17 @@ def test_the_server_gateway_killed_for_12_s_mid_download_fails_closed_and_resume
     assert out.stat().st_size > down_at
     assert sha256_file(out) == sha256_file(src)
     finish(pair, gws, before)
+
+
+def test_after_kill_9_the_gateway_hosts_own_processes_still_reach_services(lab, tmp_path):
+    """The route to the virtual range that a crashed run added is removed by the next
+    start's clean-up, and added again (it was planned while the stale one still stood)."""
+    pair, gws, before, www = build(lab, tmp_path)
+    url = f"http://{VIRTUAL_ADDR}/"
+    assert pair.cgw.run(["curl", "-sS", "--fail", "-m", "10", url], check=False).stdout == "hello\n"
+    gws.signal("client", signal.SIGKILL)
+    gws.procs["client"].wait(5)
+    gws.launch("client")
+    r = pair.cgw.run(["curl", "-sS", "--fail", "-m", "10", url], check=False)
+    assert r.stdout == "hello\n", r.stderr
+    finish(pair, gws, before)

@@ -284,7 +284,7 @@ def test_the_default_range_is_every_unprivileged_port_below_the_ephemeral_range(
 def test_source_addresses_and_time_wait_reach_the_translator(tmp_path):
     from gateway.daemon import build_translator
     cfg = load_server(tmp_path, 'source_addresses = ["198.19.3.1", "198.19.3.5"]\nbackend_time_wait = 120')
-    server = build_translator(cfg, lambda host: ("198.19.3.1", "lan0"))
+    server = build_translator(cfg, lambda host: ("198.19.3.1", "lan0"), {"lan0": 1500})
     assert server.sources == [A, B] and server.backend_time_wait == 120.0
     client, _ = make_pair((20000, 20009))
     server.outbox.clear()

@@ -8,7 +8,8 @@ import pytest
 
 from gateway.health import HealthCheck
 from gateway.registration import Registrar
-from gateway.router_health import DefaultRule, RouterHealth
+from gateway.router_health import RouterHealth
+from gateway.table_owner import Rule, TableOwner
 from sal import registration as reg
 from sal.ip import aton
 from sal.serviceid import ServicePrefix, service_id_for
@@ -212,14 +213,12 @@ def test_router_health_live_warming_dead():
 def test_default_rule_follows_live_routers_and_falls_back_to_all():
     table = ServiceTable()
     prefix = ServicePrefix(bytes(32), 0)
-    for a, _ in ROUTERS:
-        table.add(prefix, Action.FORWARD, a)
-    rule = DefaultRule(table, prefix, [a for a, _ in ROUTERS])
-    assert rule.update(["198.19.21.1"]) == (["198.19.20.1"], [])
+    owner = TableOwner(table, [Rule(prefix, Action.FORWARD, a, router=True) for a, _ in ROUTERS])
+    assert owner.set_live_routers(["198.19.21.1"]) == (["198.19.20.1"], [])
     assert {table.resolve(SID).target for _ in range(20)} == {"198.19.21.1"}
-    assert rule.update([]) == ([], ["198.19.20.1"])                 # none live: all
-    assert rule.update(["198.19.20.1", "198.19.21.1"]) == ([], [])
-    assert set(rule.hits()) == {"198.19.20.1", "198.19.21.1"}
+    assert owner.set_live_routers([]) == ([], ["198.19.20.1"])        # none live: all
+    assert owner.set_live_routers(["198.19.20.1", "198.19.21.1"]) == ([], [])
+    assert {t.target for e in table.entries() for t in e.targets} == {"198.19.20.1", "198.19.21.1"}
 
 
 # --- [routing] in a gateway config, and SYNs waiting on a router that died ------------
