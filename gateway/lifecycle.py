@@ -16,7 +16,8 @@ log = logging.getLogger("serval.gateway")
 # what a running gateway cannot take from a reloaded config (its rules and queues)
 NEEDS_RESTART = ("queue", "control_queue", "carriage", "virtual_network", "intercept_local",
                  "intercept_forwarded", "instance", "control_socket", "state_dir", "port_range",
-                 "client_address", "mtu", "queue_bypass", "sal_address", "mappings", "metrics", "fast_path", "bpffs", "fast_path_redirect",
+                 "source_addresses", "client_address", "mtu", "queue_bypass", "sal_address", "mappings",
+                 "metrics", "fast_path", "bpffs", "fast_path_redirect",
                  "routing")     # the routers, key and checks the control plane was built with
 SNAPSHOT_EVERY = 1.0
 
@@ -88,6 +89,8 @@ class LifecycleMixin:
             return
         t = self.translator
         t.timeouts, t.limits = new.timeouts, new.limits
+        if new.role == "server":
+            t.backend_time_wait, t.accept_broadcast_syn = new.backend_time_wait, new.accept_broadcast_syn
         # a --log-level given on the command line outranks the file
         logging.getLogger("serval").setLevel((getattr(self, "cli_log_level", None) or new.log_level).upper())
         if new.role == "client":
