@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from sal import registration as reg
-from sal.affinity import DEFAULT_TIMEOUT, Affinity
+from sal.affinity import from_config as affinity_from
 from sal.serviceid import ServiceIDError, ServicePrefix, service_id_for
 from sal.service_table import Action
 from serval.metrics import parse_config as parse_metrics
@@ -156,15 +156,7 @@ def _service(svc: dict, fail) -> tuple:
         if k not in {"service", "prefix", "affinity", "affinity_timeout"}:
             fail(f"unknown key {k!r}")
     prefix, label = _prefix(svc, fail, "a [[service]]")
-    kind = svc.get("affinity", "none")
-    if kind not in ("none", "client"):
-        fail(f"affinity must be \"none\" or \"client\", not {kind!r}")
-    timeout = svc.get("affinity_timeout", DEFAULT_TIMEOUT)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-        fail("affinity_timeout must be a number of seconds >= 0")
-    if kind == "none" and "affinity_timeout" in svc:
-        fail("affinity_timeout without affinity = \"client\"")
-    return prefix, Affinity(float(timeout)) if kind == "client" else None, label
+    return prefix, affinity_from(svc, fail), label
 
 
 def _rule(rule: dict, fail) -> RuleConfig:

@@ -31,6 +31,20 @@ class Affinity:
     timeout: float = DEFAULT_TIMEOUT
 
 
+def from_config(table: dict, fail) -> Affinity | None:
+    """The policy a config table asks for: ``affinity = "none" | "client"`` and
+    ``affinity_timeout`` (seconds, default 300); ``fail(message)`` raises."""
+    kind = table.get("affinity", "none")
+    if kind not in ("none", "client"):
+        fail(f"affinity must be \"none\" or \"client\", not {kind!r}")
+    timeout = table.get("affinity_timeout", DEFAULT_TIMEOUT)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        fail("affinity_timeout must be a number of seconds >= 0")
+    if kind == "none" and "affinity_timeout" in table:
+        fail("affinity_timeout without affinity = \"client\"")
+    return Affinity(float(timeout)) if kind == "client" else None
+
+
 def identity(target) -> bytes:
     """What a target is hashed by: its address (a registered instance, a next hop), so the
     choice survives restarts and re-registrations under the same address."""
