@@ -29,6 +29,8 @@ def build_translator(cfg: GatewayConfig, source_for, config_targets: list | None
         for rule in cfg.rules:
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
             config_targets.append((rule.prefix, rule.next_hop))
+            if rule.affinity:
+                table.set_affinity(rule.prefix, rule.affinity)
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
         virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)

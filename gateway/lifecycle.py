@@ -99,11 +99,14 @@ class LifecycleMixin:
         table = self.translator.table
         for prefix, target in self._config_targets:
             table.remove(prefix, target)
+            table.set_affinity(prefix, None)
         self._config_targets = []
         if new.role == "client":
             for r in new.rules:
                 table.add(r.prefix, r.action, r.next_hop, r.priority, r.weight)
                 self._config_targets.append((r.prefix, r.next_hop))
+                if r.affinity:
+                    table.set_affinity(r.prefix, r.affinity)
         else:
             from .adapters import netlink
             for svc in new.services:
