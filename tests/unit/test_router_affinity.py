@@ -176,3 +176,39 @@ def test_router_config_service_affinity():
                 [{"service": "w", "affinity": "client"}, {"service": "w"}], [{"service": "w", "weight": 2}]):
         with pytest.raises(RouterConfigError, match=r"\[service \d\]"):
             parse_config({**base, "service": bad}, "router.toml")
+
+
+# --- a client gateway's static routes ---------------------------------------------------------
+
+ROUTES = """
+[gateway]
+[[service]]
+name = "web.svc.example"
+address = "198.18.0.10"
+port = 80
+[[route]]
+service = "web.svc.example"
+next_hop = "198.19.2.2"
+affinity = "client"
+affinity_timeout = 30
+[[route]]
+service = "web.svc.example"
+next_hop = "198.19.3.2"
+"""
+
+
+def test_client_gateway_static_routes_choose_by_the_legacy_client(tmp_path):
+    from gateway.config import ConfigError, load
+    from gateway.daemon import build_translator
+    path = tmp_path / "client.toml"
+    path.write_text(ROUTES)
+    cfg = load(str(path), "client")
+    assert cfg.rules[0].affinity == Affinity(30.0)
+    t = build_translator(cfg, lambda hop: ("198.19.2.1", "eth0")).table
+    legacy = [aton(f"198.19.1.{i + 2}") for i in range(200)]
+    first = {k: t.resolve(SID, key=k, now=0.0).target for k in legacy}
+    assert all(t.resolve(SID, key=k, now=1.0).target == first[k] for k in legacy for _ in range(3))
+    assert set(first.values()) == {"198.19.2.2", "198.19.3.2"}
+    path.write_text(ROUTES.replace('affinity = "client"', 'affinity = "sticky"'))
+    with pytest.raises(ConfigError, match="affinity"):
+        load(str(path), "client")
