@@ -12,9 +12,9 @@ random; or, for a service with client affinity, rendezvous hashing on the client
 SYN's SAL source, i.e. the first address of SOURCE or else the IP source — the client
 gateway, not the legacy host behind it). A SYN that cannot be forwarded (no service, the
 DELAY queue full, no room for SOURCE) is answered at once with an ICMP host unreachable
-quoting it (router/refusal.py), rate-limited. A retransmitted SYN (same client address and flowID) goes to the instance the
-first one went to while that instance stays registered, so a slow SYN-ACK never makes
-two instances accept one connection.
+quoting it (router/refusal.py), rate-limited. A retransmitted SYN (same client address
+and flowID) goes to the instance the first one went to while that instance stays
+registered, so a slow SYN-ACK never makes two instances accept one connection.
 """
 import random
 from collections import Counter, OrderedDict, defaultdict
@@ -246,6 +246,7 @@ class RouterCore:
         """One row per (service, target): what ``serval ctl services`` shows."""
         rows = []
         for entry in self.table.entries():
+            policy = self.table.affinity(entry.prefix.value.to_bytes(32, "big"))
             for t in entry.targets:
                 inst = t.target if isinstance(t.target, Instance) else None
                 registration = self.registry.registration_of(inst) if inst and inst.sender != "rule" else None
@@ -260,6 +261,7 @@ class RouterCore:
                     "health": "registered" if registration else "rule",
                     "expires_ms": round((registration.expires - now) * 1000) if registration else None,
                     "conns": t.hits,
+                    "affinity": f"client {policy[1].timeout:g}s" if policy else "none",
                 })
         return rows
 

@@ -132,6 +132,7 @@ SGWS = [("sgw0", "198.19.30.1"), ("sgw1", "198.19.31.1"), ("sgw2", "198.19.32.1"
 
 def test_router_sends_every_connection_of_a_client_gateway_to_one_instance():
     r = router_with(SGWS)
+    assert {row["affinity"] for row in r.services(0.0)} == {"client 30s"}
     assert len({routed(r, flow) for flow in range(1, 101)}) == 1
     # other client gateways (SAL sources) spread over the instances
     spread = {routed(r, 1000 + i, src=f"198.19.{10 + i // 200}.{i % 200 + 2}") for i in range(300)}
