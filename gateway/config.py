@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from sal.affinity import from_config as affinity_from
 from sal.serviceid import ServiceIDError, ServicePrefix, parse_service_id, service_id_for
 from sal.service_table import Action
 from serval.metrics import parse_config as parse_metrics
@@ -43,6 +44,7 @@ class RuleConfig:
     next_hop: str | None
     priority: int = 1
     weight: int = 1
+    affinity: object = None        # sal.affinity.Affinity: "client" affinity among equal rules
 
 
 @dataclass
@@ -333,7 +335,7 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
 
 
 def _rule(rule: dict, services: list, fail) -> RuleConfig:
-    allowed = {"service", "prefix", "action", "next_hop", "priority", "weight"}
+    allowed = {"service", "prefix", "action", "next_hop", "priority", "weight", "affinity", "affinity_timeout"}
     for key in rule:
         if key not in allowed:
             fail(key, f"unknown key {key!r} in [[route]]")
@@ -363,7 +365,8 @@ def _rule(rule: dict, services: list, fail) -> RuleConfig:
         next_hop = _ipv4(rule["next_hop"], lambda m: fail("next_hop", m))
     return RuleConfig(prefix, action, next_hop,
                       _int(rule.get("priority", 1), 0, 1 << 16, lambda m: fail("priority", m)),
-                      _int(rule.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)))
+                      _int(rule.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)),
+                      affinity_from(rule, lambda m: fail("affinity", m)))
 
 
 def _int(value, low, high, fail) -> int:

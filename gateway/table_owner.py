@@ -27,6 +27,7 @@ class Rule:
     weight: int = 1
     router: bool = False           # a router of the default rule: in while live (or none is)
     service: str | None = None     # a server's service ("name:port"): in unless down or drained
+    affinity: object = None        # a client's rule: "client" affinity among its targets
 
 
 def config_rules(cfg, source_for) -> list[Rule]:
@@ -39,7 +40,8 @@ def config_rules(cfg, source_for) -> list[Rule]:
     if cfg.role == "client":
         routers = {a for a, _ in cfg.routing.routers} if cfg.routing else set()
         return [Rule(r.prefix, r.action, r.next_hop, r.priority, r.weight,
-                     router=r.prefix == DEFAULT_PREFIX and r.action == Action.FORWARD and r.next_hop in routers)
+                     router=r.prefix == DEFAULT_PREFIX and r.action == Action.FORWARD and r.next_hop in routers,
+                     affinity=r.affinity)
                 for r in cfg.rules]
     rules = []
     for svc in cfg.services:
@@ -65,6 +67,12 @@ class TableOwner:
     # --- inputs ------------------------------------------------------------------------
     def set_rules(self, rules: list[Rule]) -> None:
         """The config's rules (at start and on reload); health and drain state stay."""
+        for rule in self.rules:
+            if rule.affinity is not None:
+                self.table.set_affinity(rule.prefix, None)
+        for rule in rules:
+            if rule.affinity is not None:
+                self.table.set_affinity(rule.prefix, rule.affinity)
         self.rules = list(rules)
         keys = set(self.services())
         self.down &= keys                        # forget state of services no longer configured

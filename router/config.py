@@ -3,6 +3,7 @@
     [router]                 instance, address, queue, registration_port, control_socket, ...
     [[key]]                  id, key | key_file, names (shell patterns it may register)
     [[rule]]                 service | prefix, action (forward|drop|delay), next_hop, priority, weight
+    [[service]]              service | prefix, affinity ("none"|"client"), affinity_timeout
 
 See deploy/router.toml for every key with its default.
 """
@@ -11,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from sal import registration as reg
+from sal.affinity import from_config as affinity_from
 from sal.serviceid import ServiceIDError, ServicePrefix, service_id_for
 from sal.service_table import Action
 from serval.metrics import parse_config as parse_metrics
@@ -48,11 +50,13 @@ class RouterConfig:
     options: RouterOptions = field(default_factory=RouterOptions)
     keys: list = field(default_factory=list)
     rules: list = field(default_factory=list)
+    affinities: list = field(default_factory=list)     # (ServicePrefix, Affinity, label)
 
 
 _ROUTER_KEYS = {"instance", "address", "queue", "registration_port", "sal_udp_port", "control_socket",
-                "state_dir", "log_level", "queue_bypass", "affinity", "delay_hold", "warmup",
-                "min_hold", "max_hold", "replay_window", "max_held", "metrics", "metrics_public"}
+                "state_dir", "log_level", "queue_bypass", "affinity", "repeated_syn_window", "delay_hold",
+                "warmup", "min_hold", "max_hold", "replay_window", "max_held", "metrics", "metrics_public",
+                "icmp_rate", "icmp_burst"}
 
 
 def load(path: str) -> RouterConfig:
@@ -70,7 +74,7 @@ def parse(data: dict, path: str) -> RouterConfig:
     def fail(where: str, message: str):
         raise RouterConfigError(f"{path}: [{where}] {message}")
 
-    unknown = set(data) - {"router", "key", "rule"}
+    unknown = set(data) - {"router", "key", "rule", "service"}
     if unknown:
         fail(sorted(unknown)[0], "unknown section")
     top = data.get("router", {})
@@ -92,13 +96,19 @@ def parse(data: dict, path: str) -> RouterConfig:
     cfg.queue_bypass = bool(top.get("queue_bypass", True))
     cfg.metrics = parse_metrics(top, lambda key, message: fail("router", message))
     opts = cfg.options
-    for name in ("affinity", "delay_hold", "warmup", "min_hold", "max_hold", "replay_window"):
+    if "affinity" in top and "repeated_syn_window" in top:
+        fail("router", "'affinity' is the old name of 'repeated_syn_window': give one")
+    # (the option) -> RouterOptions field
+    for name, attr in (("repeated_syn_window", "affinity"), ("affinity", "affinity"), ("delay_hold", "delay_hold"),
+                       ("warmup", "warmup"), ("min_hold", "min_hold"), ("max_hold", "max_hold"),
+                       ("replay_window", "replay_window"), ("icmp_rate", "icmp_rate")):
         if name in top:
             value = top[name]
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                fail("router", f"{name} must be a number of seconds >= 0")
-            setattr(opts, name, float(value))
+                fail("router", f"{name} must be a number >= 0")
+            setattr(opts, attr, float(value))
     opts.max_held = _int(top, "max_held", opts.max_held, 0, 1 << 20, fail)
+    opts.icmp_burst = _int(top, "icmp_burst", opts.icmp_burst, 0, 1 << 20, fail)
     opts.udp_port = cfg.sal_udp_port
     if cfg.address:
         opts.address = ipaddress.IPv4Address(cfg.address).packed
@@ -108,6 +118,13 @@ def parse(data: dict, path: str) -> RouterConfig:
         fail("key", "no [[key]]: a router accepts only authenticated registrations")
     for i, r in enumerate(_list(data, "rule", fail)):
         cfg.rules.append(_rule(r, lambda m, i=i: fail(f"rule {i + 1}", m)))
+    seen = {}
+    for i, svc in enumerate(_list(data, "service", fail)):
+        prefix, affinity, label = _service(svc, lambda m, i=i: fail(f"service {i + 1}", m))
+        if prefix in seen:
+            fail(f"service {i + 1}", f"{label or prefix} is already configured in [[service]] {seen[prefix]}")
+        seen[prefix] = i + 1
+        cfg.affinities.append((prefix, affinity, label))
     return cfg
 
 
@@ -133,26 +150,20 @@ def key_from(table: dict, fail) -> reg.Key:
     return reg.Key(key_id, secret, tuple(names))
 
 
+def _service(svc: dict, fail) -> tuple:
+    """A [[service]]: per-service policy (client affinity) by name, name:port or prefix."""
+    for k in svc:
+        if k not in {"service", "prefix", "affinity", "affinity_timeout"}:
+            fail(f"unknown key {k!r}")
+    prefix, label = _prefix(svc, fail, "a [[service]]")
+    return prefix, affinity_from(svc, fail), label
+
+
 def _rule(rule: dict, fail) -> RuleConfig:
     for k in rule:
         if k not in {"service", "prefix", "action", "next_hop", "priority", "weight"}:
             fail(f"unknown key {k!r}")
-    if ("service" in rule) == ("prefix" in rule):
-        fail("a rule names either a 'service' (name or name:port) or a serviceID 'prefix'")
-    try:
-        if "service" in rule:
-            text = str(rule["service"])
-            name, _, port = text.rpartition(":")
-            if port.isdigit() and name:
-                prefix, label = ServicePrefix(service_id_for(name, int(port))), text
-            else:   # every port of a name: its 224-bit prefix
-                prefix, label = ServicePrefix(service_id_for(text), 224), text
-        else:
-            text = str(rule["prefix"])
-            prefix = ServicePrefix(bytes(32), 0) if text == "default" else ServicePrefix.parse(text)
-            label = ""
-    except ServiceIDError as exc:
-        fail(str(exc))
+    prefix, label = _prefix(rule, fail, "a rule")
     try:
         action = Action(rule.get("action", "forward"))
     except ValueError:
@@ -166,6 +177,24 @@ def _rule(rule: dict, fail) -> RuleConfig:
         next_hop = _ipv4(rule["next_hop"], fail)
     return RuleConfig(prefix, action, next_hop, _int(rule, "priority", 1, 0, 1 << 16, lambda w, m: fail(m)),
                       _int(rule, "weight", 1, 1, 1 << 16, lambda w, m: fail(m)), label)
+
+
+def _prefix(table: dict, fail, what: str) -> tuple:
+    """(ServicePrefix, label) of a table naming a 'service' (name: every port, its 224-bit
+    prefix; name:port: that serviceID) or a serviceID 'prefix' ("default": /0)."""
+    if ("service" in table) == ("prefix" in table):
+        fail(f"{what} names either a 'service' (name or name:port) or a serviceID 'prefix'")
+    try:
+        if "service" in table:
+            text = str(table["service"])
+            name, _, port = text.rpartition(":")
+            if port.isdigit() and name:
+                return ServicePrefix(service_id_for(name, int(port))), text
+            return ServicePrefix(service_id_for(text), 224), text
+        text = str(table["prefix"])
+        return (ServicePrefix(bytes(32), 0) if text == "default" else ServicePrefix.parse(text)), ""
+    except ServiceIDError as exc:
+        fail(str(exc))
 
 
 def _list(data, name, fail):

@@ -8,9 +8,13 @@ takes a SAL packet addressed to the router and returns the verdict: the rewritte
 ``handle_timer(now)`` expires registrations, held SYNs and affinity entries.
 
 The choice of instance is the service table's (longest prefix, top priority, weighted
-random). A retransmitted SYN (same client address and flowID) goes to the instance the
-first one went to while that instance stays registered, so a slow SYN-ACK never makes
-two instances accept one connection.
+random; or, for a service with client affinity, rendezvous hashing on the client: the
+SYN's SAL source, i.e. the first address of SOURCE or else the IP source — the client
+gateway, not the legacy host behind it). A SYN that cannot be forwarded (no service, the
+DELAY queue full, no room for SOURCE) is answered at once with an ICMP host unreachable
+quoting it (router/refusal.py), rate-limited. A retransmitted SYN (same client address
+and flowID) goes to the instance the first one went to while that instance stays
+registered, so a slow SYN-ACK never makes two instances accept one connection.
 """
 import random
 from collections import Counter, OrderedDict, defaultdict
@@ -23,6 +27,7 @@ from sal.serviceid import ServicePrefix, short
 from sal.service_table import Action, ServiceTable
 from sal.wire import MalformedPacket
 
+from .refusal import TokenBucket, host_unreachable
 from .registry import Instance, Registry
 from .rewrite import forward_syn, with_source
 
@@ -41,6 +46,8 @@ class RouterOptions:
     min_hold: float = 0.05         # clamp of the hold time registrants ask for
     max_hold: float = 120.0
     replay_window: float = 30.0
+    icmp_rate: float = 1000.0      # ICMP unreachables per second (a token bucket) ...
+    icmp_burst: int = 50           # ... and at most this many at once, as Linux's defaults
 
 
 @dataclass
@@ -69,6 +76,7 @@ class RouterCore:
         self.affinity: OrderedDict = OrderedDict()   # (client, flowID) -> (Target, expires)
         self.held: dict[tuple, Held] = {}
         self.outbox: list[bytes] = []
+        self.icmp_bucket = TokenBucket(self.options.icmp_rate, self.options.icmp_burst, now)
 
     def add_rule(self, prefix: ServicePrefix, action: Action, next_hop: str | None = None,
                  priority: int = 1, weight: int = 1, name: str = "") -> None:
@@ -77,6 +85,10 @@ class RouterCore:
         self.table.add(prefix, action, target, priority, weight)
         if name:
             self.rule_names[prefix] = name
+
+    def set_affinity(self, prefix: ServicePrefix, affinity) -> None:
+        """Client affinity (sal.affinity.Affinity, or None) for the services under ``prefix``."""
+        self.table.set_affinity(prefix, affinity)
 
     # --- registration plane --------------------------------------------------------
     def on_control(self, data: bytes, now: float, wall_ns: int) -> bytes | None:
@@ -140,16 +152,27 @@ class RouterCore:
         self.stats[f"dropped_{reason}"] += 1
         return None
 
+    def _refuse(self, syn: Held, reason: str, now: float):
+        """Drop the SYN and tell its sender at once: ICMP host unreachable quoting it as it
+        arrived (the client gateway matches the quote to its flow and resets its client)."""
+        self.stats[f"dropped_{reason}"] += 1
+        if self.icmp_bucket.take(now):
+            self.outbox.append(host_unreachable(syn.pkt, syn.sal_at + syn.sal_len))
+            self.stats[f"icmp_unreachable_{reason}"] += 1
+        else:
+            self.stats["icmp_rate_limited"] += 1
+        return None
+
     def _route(self, syn: Held, now: float, released: bool = False):
         sid = syn.hdr.service.service_id
         entry = self.table.match(sid)
         if entry is None:
-            return self._drop("no_service")
+            return self._refuse(syn, "no_service", now)
         counters = self.service_stats[entry.prefix]
         key = (syn.ip.src, syn.hdr.src_flow)
         target = self._sticky(key, entry, now)
         if target is None:
-            target = self.table.resolve(sid)
+            target = self.table.resolve(sid, _client(syn), now)
         if target.action == Action.DROP:
             counters["dropped_by_rule"] += 1
             return self._drop("by_rule")
@@ -159,7 +182,8 @@ class RouterCore:
         try:
             head = with_source(syn.hdr, syn.ip.src, self.options.address)
         except ValueError:       # no room for SOURCE: the header's length or extensions at their limit
-            return self._drop("no_room_for_source")
+            self.held.pop(key, None)             # (a held SYN too: it never will have room)
+            return self._refuse(syn, "no_room_for_source", now)
         self.affinity[key] = (target, now + self.options.affinity)
         self.affinity.move_to_end(key)
         counters["forwarded"] += 1
@@ -183,7 +207,7 @@ class RouterCore:
         earlier = self.held.get(key)
         if earlier is None and len(self.held) >= self.options.max_held:
             counters["dropped_delay_full"] += 1
-            return self._drop("delay_full")
+            return self._refuse(syn, "delay_full", now)
         syn.deadline = earlier.deadline if earlier else now + self.options.delay_hold
         self.held[key] = syn
         counters["delayed"] += 1
@@ -222,6 +246,7 @@ class RouterCore:
         """One row per (service, target): what ``serval ctl services`` shows."""
         rows = []
         for entry in self.table.entries():
+            policy = self.table.affinity(entry.prefix.value.to_bytes(32, "big"))
             for t in entry.targets:
                 inst = t.target if isinstance(t.target, Instance) else None
                 registration = self.registry.registration_of(inst) if inst and inst.sender != "rule" else None
@@ -236,6 +261,7 @@ class RouterCore:
                     "health": "registered" if registration else "rule",
                     "expires_ms": round((registration.expires - now) * 1000) if registration else None,
                     "conns": t.hits,
+                    "affinity": f"client {policy[1].timeout:g}s" if policy else "none",
                 })
         return rows
 
@@ -255,3 +281,12 @@ class RouterCore:
 
     def names(self) -> list[dict]:
         return self.registry.names()
+
+
+def _client(syn: Held) -> bytes:
+    """Who "the client" is for affinity at a router: the SYN's SAL source — the original
+    source an earlier router put first in SOURCE, else the IP source (a client gateway)."""
+    for ext in syn.hdr.extensions:
+        if isinstance(ext, wire.Source) and ext.addresses:
+            return ext.addresses[0]
+    return syn.ip.src

@@ -39,6 +39,8 @@ class Router:
         self.core = RouterCore(cfg.instance, cfg.keys, cfg.options, time.monotonic())
         for rule in cfg.rules:
             self.core.add_rule(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight, rule.name)
+        for prefix, affinity, _ in cfg.affinities:
+            self.core.set_affinity(prefix, affinity)
         self.interception = self.reader = self.injector = self.udp = self.port = self.ticker = None
         self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
 
@@ -132,7 +134,10 @@ class Router:
                 "queue": cfg.queue, "registration_port": cfg.registration_port,
                 "keys": [{"id": k.key_id, "names": list(k.names)} for k in cfg.keys],
                 "rules": [{"prefix": str(r.prefix), "action": r.action.value, "next_hop": r.next_hop}
-                          for r in cfg.rules]}
+                          for r in cfg.rules],
+                "services": [{"service": label or str(prefix), "affinity": "client" if a else "none",
+                              "affinity_timeout": a.timeout if a else None} for prefix, a, label in cfg.affinities],
+                "icmp": {"rate": cfg.options.icmp_rate, "burst": cfg.options.icmp_burst}}
 
 
 class _ControlPlane(DatagramProtocol):

@@ -2,11 +2,17 @@
 
 As in the reference: an entry (one prefix) holds targets; the targets of the highest
 priority present are candidates, and one is chosen at random in proportion to weight.
+
+A service may ask for client affinity (``set_affinity``, by serviceID prefix, longest
+match): then ``resolve(service_id, key=client, now=now)`` picks among the candidates by
+rendezvous hashing on the client, behind a sticky table (sal/affinity.py). Priority
+comes first, so failover and draining (a target removed) still win over affinity.
 """
 import random
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .affinity import Affinity, Sticky, rendezvous
 from .serviceid import ServicePrefix
 
 
@@ -36,6 +42,28 @@ class ServiceTable:
     def __init__(self, rng: random.Random | None = None):
         self._by_bits: dict[int, dict[int, Entry]] = {}
         self._rng = rng or random.Random()
+        self._affinity: dict[int, dict[int, tuple[ServicePrefix, Affinity]]] = {}   # bits -> value -> policy
+        self.sticky = Sticky()
+
+    def set_affinity(self, prefix: ServicePrefix, affinity: Affinity | None) -> None:
+        """Client affinity for the serviceIDs under ``prefix`` (None: none, the default).
+        The policy outlives the prefix's targets: it holds for instances yet to come."""
+        level = self._affinity.setdefault(prefix.bits, {})
+        if affinity is None:
+            level.pop(prefix.value, None)
+            if not level:
+                del self._affinity[prefix.bits]
+        else:
+            level[prefix.value] = (prefix, affinity)
+
+    def affinity(self, service_id: bytes) -> tuple[ServicePrefix, Affinity] | None:
+        """The longest-prefix affinity policy covering ``service_id``, with its prefix."""
+        value = int.from_bytes(service_id, "big")
+        for bits in sorted(self._affinity, reverse=True):
+            found = self._affinity[bits].get(value >> (256 - bits) << (256 - bits) if bits else 0)
+            if found is not None:
+                return found
+        return None
 
     def add(self, prefix: ServicePrefix, action: Action, target=None,
             priority: int = 1, weight: int = 1) -> Target:
@@ -69,14 +97,20 @@ class ServiceTable:
                 return entry
         return None
 
-    def resolve(self, service_id: bytes) -> Target | None:
-        """Pick the target for a new flow: top priority, weighted random."""
+    def resolve(self, service_id: bytes, key: bytes | None = None, now: float | None = None) -> Target | None:
+        """Pick the target for a new flow: top priority, then weighted random — or, when
+        the service asks for client affinity and ``key`` (the client) is given, the
+        client's target: sticky for the policy's timeout after its last flow (when
+        ``now`` is given), else by rendezvous hashing."""
         entry = self.match(service_id)
         if entry is None:
             return None
         top = max(t.priority for t in entry.targets)
         candidates = [t for t in entry.targets if t.priority == top]
-        if len(candidates) == 1:
+        policy = self.affinity(service_id) if key is not None and self._affinity else None
+        if policy is not None:        # even alone: it sticks when a replica joins
+            chosen = self._for_client(policy, key, candidates, now)
+        elif len(candidates) == 1:
             chosen = candidates[0]
         else:
             pick = self._rng.uniform(0, sum(t.weight for t in candidates))
@@ -85,6 +119,14 @@ class ServiceTable:
                 if pick < 0:
                     break
         chosen.hits += 1
+        return chosen
+
+    def _for_client(self, policy: tuple, key: bytes, candidates: list, now: float | None) -> Target:
+        prefix, affinity = policy
+        if now is None:
+            return rendezvous(key, candidates)
+        chosen = self.sticky.get(prefix, key, candidates, now) or rendezvous(key, candidates)
+        self.sticky.put(prefix, key, chosen, now + affinity.timeout, now)
         return chosen
 
     def entries(self):

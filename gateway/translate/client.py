@@ -142,7 +142,7 @@ class ClientTranslator(Translator):
             self.stats["dropped_no_service"] += 1
             self._refuse(ip, seg)
             return None
-        target = self.table.resolve(service_id)
+        target = self.table.resolve(service_id, key=ip.src, now=now)   # the client, for affinity
         if target is None or target.action == Action.DROP:
             self.stats["dropped_no_route" if target is None else "dropped_rule_drop"] += 1
             self._refuse(ip, seg)
