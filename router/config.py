@@ -51,12 +51,15 @@ class RouterConfig:
     keys: list = field(default_factory=list)
     rules: list = field(default_factory=list)
     affinities: list = field(default_factory=list)     # (ServicePrefix, Affinity, label)
+    # (address, port): the names view the resolver polls ([liveness] in dns.toml), over
+    # TCP; read-only and unauthenticated, so on an internal address (default: off)
+    names_view: tuple | None = None
 
 
 _ROUTER_KEYS = {"instance", "address", "queue", "registration_port", "sal_udp_port", "control_socket",
                 "state_dir", "log_level", "queue_bypass", "affinity", "repeated_syn_window", "delay_hold",
                 "warmup", "min_hold", "max_hold", "replay_window", "max_held", "metrics", "metrics_public",
-                "icmp_rate", "icmp_burst"}
+                "icmp_rate", "icmp_burst", "names_view"}
 
 
 def load(path: str) -> RouterConfig:
@@ -95,6 +98,11 @@ def parse(data: dict, path: str) -> RouterConfig:
         fail("router", "log_level must be debug, info, warning or error")
     cfg.queue_bypass = bool(top.get("queue_bypass", True))
     cfg.metrics = parse_metrics(top, lambda key, message: fail("router", message))
+    if "names_view" in top:
+        host, _, port = str(top["names_view"]).rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            fail("router", 'names_view must look like "198.19.20.1:54327"')
+        cfg.names_view = (_ipv4(host, lambda m: fail("router", m)), int(port))
     opts = cfg.options
     if "affinity" in top and "repeated_syn_window" in top:
         fail("router", "'affinity' is the old name of 'repeated_syn_window': give one")

@@ -42,6 +42,7 @@ class Router:
         for prefix, affinity, _ in cfg.affinities:
             self.core.set_affinity(prefix, affinity)
         self.interception = self.reader = self.injector = self.udp = self.port = self.ticker = None
+        self.names_port = None       # the names view the resolver polls (cfg.names_view)
         self.observer = None         # metrics listener, log lines derived from counters (serval/observe.py)
 
     def start(self) -> None:
@@ -61,6 +62,10 @@ class Router:
             self.reactor.addReader(self.reader)
             self.udp = self.reactor.listenUDP(cfg.registration_port, _ControlPlane(self), interface=cfg.address or "")
             self.port = control.listen(self.reactor, cfg.control_socket, self.commands())
+            if cfg.names_view:
+                host, port = cfg.names_view
+                self.names_port = self.reactor.listenTCP(
+                    port, control.ControlFactory({"live_names": self._live_names}), interface=host)
             self.ticker = LoopingCall(self._tick)
             self.ticker.start(0.01, now=False)
             self.observer = RouterObserver(self)
@@ -80,6 +85,7 @@ class Router:
             self.ticker.stop()
         for attr, close in (("reader", lambda r: (self.reactor.removeReader(r), r.close())),
                             ("udp", lambda p: p.stopListening()), ("port", self._close_control),
+                            ("names_port", lambda p: p.stopListening()),
                             ("injector", lambda i: i.close()), ("interception", lambda i: i.remove())):
             thing = getattr(self, attr)
             if thing is not None:
@@ -118,6 +124,12 @@ class Router:
     def commands(self) -> dict:
         return {"services": lambda: self.core.services(time.monotonic()),
                 "names": self.core.names, "stats": self._stats, "config": self._config}
+
+    def _live_names(self):
+        """The resolver's view (dns_resolver/router_names.py): the names with their
+        instances, and whether this router has been up long enough to know them."""
+        now = time.monotonic()
+        return {"ready": now - self.core.started >= self.core.options.warmup, "names": self.core.names()}
 
     def _stats(self):
         stats = dict(self.core.stats)
