@@ -29,10 +29,18 @@ class UDPServer(DatagramProtocol):
         self.daemon = daemon
 
     def startProtocol(self):
-        try:
-            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-        except (OSError, AttributeError):
-            pass
+        # a burst (one client's flood, many clients at once) waits in the socket rather
+        # than being dropped by the kernel before any policy sees it: past net.core.rmem_max
+        # where we may (root: SO_RCVBUFFORCE), else as far as it allows
+        sock = getattr(self.transport, "socket", None)
+        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if sock is None or option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_RCVBUF)
+                return
+            except OSError:
+                continue
 
     def datagramReceived(self, data: bytes, addr):
         if len(data) > MAX_UDP_QUERY:
