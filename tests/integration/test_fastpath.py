@@ -93,8 +93,9 @@ def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None, redirect=Fal
 
 
 def finish(pair, gws, before):
+    """Both gateways stop cleanly and leave every host in ``before`` as they found it."""
     assert gws.stop() == {"client": 0, "server": 0}
-    for h in (pair.cgw, pair.sgw):
+    for h in (h for h in (pair.cgw, pair.sgw, pair.server) if h.name in before):
         rules, kernel = before[h.name]
         assert ruleset(h) == rules
         assert kernel_state(h) == kernel, "qdiscs, filters and offloads as before start"

@@ -11,7 +11,7 @@ import pytest
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from tests.integration.helpers import make_file, ruleset, sha256_file, start_http, start_py_server
-from tests.integration.test_fastpath import UPLOAD_PY, fast_path_required, kernel_state  # noqa: F401
+from tests.integration.test_fastpath import UPLOAD_PY, fast_path_required, finish, kernel_state  # noqa: F401
 
 MB = 1024 * 1024
 
@@ -41,14 +41,6 @@ def transfer_both_ways(pair, tmp_path, www, down_mb, up_mb):
     up = make_file(tmp_path, "up.bin", up_mb * MB)
     r = pair.client.run([sys.executable, "-c", UPLOAD_PY, str(up), VIRTUAL_ADDR, "81"], timeout=120)
     assert r.stdout.split() == [str(up_mb * MB), sha256_file(up)]
-
-
-def finish(pair, gws, before):
-    assert gws.stop() == {"client": 0, "server": 0}
-    for h in (pair.cgw, pair.server):
-        rules, kernel = before[h.name]
-        assert ruleset(h) == rules
-        assert kernel_state(h) == kernel, "qdiscs, filters and offloads (lo's too) as before start"
 
 
 @pytest.mark.parametrize("carriage", ["ip", "udp"])

@@ -136,6 +136,18 @@ static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
 	return bpf_skb_pull_data(skb, len);
 }
 
+/* The FIB question for a translated packet: where would forwarding send it. */
+static __always_inline void fib_query(struct bpf_fib_lookup *fib, struct __sk_buff *skb, struct iphdr *ip)
+{
+	fib->family = 2;	/* AF_INET */
+	fib->l4_protocol = ip->protocol;
+	fib->tot_len = bpf_ntohs(ip->tot_len);
+	fib->ifindex = skb->ingress_ifindex;
+	fib->tos = ip->tos;
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+}
+
 /* A packet this host sent to itself (a backend in the gateway's own namespace, a
  * sidecar, answering a translated connection) arrives on loopback, from which the stack
  * will not forward it once it is SAL toward the peer: it is handed to the interface
@@ -150,13 +162,7 @@ static __always_inline int from_loopback(struct __sk_buff *skb, int counter)
 
 	if ((void *)(ip + 1) > end)
 		return count(C_ERROR, TC_ACT_SHOT);
-	fib.family = 2;		/* AF_INET */
-	fib.l4_protocol = ip->protocol;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ifindex = skb->ingress_ifindex;
-	fib.tos = ip->tos;
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
+	fib_query(&fib, skb, ip);
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (ret == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return count(counter, TC_ACT_OK);		/* ours: local delivery */
@@ -182,13 +188,7 @@ static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, in
 		return from_loopback(skb, counter);
 	if (!cfg->redirect || (void *)(ip + 1) > end || ip->ttl <= 1)
 		return count(counter, TC_ACT_OK);
-	fib.family = 2;		/* AF_INET */
-	fib.l4_protocol = ip->protocol;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ifindex = skb->ingress_ifindex;
-	fib.tos = ip->tos;
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
+	fib_query(&fib, skb, ip);
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return count(counter, TC_ACT_OK);
 	data = (void *)(long)skb->data;
