@@ -124,8 +124,10 @@ class LifecycleMixin:
                 pass
             return
         self._snapshot_sig = sig
+        from nat.state import netns_cookie
         data = snapshot.dump(self.translator, self.clock())
         data["written"] = time.time()
+        data["netns"] = netns_cookie()
         path = self.snapshot_path()
         tmp = path + ".tmp"
         if not data["flows"]:
@@ -153,6 +155,13 @@ class LifecycleMixin:
             return 0
         except (OSError, ValueError) as exc:
             log.warning("ignoring the flow snapshot %s: %s", path, exc)
+            return 0
+        from nat.state import same_namespace
+        if not same_namespace(data.get("netns")):
+            # a deleted namespace's, whose inode this one got: its flows were never here
+            log.info("flow snapshot %s is an earlier namespace's (same inode, another cookie): "
+                     "starting afresh", path)
+            os.unlink(path)
             return 0
         try:
             written = max(data.get("written", 0), os.path.getmtime(path))

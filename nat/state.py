@@ -3,6 +3,9 @@
 One JSON file per (instance, network namespace): ``<tag>.net<inode>.json`` in the state
 directory (default ``/run/serval``). The namespace inode is part of the name because
 several namespaces on one host share ``/run`` and each runs its own gateway instance.
+A namespace made after another was deleted may get its inode again, so the file also
+records the namespace's cookie, which is never reused: a file of an earlier namespace
+reads as empty (what it recorded was undone with that namespace).
 Writes are atomic (temp file + rename), so a SIGKILL never leaves a torn file.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +43,26 @@ def netns_id() -> int:
     return os.stat('/proc/self/ns/net').st_ino
 
 
+SO_NETNS_COOKIE = getattr(socket, 'SO_NETNS_COOKIE', 71)
+
+
+def netns_cookie() -> int | None:
+    """The current network namespace's cookie: unique while the host is up, unlike its
+    inode (Linux 5.14 and later; None where the kernel has none)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), 'little')
+    except OSError:
+        return None
+
+
+def same_namespace(recorded: Any) -> bool:
+    """Whether a record that carries ``recorded`` (a cookie, or None from a kernel or a
+    version without them) was made in the current namespace, not an earlier one that had
+    its inode."""
+    return recorded is None or recorded == netns_cookie()
+
+
 class StateFile:
     """JSON dict of sections (``sysctls``, ``routes``, ``firewall``) for one instance."""
 
@@ -60,7 +84,9 @@ class StateFile:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f'corrupt state file {self.path}: {e}') from None
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict) or not same_namespace(data.get('netns')):
+            return {}          # another (deleted) namespace's: nothing of it is here
+        return data
 
     def get(self, section: str, default: Any = None) -> Any:
         return self.load().get(section, default)
@@ -79,10 +105,11 @@ class StateFile:
 
     def _write(self, data: dict[str, Any]) -> None:
         path = self.path
-        if not any(k != 'instance' for k in data):
+        if not any(k not in ('instance', 'netns') for k in data):
             path.unlink(missing_ok=True)
             return
         data['instance'] = self.tag
+        data['netns'] = netns_cookie()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
         tmp.write_text(json.dumps(data, indent=1))

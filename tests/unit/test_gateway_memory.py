@@ -1,6 +1,7 @@
 """A whole Gateway in memory (fake adapters, Twisted's MemoryReactorClock): start and
 stop, and the service table's one owner across reloads, router health, drain and
 backend health."""
+import os
 import textwrap
 
 import pytest
@@ -381,3 +382,36 @@ def test_live_traffic_keeps_tcp_probes_rare(tmp_path):
     advance(reactor, 0.02)
     assert len(reactor.tcpClients) == 2
     gw.stop()
+
+
+# --- restarts --------------------------------------------------------------------------------
+
+def test_a_snapshot_is_resumed_only_in_the_namespace_that_wrote_it(tmp_path):
+    """A clean stop leaves the live flows for a quick restart, in a file named by the
+    namespace's inode. A namespace made after that one was deleted may get the same
+    inode: its gateway must not take the dead namespace's flows for its own (they would
+    answer its new connections with old flowIDs)."""
+    import json
+    from nat.state import netns_cookie
+    from tests.unit.test_translate import handshake, make_pair
+
+    net = fakes.Net({"198.19.2.2": "eth0", "198.19.3.1": "back0"},
+                    [("198.19.2.0/24", "198.19.2.2", "eth0"), ("198.19.3.0/24", "198.19.3.1", "back0")],
+                    {"eth0", "back0"})
+    gw, _ = start(tmp_path, PLAIN_SERVER, "server", net)
+    handshake(make_pair()[0], gw.translator)
+    gw.stop()
+    path = gw.snapshot_path()
+    data = json.loads(open(path).read())
+    assert data["netns"] == netns_cookie() and len(data["flows"]) == 1
+
+    again, _ = start(tmp_path, PLAIN_SERVER, "server", net)
+    assert again.stats["flows_resumed"] == 1              # the same namespace: its own flows
+    again.stop()
+
+    data = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**data, "netns": data["netns"] + 1}))
+    fresh, _ = start(tmp_path, PLAIN_SERVER, "server", net)
+    assert fresh.stats.get("flows_resumed", 0) == 0 and not fresh.translator.flows
+    assert not os.path.exists(path)
+    fresh.stop()

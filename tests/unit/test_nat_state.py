@@ -6,7 +6,7 @@ import os
 import pytest
 
 from nat.routes import OwnedRoutes, RouteError, resolve
-from nat.state import StateFile, netns_id, state_files
+from nat.state import StateFile, netns_cookie, netns_id, state_files
 from nat.sysctl import Sysctls, sysctl_relpath
 
 
@@ -22,12 +22,26 @@ def test_state_file_sections_and_removal(tmp_path):
     sf.update('routes', lambda s: (s or []) + [{'dst': '198.18.0.0/16'}])
     sf.update('sysctls', lambda s: {'a': '0'})
     assert json.loads(sf.path.read_text()) == {
-        'routes': [{'dst': '198.18.0.0/16'}], 'sysctls': {'a': '0'}, 'instance': 'c'}
+        'routes': [{'dst': '198.18.0.0/16'}], 'sysctls': {'a': '0'}, 'instance': 'c', 'netns': netns_cookie()}
     assert state_files(tmp_path / 'deep') == [sf.path]
     sf.update('routes', lambda s: [])
     assert sf.get('routes') is None and sf.path.exists()
     sf.update('sysctls', lambda s: None)
     assert not sf.path.exists() and not list((tmp_path / 'deep').iterdir())  # no temp files left
+
+
+def test_a_state_file_of_an_earlier_namespace_with_the_same_inode_reads_empty(tmp_path):
+    """Namespace inodes are reused once a namespace is deleted; its cookie is not. What an
+    earlier namespace recorded was undone with it and must not be acted on here."""
+    assert isinstance(netns_cookie(), int)
+    sf = StateFile('c', tmp_path)
+    sf.update('routes', lambda s: [{'dst': '198.18.0.0/16'}])
+    assert sf.get('routes') == [{'dst': '198.18.0.0/16'}]
+    data = json.loads(sf.path.read_text())
+    sf.path.write_text(json.dumps({**data, 'netns': netns_cookie() + 1}))
+    assert sf.load() == {}
+    sf.path.write_text(json.dumps({k: v for k, v in data.items() if k != 'netns'}))   # an older version's
+    assert sf.get('routes') == [{'dst': '198.18.0.0/16'}]
 
 
 def test_state_file_corrupt_is_a_clear_error(tmp_path):
