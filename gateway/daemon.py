@@ -76,13 +76,19 @@ def _check_ephemeral_overlap(cfg: GatewayConfig) -> None:
                     "port a translated one holds; make them disjoint", *cfg.port_range, low, high)
 
 
-def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], need_route) -> dict:
+def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], need_route,
+                      local_in_kernel: bool = False) -> dict:
     """The rules, sysctls and routes a gateway installs (keyword arguments for
     ``nat.Interception.install``).
 
     Two queues: SAL control packets (those with extensions) and TCP SYNs go to
     ``cfg.control_queue``, read first and whole; the bulk goes to ``cfg.queue``, read in
-    batches. So a handshake or a move never waits behind thousands of data packets."""
+    batches. So a handshake or a move never waits behind thousands of data packets.
+
+    ``local_in_kernel``: this host's own TCP toward the virtual range is routed through
+    loopback, whose ingress the fast path translates (as for a sidecar's backend): it
+    is not queued in OUTPUT, which would take it before the kernel could, but as it
+    comes in on lo, where the fast path has passed what it does not own."""
     from nat import ToQueue
 
     if cfg.carriage == "ip":
@@ -102,10 +108,17 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
         # UDP is not carried yet: its datagrams are refused at once (ICMP port
         # unreachable), rather than lost on a route with no next hop
         datagrams = ToQueue(["-p", "udp", "-d", cfg.virtual_network], cfg.control_queue)
+        if cfg.intercept_local and local_in_kernel:
+            # first, and failing closed: while no daemon runs these would be forwarded
+            # back into loopback by the virtual range's route until their TTL ran out
+            pre += [ToQueue(["-i", "lo", *syn.match], syn.queue, bypass=False),
+                    ToQueue(["-i", "lo", *legacy], cfg.queue, bypass=False)]
+            out += [datagrams]
+        elif cfg.intercept_local:
+            out += [syn, legacy, datagrams]
         if cfg.intercept_forwarded:
             pre += [syn, legacy, datagrams]
         if cfg.intercept_local:
-            out += [syn, legacy, datagrams]
             route = need_route(cfg)
             if route:
                 routes.append(route)
@@ -172,6 +185,7 @@ class Gateway(LifecycleMixin):
         self.stats = None
         self.snapshotter = None
         self.fastpath = None         # established flows in the kernel (gateway/fastpath), or None
+        self.local_in_kernel = False  # it takes this host's own connections (through lo)
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -188,12 +202,22 @@ class Gateway(LifecycleMixin):
         self.stats = self.translator.stats
         self.table = TableOwner(self.translator.table, config_rules(cfg, net.source_for))
         self.routing = routing_agent(self)
-        plan = interception_plan(cfg, self.translator, net.ipv4_interfaces(), self._virtual_route)
+        # the fast path first: whether it takes this host's own traffic decides the rules
+        self.fastpath = (a.fast_path or start_fast_path)(cfg, self.translator, net.ipv4_interfaces())
+        self.local_in_kernel = cfg.role == "client" and cfg.intercept_local and \
+            getattr(self.fastpath, "loopback", False)
+        plan = interception_plan(cfg, self.translator, net.ipv4_interfaces(), self._virtual_route,
+                                 self.local_in_kernel)
         self.interception = a.interception(cfg.instance, cfg.queue, cfg.state_dir,
                                            bypass=cfg.queue_bypass, mark=MARK)
-        self.interception.install(**plan)
         try:
-            self.fastpath = (a.fast_path or start_fast_path)(cfg, self.translator, net.ipv4_interfaces())
+            self.interception.install(**plan)
+        except BaseException:
+            if self.fastpath is not None:
+                self.fastpath.stop()
+                self.fastpath = None
+            raise
+        try:
             self.injector = a.injector(MARK, self.stats)
             self.reader = a.queue_reader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
             self.reactor.addReader(self.reader)
@@ -271,11 +295,15 @@ class Gateway(LifecycleMixin):
         t = self.translator
         if payload[9] == 6:
             if t.role == "client":
-                return t.from_legacy(payload, now)
-            out = t.from_backend(payload, now)
-            if isinstance(out, bytes) and payload[12:16] in t.local_addresses:
-                # from a backend in this namespace: it came in on lo, from which the
-                # stack will not forward it; sent anew, it is routed as our own
+                out = t.from_legacy(payload, now)
+                local = self.local_in_kernel
+            else:
+                out = t.from_backend(payload, now)
+                local = True
+            if local and isinstance(out, bytes) and payload[12:16] in t.local_addresses:
+                # from this host (a backend in this namespace, the client gateway's own
+                # processes): it came in on lo, from which the stack will not forward
+                # it; sent anew, it is routed as our own
                 t.outbox.append(out)
                 return None
             return out
@@ -451,12 +479,17 @@ class Gateway(LifecycleMixin):
     # --- helpers -------------------------------------------------------------------
     def _virtual_route(self, cfg):
         """Local processes need a route to the virtual range; add one toward the first
-        next hop when the host has none (a host with a default route needs nothing)."""
+        next hop when the host has none (a host with a default route needs nothing).
+        With the fast path taking their traffic, one through loopback in any case: there
+        TCP's super-packets are cut wire-sized before the fast path meets them on the way
+        in (on the way out, at tc egress, they would still be whole)."""
         probe = cfg.services[0].address if cfg.services else cfg.virtual_network.split("/")[0]
-        if self.net.has_route(probe) and not self._stale_route_of_ours(cfg):
+        if not self.local_in_kernel and self.net.has_route(probe) and not self._stale_route_of_ours(cfg):
             return None
-        hop = next(r.next_hop for r in cfg.rules if r.next_hop)
-        src, dev = self.net.source_for(hop)
+        hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
+        src, dev = self.net.source_for(hop) if hop else (_ntoa(self.translator.sal_address), None)
+        if self.local_in_kernel:
+            return {"dst": cfg.virtual_network, "dev": "lo", "prefsrc": src}
         return {"dst": cfg.virtual_network, "dev": dev, "prefsrc": src}
 
     def _stale_route_of_ours(self, cfg) -> bool:
@@ -493,7 +526,10 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
     from .fastpath.manager import FastPath, FastPathUnavailable
     from .adapters import netlink
     local = set(netlink.address_interfaces())
-    loopback = cfg.role == "server" and any(s.backend[0] in local for s in cfg.services)
+    # on loopback too: a sidecar's backend answers over it, and a client gateway's own
+    # processes reach the virtual range through it
+    own = cfg.role == "client" and cfg.intercept_local
+    loopback = own or (cfg.role == "server" and any(s.backend[0] in local for s in cfg.services))
     fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect,
                   loopback=loopback)
     try:
@@ -504,8 +540,9 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
         log.warning("fast path unavailable, every packet goes through Python: %s", exc)
         return None
     translator.refresh = fp.refresh
-    log.info("fast path on: established flows translated in the kernel (tc ingress on %s)",
-             ", ".join(sorted(fp.links)) or "no interface yet")
+    log.info("fast path on: established flows translated in the kernel (tc ingress on %s)%s",
+             ", ".join(sorted(fp.links)) or "no interface yet",
+             "; this host's own connections to the virtual range go through lo" if own else "")
     return fp
 
 

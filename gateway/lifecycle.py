@@ -98,7 +98,7 @@ class LifecycleMixin:
         self.table.set_rules(rules)
         if new.role == "server":
             from .daemon import interception_plan
-            plan = interception_plan(new, t, [], lambda c: None)
+            plan = interception_plan(new, t, [], lambda c: None, self.local_in_kernel)
             self.interception.firewall.install(plan["prerouting"], plan["output"])   # atomic
         self.cfg.__dict__.update({k: v for k, v in new.__dict__.items() if k not in NEEDS_RESTART})
         log.info("reloaded %s: %d service(s), %d route(s); live flows untouched",

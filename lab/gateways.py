@@ -56,6 +56,10 @@ class RunningGateways:
             for path in self.configs.values():
                 path.write_text(path.read_text().replace(
                     "[gateway]\n", f'[gateway]\nfast_path = "{fast_path}"\n', 1))
+        level = os.environ.get("SERVAL_LAB_LOG_LEVEL")     # "debug" to follow every flow
+        if level:
+            for path in self.configs.values():
+                path.write_text(path.read_text().replace("[gateway]\n", f'[gateway]\nlog_level = "{level}"\n', 1))
         if metrics:
             for path in self.configs.values():
                 path.write_text(path.read_text().replace(

@@ -45,7 +45,8 @@ def kernel_state(host) -> dict:
     state = {"qdisc": host.run(["tc", "qdisc", "show"]).stdout}
     filters, offloads = [], []
     for name in re.findall(r"^\d+: ([^:@]+)", host.run(["ip", "-o", "link", "show"]).stdout, re.M):
-        filters.append(name + ":" + host.run(["tc", "filter", "show", "dev", name, "ingress"]).stdout)
+        for hook in ("ingress", "egress"):
+            filters.append(f"{name} {hook}:" + host.run(["tc", "filter", "show", "dev", name, hook]).stdout)
         k = host.run(["ethtool", "-k", name], check=False).stdout
         offloads.append(name + ":" + " ".join(l for l in k.splitlines() if "receive-offload" in l
                                               or "segmentation-offload" in l or "tx-checksumming" in l))
@@ -133,6 +134,31 @@ def test_transfers_both_ways_are_translated_in_the_kernel(lab, tmp_path, carriag
     # the bytes the kernel carried are counted for the flows too (client: bytes in)
     assert stats["client"]["fastpath_from_sal"] > 50 * MB // 1500
     finish(pair, gws, before)
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_the_client_gateway_hosts_own_connections_are_translated_in_the_kernel(lab, tmp_path, carriage):
+    """Processes on the client gateway's host (the client container beside the gateway
+    in docker-compose): their TCP toward the virtual range goes through lo, where the
+    kernel translates what it owns and queues the rest (SYN, FIN) for Python."""
+    pair, gws, before, www = build(lab, tmp_path, carriage)
+    assert "198.18.0.0/16 dev lo" in pair.cgw.run(["ip", "route", "show", "198.18.0.0/16"]).stdout
+    up = make_file(tmp_path, "up.bin", 20 * MB)
+    r = pair.cgw.run([sys.executable, "-c", UPLOAD_PY, str(up), VIRTUAL_ADDR, "81"], timeout=90)
+    assert r.stdout.split() == [str(20 * MB), sha256_file(up)]
+    src = make_file(www, "20MB.bin", 20 * MB)
+    out = tmp_path / "got.bin"
+    pair.cgw.run(["curl", "-sS", "--fail", "-m", "90", "-o", str(out), f"http://{VIRTUAL_ADDR}/20MB.bin"], timeout=100)
+    assert sha256_file(out) == sha256_file(src)
+    s = gws.stats("client")
+    assert s["fastpath_errors"] == 0 and s.get("internal_errors", 0) == 0
+    kernel = {k: v for k, v in s.items() if k.startswith("fastpath") or k.endswith("_sal")}
+    print(kernel)
+    assert s["fastpath_to_sal"] > 20 * s.get("to_sal", 0), str(kernel)
+    assert s["fastpath_from_sal"] > 20 * s.get("from_sal", 0), str(kernel)
+    assert s["fastpath_to_sal"] > 20 * MB // 1500
+    finish(pair, gws, before)
+    assert pair.cgw.run(["ip", "route", "show", "198.18.0.0/16"]).stdout == ""
 
 
 @pytest.mark.parametrize("carriage", ["ip", "udp"])

@@ -415,3 +415,64 @@ def test_a_snapshot_is_resumed_only_in_the_namespace_that_wrote_it(tmp_path):
     assert fresh.stats.get("flows_resumed", 0) == 0 and not fresh.translator.flows
     assert not os.path.exists(path)
     fresh.stop()
+
+
+# --- this host's own connections ---------------------------------------------------------------
+
+class LocalFastPath:
+    """What the daemon asks of a fast path (one on loopback too)."""
+    loopback = True
+    links: dict = {}
+
+    def handle(self, events):
+        pass
+
+    def attach(self, interfaces):
+        pass
+
+    def sweep(self):
+        return 0
+
+    def refresh_all(self):
+        pass
+
+    def stats(self):
+        return {}
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_own_connections_are_queued_in_output_unless_the_kernel_takes_them(tmp_path):
+    """OUTPUT runs before the fast path could see this host's TCP toward the virtual
+    range. With the fast path on, that TCP is routed through lo (where its super-packets
+    are cut wire-sized and the fast path meets them coming in) and queued only as it comes
+    in there, failing closed; without it, OUTPUT queues it."""
+    def own_tcp(rules):
+        return [r for r in rules if "tcp" in list(getattr(r, "match", r)) and "198.18.0.0/16" in list(getattr(r, "match", r))]
+
+    gw, _ = start(tmp_path, CLIENT, "client", client_net())
+    slow = gw.interception.plan
+    assert len(own_tcp(slow["output"])) == 2                              # the SYN and the rest
+    assert not [r for r in own_tcp(slow["prerouting"]) if "lo" in list(getattr(r, "match", r))]
+    (route,) = slow["routes"]
+    assert route["dst"] == "198.18.0.0/16" and route["dev"] == "eth0"
+    gw.stop()
+
+    reactor = fakes.Reactor()
+    net = client_net()
+    net.routes.append(("0.0.0.0/0", "198.19.1.1", "eth0"))               # a default route
+    adapters = fakes.adapters(net, reactor)
+    fast = LocalFastPath()
+    adapters.fast_path = lambda cfg, translator, interfaces: fast
+    gw = Gateway(load(write(tmp_path, CLIENT), "client"), reactor, adapters)
+    gw.start()
+    plan = gw.interception.plan
+    assert own_tcp(plan["output"]) == []
+    from_lo = own_tcp(plan["prerouting"])[:2]
+    assert all(r.match[:2] == ["-i", "lo"] and r.bypass is False for r in from_lo), from_lo
+    assert [r.queue for r in from_lo] == [gw.cfg.control_queue, gw.cfg.queue]
+    (route,) = plan["routes"]                                             # even beside a default route
+    assert route == {"dst": "198.18.0.0/16", "dev": "lo", "prefsrc": "198.19.1.1"}
+    gw.stop()
+    assert fast.stopped
