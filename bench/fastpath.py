@@ -57,6 +57,10 @@ sends, ``iperf3 -R``; ``_p4_reverse``: both):
     (what the kernel program gains over Python).
 ``throughput_gateway_pair_slowpath``
     The same with the fast path off; baseline ``throughput_direct_fastpath_offloads``.
+``throughput_client_gateway_host_fastpath``, ``throughput_client_gateway_host_slowpath``
+    One iperf3 flow from the client gateway's own host (``intercept_local``, the client
+    container of docker-compose), fast path on and off; baselines the slow path and the
+    LAN client's ``throughput_gateway_pair_fastpath``.
 ``throughput_haproxy``, ``throughput_socat``
     iperf3 to 198.19.2.2:5201, HAProxy or socat on sgw relaying to the server;
     baseline ``throughput_direct_fastpath_offloads``.
@@ -410,6 +414,18 @@ class FastPathBench:
         self.steps.step(f"connect_p50/p99_{label}: {self.args.connects} connects to {addr}:{ports['tiny']}",
                         latency, guard)
 
+    def own_connection(self, label: str, guard) -> None:
+        """One iperf3 flow from the client gateway's own host (intercept_local: the
+        client container beside the gateway in docker-compose)."""
+        s, metric = self.args.seconds, f"throughput_{label}"
+
+        def measure():
+            self.servers.need("iperf3")
+            return {metric: iperf(self.pair.cgw, VIRTUAL_ADDR, IPERF_SERVICE_PORT, s, 1, False)}
+
+        self.steps.step(f"{metric}: iperf3 -t {s} from cgw itself to {VIRTUAL_ADDR}:{IPERF_SERVICE_PORT}",
+                        measure, guard)
+
     def backend_ports(self) -> dict[str, int]:
         return {"memcached": MEMCACHED_PORT, "pg": PG_PORT, "http": HTTP_PORT, "tiny": TINY_PORT}
 
@@ -567,6 +583,8 @@ class FastPathBench:
                                       + (", fast_path_redirect = true" if redirect else "") + " (carriage ip)", start)
             if started:
                 self.throughput(f"gateway_pair_{tag}", VIRTUAL_ADDR, IPERF_SERVICE_PORT, alive)
+                if not redirect:
+                    self.own_connection(f"client_gateway_host_{tag}", alive)
                 self.apps(f"gateway_pair_{tag}", VIRTUAL_ADDR, ports, alive)
                 self.steps.step(f"gateway counters (fast_path = \"{mode}\")", finish, alive)
         finally:
@@ -632,6 +650,9 @@ def records(steps: Steps) -> list[dict]:
         add(slow, "Gbit/s", direct)
         add(f"throughput_haproxy{suffix}", "Gbit/s", direct)
         add(f"throughput_socat{suffix}", "Gbit/s", direct)
+    add("throughput_client_gateway_host_slowpath", "Gbit/s")
+    add("throughput_client_gateway_host_fastpath", "Gbit/s", "throughput_client_gateway_host_slowpath")
+    add("throughput_client_gateway_host_fastpath", "Gbit/s", "throughput_gateway_pair_fastpath")
     for app, unit, ratio_name in APPS:
         for path in APP_PATHS:
             add(f"{app}_{path}", unit, None if path == "direct" else f"{app}_direct")
