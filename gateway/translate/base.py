@@ -27,6 +27,10 @@ _IDENT_FRAG = struct.Struct("!HH")
 IPV4_TCP_HEADERS = 40
 
 
+# a data packet of a flow in these states takes the full path (a handshake to finish, a
+# reset flow's late data to drop)
+_FULL_PATH_STATES = frozenset((State.SYN_RECEIVED, State.RESET))
+
 @dataclass
 class Timeouts:
     idle: float = 7200.0        # an established flow with no packets
@@ -315,7 +319,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
     def _fast_from_sal(self, pkt: bytes, now: float) -> bytes | None:
         """from_sal's data fast path: the translated packet, or None for the full path."""
         flow = self._data_flow(pkt)
-        if flow is None or flow.sal.state == State.SYN_RECEIVED:
+        if flow is None or flow.sal.state in _FULL_PATH_STATES:
             return None
         seg = pkt[self._body_at + 12:]
         if seg[13] & (TCP_FIN | TCP_RST):
@@ -361,6 +365,11 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         if hdr.control is None:
             if hdr.src_flow != flow.sal.remote_flow:
                 self.stats["dropped_wrong_peer"] += 1
+                return None
+            if flow.sal.state == State.RESET:
+                # sent before the reset: the legacy connection is gone, and its 4-tuple
+                # may already be a new connection's (a port given back at once)
+                self.stats["dropped_after_reset"] += 1
                 return None
             if self._from_elsewhere(flow, ip.src, peer_port):
                 self.challenge_path(flow, ip.src, peer_port, now)
@@ -585,6 +594,13 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 flow.sal.outstanding = None
             self._finish(flow, now, "reset")
         return True
+
+    def _after_reset(self, flow: Flow, pkt: bytes, seg: bytes) -> None:
+        """A legacy packet of a flow that was reset (not a RST): not for the peer, which
+        has let the flow go. Answered as the gone end's own TCP would (a RST at the
+        packet's ACK number), which closes the legacy connection if a RST to it missed."""
+        self.stats["dropped_after_reset"] += 1
+        self._refuse(IPv4(pkt), seg)
 
     def _refuse(self, ip: IPv4, seg: bytes) -> None:
         """Answer a legacy segment that matches nothing with a TCP RST (never a RST)."""

@@ -7,7 +7,7 @@ import ipaddress
 from sal import icmp
 from sal.checksum import apply_delta, delta
 from sal.flow import Event, State
-from sal.ip import IPv4, TCP_ACK, TCP_SYN, aton
+from sal.ip import IPv4, TCP_ACK, TCP_RST, TCP_SYN, aton
 from sal.service_table import Action, ServiceTable
 from sal.wire import MalformedPacket
 
@@ -91,6 +91,9 @@ class ClientTranslator(Translator):
             return None
         if flow.sal.state == State.SYN_SENT:
             self.stats["dropped_before_established"] += 1
+            return None
+        if flow.sal.state == State.RESET and not flags & TCP_RST:   # (a RST goes on: the peer judges it)
+            self._after_reset(flow, pkt, seg)
             return None
         return self._data_to_sal(flow, pkt, seg, now)
 

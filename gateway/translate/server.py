@@ -296,6 +296,9 @@ class ServerTranslator(Translator):
                 self._finish(flow, now, "refused")
                 self.stats["to_sal"] += 1
                 return self._to_sal(flow, pkt, seg, now, header)
+        if state == State.RESET and not flags & TCP_RST:     # (a RST goes on: the peer judges it)
+            self._after_reset(flow, pkt, seg)
+            return None
         if flags & TCP_FIN and (flow.remote_fin_end is None
                                 or not _seq_geq(_U32.unpack_from(seg, 8)[0], flow.remote_fin_end)):
             # the backend closes before it has the peer's FIN: it will hold TIME_WAIT

@@ -331,3 +331,28 @@ def test_a_rst_from_the_peer_ends_the_flow_only_at_the_exact_sequence_number():
     exact = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 0, RST), 1.1)
     client.from_sal(exact, 1.1)
     assert cflow.closed_at is not None
+
+
+def test_after_a_reset_late_packets_reach_neither_legacy_host():
+    """The backend aborts (iperf3's server does at the end of a test, with data still
+    coming): its pair is given back at once, and the next connection may take the same
+    4-tuple toward the backend. The client's data still on its way must not reach the
+    backend on it, nor the backend's late ACKs the client; a legacy host that sends one
+    is answered with a RST at its ACK number, as the gone end's TCP would."""
+    client, server = make_pair()
+    lport = handshake(client, server)
+    late = client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1001, 5001, ACK | PSH, b"late"), 0.5)
+    rst = server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1001, RST | ACK, b""), 0.6)
+    check_tcp(client.from_sal(rst, 0.6), VIP, CLIENT)
+    assert client.stats["flows_reset"] == server.stats["flows_reset"] == 1
+    assert server.from_sal(late, 0.7) is None
+    assert server.stats["dropped_after_reset"] == 1 and not server.outbox
+    # the backend's late ACK: not for the peer; a RST answers it
+    assert server.from_backend(tcp_packet(SERVER, 8080, SGW_LAN, lport, 5001, 1005, ACK, b""), 0.7) is None
+    (answer,) = server.outbox
+    t = check_tcp(answer, SGW_LAN, SERVER)
+    assert t.flags == RST and t.seq == 1005
+    # and the client's side likewise
+    assert client.from_legacy(tcp_packet(CLIENT, 40000, VIP, 80, 1005, 5001, ACK | PSH, b"more"), 0.7) is None
+    assert client.stats["dropped_after_reset"] == 1
+    assert check_tcp(client.outbox[-1], VIP, CLIENT).flags == RST
