@@ -95,7 +95,8 @@ def queue_drops(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if k.startswith("kernel_") and "dropped" in k}
 
 
-def wait_for(what, condition, timeout: float):
+def wait_for(condition, timeout: float):
+    """``condition()`` once it is 0, or its value at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -132,12 +133,12 @@ def test_thousands_of_connections_close_at_once(lab):
                             check=False, timeout=90)
         assert r.returncode == 0 and r.stdout.split() == ["open", "closed"], r.stdout + r.stderr
 
-        left_client = wait_for("client", lambda: unfinished(pair.client, f"dport = :80"), 30)
-        left_server = wait_for("server", lambda: unfinished(pair.server, f"sport = :8080"), 30)
+        left_client = wait_for(lambda: unfinished(pair.client, "dport = :80"), 30)
+        left_server = wait_for(lambda: unfinished(pair.server, "sport = :8080"), 30)
         assert (left_client, left_server) == (0, 0), (
             f"closes not completed: {left_client} at the client, {left_server} at the server")
         for role in ("client", "server"):
-            left = wait_for(role, lambda: len(gws.ctl(role, "flows")), 20)
+            left = wait_for(lambda: len(gws.ctl(role, "flows")), 20)
             if left:
                 states = Counter(f["state"] for f in gws.ctl(role, "flows"))
                 pytest.fail(f"{role} gateway still holds {left} flow(s): {dict(states)}; "
