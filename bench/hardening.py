@@ -8,14 +8,30 @@
 ``restart_flow_survival``
     20 downloads in flight; the client gateway is killed (``kill -9``) and started
     again; the fraction of downloads that still complete with the right bytes.
+``sustained_connections_per_second_gateway``
+    ``ab -n 5000 -c 100`` (a new connection per request, HTTP/1.0, the server closing
+    first as web servers do) through the gateway pair by virtual address, divided by
+    ``sustained_connections_per_second_direct``, the same straight to the server's
+    address over the same hosts routing plainly (measured first, gateways not yet
+    running). Failed requests make the part fail.
+``refusal_latency_ms_p99``
+    300 connects, one after another, to a virtual address's port that no service
+    has: the time until the refusal (RST) arrives, p99. Beside it,
+    ``refusal_latency_ms_p99_no_backend``: the same to a service whose backend has
+    nothing listening (the refusal crosses both gateways). A connect not refused
+    within 3 s counts as 3 s and makes the part fail.
 
-Records are merged into ``build/bench.json``.
+``python -m bench.hardening --part connections`` runs only the last two (``flood``
+only the first three); by default, all. Records are merged into ``build/bench.json``.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +41,17 @@ from pathlib import Path
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from lab.topology import Lab
+from tests.integration.helpers import wait_port
 from tests.integration.test_flood import FLOOD
 from bench.records import run_part
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+HTTP_PORT = 8080                        # the backend of the pair's web service (virtual :80)
+REQUESTS, CONCURRENCY = 5000, 100
+REFUSALS = 300
+UNSERVED_PORT = 81                      # a port the virtual address has no service on
+DEAD_BACKEND = ("dead.svc.example", 82, VIRTUAL_ADDR, 8099)     # nothing listens on 8099
 
 
 def progress(msg: str) -> None:
@@ -43,7 +66,7 @@ def iperf_gbps(pair, seconds: int = 4) -> float:
     return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def run(work: Path) -> list[dict]:
+def run_flood(work: Path) -> list[dict]:
     www = work / "www"
     www.mkdir()
     blob = os.urandom(8 * 1024 * 1024)
@@ -95,8 +118,85 @@ def run(work: Path) -> list[dict]:
     ]
 
 
-def main() -> int:
-    return run_part(run, "serval-bench-hard-", 34)
+def ab_rate(client, url: str) -> float:
+    """Requests per second of ``ab -n REQUESTS -c CONCURRENCY``, a new connection each."""
+    r = client.run(["ab", "-q", "-n", str(REQUESTS), "-c", str(CONCURRENCY), "-s", "10", "-r", url],
+                   check=False, timeout=300)
+    rps = re.search(r"Requests per second:\s+([\d.]+)", r.stdout)
+    failed = re.search(r"Failed requests:\s+(\d+)", r.stdout)
+    complete = re.search(r"Complete requests:\s+(\d+)", r.stdout)
+    if r.returncode or not rps or not complete or int(complete.group(1)) != REQUESTS:
+        raise RuntimeError(f"ab {url}: exit {r.returncode}: {(r.stdout + r.stderr)[-400:]}")
+    if failed and int(failed.group(1)):
+        raise RuntimeError(f"ab {url}: {failed.group(1)} of {REQUESTS} requests failed")
+    return float(rps.group(1))
+
+
+def refusal(client, addr: str, port: int) -> dict:
+    r = client.run([sys.executable, str(BENCH / "refusal_probe.py"), addr, str(port),
+                    "--count", str(REFUSALS)], check=False, timeout=REFUSALS * 3 + 30)
+    if r.returncode:
+        raise RuntimeError(f"refusal probe {addr}:{port}: exit {r.returncode}: {r.stderr[-400:]}")
+    result = json.loads(r.stdout)
+    unrefused = {k: v for k, v in result["kinds"].items() if k in ("timeout", "accepted")}
+    if unrefused:
+        raise RuntimeError(f"connects to {addr}:{port} not refused: {unrefused} of {REFUSALS}")
+    return result
+
+
+def run_connections(work: Path) -> list[dict]:
+    if not shutil.which("ab"):
+        raise RuntimeError("ab (apache2-utils) is not installed")
+    with Lab() as lab:
+        progress(f"building the lab ({lab.prefix}-*)")
+        pair = gateway_pair(lab, server_route_back=True)
+        pair.server.popen([sys.executable, str(BENCH / "tiny_http.py"), str(HTTP_PORT)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(pair.server, "0.0.0.0", HTTP_PORT)
+        progress(f"ab -n {REQUESTS} -c {CONCURRENCY} straight to the server (hosts routing plainly)")
+        direct = ab_rate(pair.client, f"http://{pair.server_addr}:{HTTP_PORT}/")
+        gws = RunningGateways(pair, extra_services=[DEAD_BACKEND]).start()
+        try:
+            progress("the same through the gateway pair, by virtual address")
+            through = ab_rate(pair.client, f"http://{VIRTUAL_ADDR}/")
+            progress(f"{REFUSALS} connects to {VIRTUAL_ADDR}:{UNSERVED_PORT} (no service), then to a "
+                     "service whose backend has nothing listening")
+            unserved = refusal(pair.client, VIRTUAL_ADDR, UNSERVED_PORT)
+            dead = refusal(pair.client, VIRTUAL_ADDR, DEAD_BACKEND[1])
+        finally:
+            codes = gws.stop()
+        if codes != {"client": 0, "server": 0}:
+            raise RuntimeError(f"gateways exited {codes}")
+    return [
+        {"metric": "sustained_connections_per_second_direct", "value": round(direct), "unit": "conn/s",
+         "baseline": None, "ratio": None},
+        {"metric": "sustained_connections_per_second_gateway", "value": round(through), "unit": "conn/s",
+         "baseline": "sustained_connections_per_second_direct", "ratio": round(through / direct, 3)},
+        {"metric": "refusal_latency_ms_p99", "value": round(unserved["p99_ms"], 3), "unit": "ms",
+         "baseline": None, "ratio": None},
+        {"metric": "refusal_latency_ms_p99_no_backend", "value": round(dead["p99_ms"], 3), "unit": "ms",
+         "baseline": None, "ratio": None},
+    ]
+
+
+PARTS = {"flood": run_flood, "connections": run_connections}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="hardening benchmark")
+    ap.add_argument("--part", choices=["all", *PARTS], default="all")
+    part = ap.parse_args(argv).part
+    chosen = list(PARTS.values()) if part == "all" else [PARTS[part]]
+
+    def run(work: Path) -> list[dict]:
+        records = []
+        for part in chosen:
+            folder = work / part.__name__
+            folder.mkdir()
+            records += part(folder)
+        return records
+
+    return run_part(run, "serval-bench-hard-", 40)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from .translate import Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
 from .lifecycle import SNAPSHOT_EVERY, LifecycleMixin
 from .paths import FlowPath, Route, plan_moves
+from .reachability import NoRoute, roles, unreachable_at_start
 from .table_owner import TableOwner, config_rules
 from .virtual_map import VirtualMap
 
@@ -198,16 +199,22 @@ class Gateway(LifecycleMixin):
             # a second copy must not take the running one's rules and socket away
             raise RuntimeError(f"a gateway already answers on {cfg.control_socket} (instance "
                                f"{cfg.instance!r} is running): not starting, nothing changed")
-        self.translator = build_translator(cfg, net.source_for, net.link_mtus())
-        self.stats = self.translator.stats
-        self.table = TableOwner(self.translator.table, config_rules(cfg, net.source_for))
-        self.routing = routing_agent(self)
-        # the fast path first: whether it takes this host's own traffic decides the rules
-        self.fastpath = (a.fast_path or start_fast_path)(cfg, self.translator, net.ipv4_interfaces())
-        self.local_in_kernel = cfg.role == "client" and cfg.intercept_local and \
-            getattr(self.fastpath, "loopback", False)
-        plan = interception_plan(cfg, self.translator, net.ipv4_interfaces(), self._virtual_route,
-                                 self.local_in_kernel)
+        try:
+            self.translator = build_translator(cfg, net.source_for, net.link_mtus())
+            self.stats = self.translator.stats
+            self.table = TableOwner(self.translator.table, config_rules(cfg, net.source_for))
+            self.routing = routing_agent(self)
+            # the fast path first: whether it takes this host's own traffic decides the rules
+            self.fastpath = (a.fast_path or start_fast_path)(cfg, self.translator, net.ipv4_interfaces())
+            self.local_in_kernel = cfg.role == "client" and cfg.intercept_local and \
+                getattr(self.fastpath, "loopback", False)
+            plan = interception_plan(cfg, self.translator, net.ipv4_interfaces(), self._virtual_route,
+                                     self.local_in_kernel)
+        except NoRoute as exc:      # said with the config line that names the address
+            if self.fastpath is not None:
+                self.fastpath.stop()
+                self.fastpath = None
+            raise unreachable_at_start(cfg, exc) from None
         self.interception = a.interception(cfg.instance, cfg.queue, cfg.state_dir,
                                            bypass=cfg.queue_bypass, mark=MARK)
         try:
@@ -218,7 +225,8 @@ class Gateway(LifecycleMixin):
                 self.fastpath = None
             raise
         try:
-            self.injector = a.injector(MARK, self.stats)
+            what = {address: role[0] for address, role in roles(cfg).items()}
+            self.injector = a.injector(MARK, self.stats, describe=what.get)
             self.reader = a.queue_reader(cfg.queue, self._handle, self._flush, self.stats, batch=64)
             self.reactor.addReader(self.reader)
             self.control_reader = a.queue_reader(cfg.control_queue, self._handle, self._flush, self.stats)

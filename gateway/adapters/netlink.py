@@ -8,6 +8,9 @@ import socket
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..reachability import NoRoute, reason_for
 
 _shared = None
 
@@ -28,16 +31,19 @@ def _ipr():
 def source_for(destination: str) -> tuple[str, str]:
     """(source address, interface name) the kernel would use to reach ``destination``."""
     with _ipr() as ipr:
-        routes = ipr.route("get", dst=destination)
+        try:
+            routes = ipr.route("get", dst=destination)
+        except NetlinkError as exc:         # ENETUNREACH, an unreachable/prohibit route
+            raise NoRoute(destination, reason_for(exc.code)) from None
         if not routes:
-            raise LookupError(f"no route to {destination}")
+            raise NoRoute(destination, "this host has no route to it")
         route = routes[0]
         src = route.get_attr("RTA_PREFSRC")
         oif = route.get_attr("RTA_OIF")
         links = ipr.get_links(oif)
         dev = links[0].get_attr("IFLA_IFNAME") if links else "?"
         if not src:
-            raise LookupError(f"the route to {destination} has no source address")
+            raise NoRoute(destination, f"the route to it (via {dev}) has no source address of ours")
         return src, dev
 
 

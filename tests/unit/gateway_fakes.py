@@ -6,6 +6,7 @@ import ipaddress
 from twisted.internet.testing import MemoryReactorClock
 
 from gateway.adapters import Adapters
+from gateway.reachability import NoRoute
 
 
 class Datagrams:
@@ -54,7 +55,7 @@ class Net:
             if dst in n and (best is None or n.prefixlen > best[0].prefixlen):
                 best = (n, src, dev)
         if best is None:
-            raise LookupError(f"no route to {destination}")
+            raise NoRoute(destination, "this host has no route to it")
         return best[1], best[2]
 
     def has_route(self, destination: str) -> bool:
@@ -118,7 +119,7 @@ class QueueReader:
 
 
 class Injector:
-    def __init__(self, mark, stats):
+    def __init__(self, mark, stats, describe=None):
         self.sent, self.closed = [], False
 
     def send(self, packet):
