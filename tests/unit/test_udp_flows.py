@@ -1,0 +1,358 @@
+"""Legacy UDP as SAL flows (gateway/translate/udp.py): the reference's connected-UDP
+exchange (../shared/captures/udp_basic.pcap) read and rewritten byte for byte, our
+handshake beside it, and datagrams through a client and server translator in memory."""
+import struct
+from pathlib import Path
+
+import pytest
+
+from gateway.translate import Backend, ClientTranslator, PASS, ServerTranslator, Timeouts
+from gateway.translate.carriage import ip_header, make_carriage
+from gateway.translate.udp import MAX_PENDING
+from sal import icmp, wire
+from sal.flow import State
+from sal.ip import IPv4, aton, ntoa, transport_checksum, transport_checksum_ok
+from sal.pcap import read_pcap
+from sal.serviceid import ServicePrefix, parse_service_id, service_id_for
+from sal.service_table import Action, ServiceTable
+from tests.unit.packets import SYN, tcp_packet
+
+ROOT = Path(__file__).resolve().parents[2]
+CAPTURE = ROOT.parent / "shared" / "captures" / "udp_basic.pcap"
+
+CLIENT, VIP, CGW, SGW, SGW_LAN, SERVER = ("198.19.1.2", "198.18.0.53", "198.19.2.1", "198.19.2.2",
+                                          "198.19.3.1", "198.19.3.2")
+SID = service_id_for("dns.svc.example", 53)
+TCP_SID = service_id_for("web.svc.example", 80)
+
+
+def udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes, ident: int = 7,
+               checksum: bool = True) -> bytes:
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    if checksum:
+        csum = transport_checksum(aton(src), aton(dst), 17, seg, 6) or 0xFFFF
+        seg = seg[:6] + struct.pack("!H", csum) + seg[8:]
+    return ip_header(aton(src), aton(dst), 17, 20 + len(seg), ident, 64, 0, 0x4000) + seg
+
+
+def check_udp(pkt: bytes, src: str, dst: str) -> tuple[int, int, bytes]:
+    """(source port, destination port, payload) of a legacy datagram, every field checked."""
+    ip = IPv4(pkt)
+    assert ip.protocol == 17 and (ntoa(ip.src), ntoa(ip.dst)) == (src, dst)
+    assert len(pkt) == ip.total_length
+    seg = pkt[ip.ihl:]
+    sport, dport, length, csum = struct.unpack_from("!HHHH", seg)
+    assert length == len(seg)
+    assert csum and transport_checksum_ok(ip.src, ip.dst, 17, seg), "legacy UDP checksum"
+    return sport, dport, seg[8:]
+
+
+def check_sal(pkt: bytes):
+    ip = IPv4(pkt)
+    assert ip.protocol == wire.PROTO_SAL
+    hdr, off = wire.decode(pkt, ip.ihl)
+    assert hdr.checksum_ok and hdr.protocol == 17
+    seg = pkt[off:]
+    if seg:
+        assert seg[:4] == b"\0\0\0\0", "ports are zero on the wire"
+        assert struct.unpack_from("!H", seg, 4)[0] == len(seg)
+        assert transport_checksum_ok(ip.src, ip.dst, 17, seg)
+    return ip, hdr, seg
+
+
+def make_pair(mtu=1500, timeouts=None, tcp_too=False):
+    ctable = ServiceTable()
+    ctable.add(ServicePrefix(SID, 224), Action.FORWARD, SGW)
+    ctable.add(ServicePrefix(TCP_SID, 224), Action.FORWARD, SGW)
+    udp_services = {(aton(VIP), 53): SID}
+    client = ClientTranslator(aton(CGW), lambda a, p: TCP_SID if (a, p) == (aton(VIP), 80) else None,
+                              ctable, make_carriage("ip", "client"), mtu=mtu,
+                              timeouts=timeouts or Timeouts(),
+                              resolve_udp=lambda a, p: udp_services.get((a, p)))
+    stable = ServiceTable()
+    stable.add(ServicePrefix(SID), Action.DEMUX, Backend(aton(SERVER), 5300, aton(SGW_LAN), "dns", 17))
+    stable.add(ServicePrefix(TCP_SID), Action.DEMUX, Backend(aton(SERVER), 8080, aton(SGW_LAN), "web"))
+    server = ServerTranslator(stable, make_carriage("ip", "server"), mtu=mtu, timeouts=timeouts or Timeouts())
+    return client, server
+
+
+def take(translator) -> list:
+    out = list(translator.outbox)
+    translator.outbox.clear()
+    return out
+
+
+def open_flow(client, server, now=0.0, sport=5353, payload=b"query"):
+    """A first datagram through the pair: returns (the backend's view of it, our port there)."""
+    assert client.from_legacy_udp(udp_packet(CLIENT, sport, VIP, 53, payload), now) is None   # held
+    (syn,) = take(client)
+    assert server.from_sal(syn, now) is None
+    (synack,) = take(server)
+    assert client.from_sal(synack, now) is None
+    ack, data = take(client)
+    assert server.from_sal(ack, now) is None and not take(server)
+    to_backend = server.from_sal(data, now)
+    bsport, bdport, got = check_udp(to_backend, SGW_LAN, SERVER)
+    assert bdport == 5300 and got == payload
+    return bsport
+
+
+# --- the reference's exchange ------------------------------------------------------
+
+def reference_packets():
+    if not CAPTURE.parent.is_dir():
+        pytest.skip(f"reference captures not found at {CAPTURE.parent} (they live in the shared "
+                    "workspace beside the repository, not in a plain clone)")
+    assert CAPTURE.is_file(), f"{CAPTURE} missing from the captures folder"
+    out = []
+    for _, pkt in read_pcap(CAPTURE.read_bytes()):
+        ip = IPv4(pkt)
+        hdr, off = wire.decode(pkt[:ip.total_length], ip.ihl)
+        out.append((ip, hdr, pkt[ip.ihl:off], pkt[off:ip.total_length], pkt[:ip.total_length]))
+    return out
+
+
+def test_every_reference_packet_decodes_and_reencodes_byte_identical():
+    recs = reference_packets()
+    assert len(recs) == 8
+    for ip, hdr, sal_bytes, seg, pkt in recs:
+        assert hdr.checksum_ok and hdr.protocol == 17
+        rebuilt = ip_header(ip.src, ip.dst, wire.PROTO_SAL, ip.total_length, ip.ident, ip.ttl, ip.tos,
+                            ip.frag) + hdr.encode() + seg
+        assert rebuilt == pkt
+    kinds = [(hdr.flags, len(seg)) for _, hdr, _, seg, _ in recs]
+    assert kinds[:4] == [(wire.SYN, 8), (wire.SYN | wire.ACK, 8), (wire.ACK, 8), (0, 8 + len(b"hello serval"))]
+    assert all(k == (wire.FIN, 0) for k in kinds[4:])                # FIN, retransmitted
+    syn, synack, ack, data = (r[3] for r in recs[:4])
+    for (ip, _, _, seg, _) in (recs[0], recs[3]):                    # checksummed: SYN and data
+        assert seg[:4] == b"\0\0\0\0" and seg[6:8] != b"\0\0"
+        assert transport_checksum(ip.src, ip.dst, 17, seg, 6) == struct.unpack_from("!H", seg, 6)[0]
+    assert synack == ack == b"\0\0\0\0\0\x08\0\0"                   # left 0 by the reference
+
+
+def test_our_handshake_beside_the_reference():
+    ref = reference_packets()
+    client, server = make_pair()
+    assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"hello serval"), 0.0) is None
+    (syn,) = take(client)
+    server.from_sal(syn, 0.0)
+    (synack,) = take(server)
+    client.from_sal(synack, 0.0)
+    ack, data = take(client)
+    ours = [check_sal(p) for p in (syn, synack, ack, data)]
+    for (ip, hdr, seg), (rip, rhdr, _, rseg, _) in zip(ours, ref[:4]):
+        assert [type(e) for e in hdr.extensions] == [type(e) for e in rhdr.extensions]
+        assert hdr.flags == rhdr.flags and hdr.protocol == rhdr.protocol == 17
+        assert len(seg) == len(rseg) and seg[:6] == rseg[:6]        # ports 0, same length
+        assert (seg[6:8] == b"\0\0") == (rseg[6:8] == b"\0\0")       # checksummed where it is
+    # the datagram as the reference carries it (its checksum covers other addresses)
+    assert ours[3][2][:6] + ours[3][2][8:] == ref[3][3][:6] + ref[3][3][8:]
+    # numbering as the reference's: SYN-ACK acks a+1, ACK is a+1 / b+1
+    a, b = ours[0][1].control.verno, ours[1][1].control.verno
+    assert ours[1][1].control.ackno == a + 1
+    assert (ours[2][1].control.verno, ours[2][1].control.ackno) == (a + 1, b + 1)
+    assert ours[0][1].service.service_id == SID and ours[2][1].service.service_id == SID
+    # and the idle close is the reference's FIN: control only, protocol 17, verno a+1
+    client.handle_timer(0.0 + Timeouts().udp_idle + 0.1)
+    (fin,) = take(client)
+    ip, hdr, seg = check_sal(fin)
+    _, rhdr, rsal, rseg, _ = ref[4]
+    assert seg == rseg == b"" and [type(e) for e in hdr.extensions] == [type(e) for e in rhdr.extensions]
+    assert hdr.flags == rhdr.flags == wire.FIN and hdr.control.verno == a + 1
+    assert len(fin) - 20 == len(rsal)
+
+
+def test_reference_syn_is_answered_by_our_server_gateway():
+    ref = reference_packets()
+    sid = parse_service_id("16385")
+    stable = ServiceTable()
+    stable.add(ServicePrefix(sid), Action.DEMUX, Backend(aton(SERVER), 5300, aton(SGW_LAN), "", 17))
+    server = ServerTranslator(stable, make_carriage("ip", "server"))
+    syn = ref[0][4]
+    assert server.from_sal(syn, 0.0) is None
+    (synack,) = take(server)
+    ip, hdr, seg = check_sal(synack)
+    rip, rhdr, _, rseg, _ = ref[1]
+    assert (ip.src, ip.dst) == (rip.src, rip.dst)
+    assert hdr.dst_flow == rhdr.dst_flow == ref[0][1].src_flow
+    assert hdr.flags == rhdr.flags and hdr.control.ackno == rhdr.control.ackno and seg == rseg
+
+
+# --- datagrams through the pair -------------------------------------------------------
+
+def test_datagrams_both_ways_through_the_pair():
+    client, server = make_pair()
+    bport = open_flow(client, server)
+    assert server.stats["udp_flows_opened"] == 1
+    for i in range(5):
+        reply = udp_packet(SERVER, 5300, SGW_LAN, bport, b"answer %d" % i)
+        sal = server.from_backend_udp(reply, 1.0 + i)
+        ip, hdr, seg = check_sal(sal)
+        assert hdr.extensions == [] and ntoa(ip.dst) == CGW
+        assert check_udp(client.from_sal(sal, 1.0 + i), VIP, CLIENT) == (53, 5353, b"answer %d" % i)
+        query = client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"q%d" % i), 1.0 + i)
+        assert check_udp(server.from_sal(query, 1.0 + i), SGW_LAN, SERVER) == (bport, 5300, b"q%d" % i)
+    # a datagram without a checksum keeps none
+    sal = client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"plain", checksum=False), 7.0)
+    out = server.from_sal(sal, 7.0)
+    assert out[26:28] == b"\0\0" and out.endswith(b"plain")
+    assert len(client.flows) == len(server.flows) == 1
+    assert [f.state for f in client.flows.values()] == [State.ESTABLISHED]
+    # another client port: another flow, another port toward the backend
+    other = open_flow(client, server, 8.0, sport=5354)
+    assert other != bport and len(server.flows) == 2
+    # a backend datagram to no flow of ours is not ours
+    assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, 1, b"x"), 9.0) is PASS
+
+
+def test_datagrams_before_the_synack_are_held_bounded_then_sent_in_order():
+    client, server = make_pair()
+    for i in range(MAX_PENDING + 4):
+        assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"d%d" % i), 0.0) is None
+    assert client.stats["udp_held"] == MAX_PENDING
+    assert client.stats["dropped_udp_pending_full"] == 4
+    syn, = take(client)
+    server.from_sal(syn, 0.0)
+    (synack,) = take(server)
+    client.from_sal(synack, 0.1)
+    ack, *data = take(client)
+    assert check_sal(ack)[1].flags == wire.ACK
+    assert len(data) == MAX_PENDING
+    # the ACK is lost: the first datagram stands in for it
+    got = [check_udp(server.from_sal(d, 0.1), SGW_LAN, SERVER)[2] for d in data]
+    assert got == [b"d%d" % i for i in range(MAX_PENDING)]
+
+
+def test_a_repeated_syn_is_answered_again_and_opens_nothing():
+    client, server = make_pair()
+    client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"x"), 0.0)
+    (syn,) = take(client)
+    server.from_sal(syn, 0.0)
+    server.from_sal(syn, 0.5)
+    first, again = take(server)
+    assert check_sal(first)[1].control == check_sal(again)[1].control
+    assert len(server.flows) == 1
+
+
+def test_idle_flow_ends_with_a_fin_both_ways():
+    client, server = make_pair(timeouts=Timeouts(udp_idle=5.0))
+    open_flow(client, server)
+    client.handle_timer(4.9)
+    server.handle_timer(4.0)
+    assert not take(client)
+    client.handle_timer(5.1)
+    (fin,) = take(client)
+    assert check_sal(fin)[1].flags == wire.FIN
+    assert server.from_sal(fin, 5.1) is None
+    ack, server_fin = take(server)                    # ours acknowledged; then its own FIN
+    assert check_sal(ack)[1].flags == wire.ACK and check_sal(server_fin)[1].flags == wire.FIN
+    client.from_sal(ack, 5.1)
+    client.from_sal(server_fin, 5.1)
+    (last,) = take(client)
+    server.from_sal(last, 5.1)
+    assert [f.state for f in client.flows.values()] == [State.CLOSED]
+    assert [f.state for f in server.flows.values()] == [State.CLOSED]
+    assert client.stats["flows_idle_closed"] == 1
+    client.handle_timer(5.1 + Timeouts().linger + 0.1)
+    server.handle_timer(5.1 + Timeouts().linger + 0.1)
+    assert not client.flows and not server.flows and not client.udp_flows and not server.udp_flows
+    # the next datagram opens a new flow
+    open_flow(client, server, 20.0)
+    assert client.stats["udp_flows_opened"] == 2
+
+
+def test_traffic_keeps_an_idle_timeout_away():
+    client, server = make_pair(timeouts=Timeouts(udp_idle=5.0))
+    open_flow(client, server)
+    for t in (3.0, 6.0, 9.0):
+        client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"k"), t)
+        client.handle_timer(t + 0.5)
+    assert not take(client) and client.stats["flows_idle_closed"] == 0
+
+
+def test_too_big_for_the_path_gets_frag_needed_never_fragmented():
+    client, server = make_pair(mtu=1500)
+    open_flow(client, server)
+    fits = udp_packet(CLIENT, 5353, VIP, 53, b"f" * (1488 - 28))
+    sal = client.from_legacy_udp(fits, 1.0)
+    assert len(sal) == 1500 and server.from_sal(sal, 1.0).endswith(b"f" * 1460)
+    big = udp_packet(CLIENT, 5353, VIP, 53, b"b" * (1489 - 28))
+    assert client.from_legacy_udp(big, 1.0) is None
+    (err,) = take(client)
+    parsed = icmp.parse(err)
+    assert parsed.frag_needed and parsed.mtu == 1488
+    assert (ntoa(IPv4(err).src), ntoa(IPv4(err).dst)) == (VIP, CLIENT)
+    assert client.stats["dropped_udp_too_big"] == 1
+    # the same from the backend's side: it hears it from the address it sent to
+    bport = next(iter(server.flows.values())).legacy_dport
+    assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"b" * 1461), 1.0) is None
+    (err,) = take(server)
+    assert icmp.parse(err).mtu == 1488 and ntoa(IPv4(err).dst) == SERVER
+
+
+def test_malformed_datagrams_are_dropped_and_counted():
+    client, server = make_pair()
+    open_flow(client, server)
+    good = udp_packet(CLIENT, 5353, VIP, 53, b"hello")
+    bad_len = good[:24] + struct.pack("!H", 99) + good[26:]
+    assert client.from_legacy_udp(bad_len, 1.0) is None
+    assert client.from_legacy_udp(good[:26], 1.0) is None                 # truncated
+    frag = good[:6] + b"\x20\x00" + good[8:]
+    assert client.from_legacy_udp(frag, 1.0) is None
+    assert client.stats["dropped_udp_bad_length"] == 1
+    assert client.stats["dropped_udp_truncated"] == 1
+    assert client.stats["dropped_fragment"] == 1
+    assert not take(client) and client.stats["to_sal"] == 2              # the SYN and first datagram
+    # from the peer: a SAL datagram whose UDP length lies
+    sal = bytearray(client.from_legacy_udp(good, 1.0))
+    sal[36:38] = struct.pack("!H", 200)
+    assert server.from_sal(bytes(sal), 1.0) is None
+    assert server.stats["dropped_udp_bad_length"] == 1
+
+
+def test_tcp_beside_udp_on_one_virtual_address():
+    client, server = make_pair()
+    open_flow(client, server)
+    syn = tcp_packet(CLIENT, 40000, VIP, 80, 1, flags=SYN, mss=1460)
+    sal = client.from_legacy(syn, 1.0)
+    ip, hdr = IPv4(sal), wire.decode(sal, 20)[0]
+    assert hdr.protocol == 6 and hdr.flags == wire.SYN
+    to_backend = server.from_sal(sal, 1.0)
+    assert IPv4(to_backend).protocol == 6 and struct.unpack_from("!H", to_backend, 22)[0] == 8080
+    assert len(client.flows) == len(server.flows) == 2 and len(client.udp_flows) == 1
+
+
+def test_protocol_mismatch_opens_nothing():
+    client, server = make_pair()
+    client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"x"), 0.0)
+    (syn,) = take(client)
+    hdr, off = wire.decode(syn, 20)
+    hdr.extensions[1].service_id = TCP_SID          # a UDP SYN naming the TCP service
+    forged = syn[:20] + hdr.encode() + syn[off:]
+    assert server.from_sal(forged, 0.0) is None
+    assert server.stats["dropped_wrong_protocol"] == 1 and not server.flows and not take(server)
+
+
+def test_no_udp_service_is_refused_at_once():
+    client, _ = make_pair()
+    for port in (80, 54):           # a TCP service's port, and nothing at all
+        assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, port, b"x"), 0.0) is None
+        (err,) = take(client)
+        parsed = icmp.parse(err)
+        assert (parsed.type, parsed.code) == (icmp.DEST_UNREACH, icmp.PORT_UNREACH)
+    assert client.stats["dropped_udp_not_carried"] == 2 and not client.flows
+
+
+def test_a_server_reset_ends_the_udp_flow_and_the_next_datagram_opens_anew():
+    client, server = make_pair()
+    open_flow(client, server)
+    sflow = next(iter(server.flows.values()))
+    rst = sflow.sal.reset()
+    server._emit_sal(sflow, rst.encode())
+    (pkt,) = take(server)
+    assert client.from_sal(pkt, 1.0) is None
+    assert not take(client)                         # no TCP RST toward a UDP host
+    assert [f.state for f in client.flows.values()] == [State.RESET]
+    client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"again"), 2.0)
+    (syn,) = take(client)
+    assert check_sal(syn)[1].flags == wire.SYN and client.stats["udp_flows_opened"] == 2
