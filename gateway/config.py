@@ -35,6 +35,7 @@ class ServiceConfig:
     backend: tuple[str, int] | None = None   # server: legacy backend host:port
     weight: int = 1
     priority: int = 1
+    protocol: str = "tcp"              # "tcp" or "udp" (carried as a SAL flow of that transport)
 
 
 @dataclass
@@ -224,7 +225,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for key, value in timeouts.items():
         if not hasattr(cfg.timeouts, key):
             fail("timeouts", None, key,
-                 f"unknown timeout {key!r} (idle, handshake, linger, reset_linger, keepalive)")
+                 f"unknown timeout {key!r} (idle, handshake, linger, reset_linger, keepalive, udp_idle)")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
                 or (value == 0 and key != "keepalive"):
             fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds"
@@ -234,10 +235,12 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for i, svc in enumerate(_table_list(data, "service", fail)):
         parsed = _service(svc, role, lambda k, m, i=i: fail("service", i, k, m))
         # what a packet is matched on must name one service, or the later silently wins
-        key = (parsed.address, parsed.port) if role == "client" else (parsed.service_id, parsed.backend)
+        key = ((parsed.address, parsed.port) if role == "client" else (parsed.service_id, parsed.backend)) \
+            + (parsed.protocol,)
         if key in seen:
-            what = ("virtual address %s:%d" % key if role == "client"
-                    else f"service {parsed.name}:{parsed.port} with backend %s:%d" % parsed.backend)
+            what = (f"virtual address %s:%d ({parsed.protocol})" % key[:2] if role == "client"
+                    else f"service {parsed.name}:{parsed.port} with backend %s:%d ({parsed.protocol})"
+                    % parsed.backend)
             fail("service", i, None, f"{what} is configured twice (also [[service]] number {seen[key] + 1})")
         seen[key] = i
         if role == "client" and ipaddress.IPv4Address(parsed.address) not in ipaddress.IPv4Network(cfg.virtual_network):
@@ -300,7 +303,7 @@ def _table_list(data, name, fail):
 
 
 def _service(svc: dict, role: str, fail) -> ServiceConfig:
-    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority"}
+    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority", "protocol"}
     for key in svc:
         if key not in allowed:
             fail(key, f"unknown key {key!r} in [[service]]")
@@ -318,6 +321,9 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
         fail("service_id", str(exc))
     out = ServiceConfig(name, port, sid, weight=_int(svc.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)),
                         priority=_int(svc.get("priority", 1), 0, 1 << 16, lambda m: fail("priority", m)))
+    out.protocol = svc.get("protocol", "tcp")
+    if out.protocol not in ("tcp", "udp"):
+        fail("protocol", f"service {name}: protocol must be \"tcp\" or \"udp\", not {out.protocol!r}")
     if role == "client":
         if "address" not in svc:
             fail(None, f"service {name}: a client gateway needs its virtual 'address'")

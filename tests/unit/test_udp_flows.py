@@ -356,3 +356,134 @@ def test_a_server_reset_ends_the_udp_flow_and_the_next_datagram_opens_anew():
     client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"again"), 2.0)
     (syn,) = take(client)
     assert check_sal(syn)[1].flags == wire.SYN and client.stats["udp_flows_opened"] == 2
+
+
+# --- configuration and the daemon's rules -----------------------------------------------
+
+CLIENT_TOML = '''[gateway]
+sal_address = "198.19.2.1"
+
+[[service]]
+name = "dns.svc.example"
+address = "198.18.0.53"
+port = 53
+protocol = "udp"
+
+[[service]]
+name = "dns.svc.example"
+address = "198.18.0.53"
+port = 53
+
+[[route]]
+service = "dns.svc.example"
+next_hop = "198.19.2.2"
+
+[timeouts]
+udp_idle = 12
+'''
+
+SERVER_TOML = '''[gateway]
+
+[[service]]
+name = "dns.svc.example"
+port = 53
+protocol = "udp"
+backend = "198.19.3.2:5300"
+
+[[service]]
+name = "web.svc.example"
+port = 80
+backend = "198.19.3.2:8080"
+'''
+
+
+def test_a_service_declares_its_protocol(tmp_path):
+    from gateway.config import load
+    (tmp_path / "c.toml").write_text(CLIENT_TOML)
+    (tmp_path / "s.toml").write_text(SERVER_TOML)
+    ccfg, scfg = load(str(tmp_path / "c.toml"), "client"), load(str(tmp_path / "s.toml"), "server")
+    assert [s.protocol for s in ccfg.services] == ["udp", "tcp"]       # one address:port, both transports
+    assert [s.protocol for s in scfg.services] == ["udp", "tcp"]
+    assert ccfg.timeouts.udp_idle == 12.0 and scfg.timeouts.udp_idle == 30.0
+
+
+@pytest.mark.parametrize("role, text, line, words", [
+    ("server", SERVER_TOML.replace('protocol = "udp"', 'protocol = "sctp"'), 6, 'protocol must be "tcp" or "udp"'),
+    ("client", CLIENT_TOML.replace('protocol = "udp"', "protocol = 17"), 8, 'protocol must be "tcp" or "udp"'),
+    ("client", CLIENT_TOML.replace("port = 53\n\n[[route]]", 'port = 53\nprotocol = "udp"\n\n[[route]]'),
+     10, "198.18.0.53:53 (udp) is configured twice"),
+    ("client", CLIENT_TOML.replace("udp_idle = 12", "udp_idle = 0"), 20, "positive number of seconds"),
+])
+def test_bad_udp_settings_are_refused_with_their_line(tmp_path, role, text, line, words):
+    from gateway.config import ConfigError, load
+    path = tmp_path / f"{role}.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load(str(path), role)
+    assert f"{role}.toml:{line}:" in str(exc.value) and words in str(exc.value)
+
+
+def test_the_daemon_builds_udp_services_and_queues_their_datagrams(tmp_path):
+    from gateway.config import load
+    from gateway.daemon import build_translator, interception_plan
+    (tmp_path / "c.toml").write_text(CLIENT_TOML)
+    (tmp_path / "s.toml").write_text(SERVER_TOML)
+    ccfg, scfg = load(str(tmp_path / "c.toml"), "client"), load(str(tmp_path / "s.toml"), "server")
+    source = lambda host: ("198.19.3.1", "lan0")              # noqa: E731
+    client = build_translator(ccfg, source, {"lan0": 1500})
+    server = build_translator(scfg, source, {"lan0": 1500})
+    assert client.resolve_udp(aton("198.18.0.53"), 53) == ccfg.services[0].service_id
+    assert client.resolve_udp(aton("198.18.0.53"), 54) is None
+    assert client.timeouts.udp_idle == 12.0
+    backends = [server.table.resolve(s.service_id).target for s in scfg.services]
+    assert [(b.port, b.protocol) for b in backends] == [(5300, 17), (8080, 6)]
+    plan = interception_plan(scfg, server, ["lan0"], lambda cfg: None)
+    udp_rules = [r for r in plan["prerouting"] if "udp" in getattr(r, "match", ())]
+    assert [(r.match, r.queue, r.bypass) for r in udp_rules] == [
+        (["-p", "udp", "-s", "198.19.3.2", "--sport", "5300", "--dport", "1024:32767"], scfg.queue, False)]
+    plan = interception_plan(ccfg, client, ["lan0"], lambda cfg: None)
+    assert any(getattr(r, "match", None) == ["-p", "udp", "-d", ccfg.virtual_network] for r in plan["output"])
+
+
+def test_two_gateways_in_memory_carry_a_datagram_exchange(tmp_path):
+    """The daemon's dispatch (Gateway._handle): the client gateway takes a datagram
+    toward the virtual range from its queue, the server gateway a backend's reply."""
+    from gateway.config import load
+    from gateway.daemon import Gateway
+    from tests.unit import gateway_fakes as fakes
+
+    def gateway(role, text, net):
+        path = tmp_path / f"{role}.toml"
+        path.write_text(text.replace("[gateway]\n", f'[gateway]\ncontrol_socket = "{tmp_path}/{role}.sock"\n'
+                                     f'state_dir = "{tmp_path}"\n', 1))
+        reactor = fakes.Reactor()
+        gw = Gateway(load(str(path), role), reactor, fakes.adapters(net, reactor))
+        gw.start()
+        return gw
+
+    cgw = gateway("client", CLIENT_TOML, fakes.Net({"198.19.2.1": "eth0", "198.19.1.1": "lan0"},
+                                                   [("198.19.2.0/24", "198.19.2.1", "eth0"),
+                                                    ("198.19.1.0/24", "198.19.1.1", "lan0")], {"eth0", "lan0"}))
+    sgw = gateway("server", SERVER_TOML.replace("[gateway]\n", '[gateway]\nsal_address = "198.19.2.2"\n'),
+                  fakes.Net({"198.19.2.2": "eth0", "198.19.3.1": "back0"},
+                            [("198.19.2.0/24", "198.19.2.2", "eth0"), ("198.19.3.0/24", "198.19.3.1", "back0")],
+                            {"eth0", "back0"}))
+    try:
+        assert cgw.reader.packet(udp_packet(CLIENT, 5353, "198.18.0.53", 53, b"q1")) is None
+        syn = cgw.injector.sent.pop()
+        assert sgw.control_reader.packet(syn) is None
+        assert sgw.injector.sent, (sgw.translator.stats, sgw.translator.flows)
+        cgw.control_reader.packet(sgw.injector.sent.pop())              # the SYN-ACK
+        ack, data = cgw.injector.sent
+        sgw.control_reader.packet(ack)
+        to_backend = sgw.reader.packet(data)
+        bport, dport, payload = check_udp(to_backend, "198.19.3.1", SERVER)
+        assert (dport, payload) == (5300, b"q1")
+        reply = sgw.reader.packet(udp_packet(SERVER, 5300, "198.19.3.1", bport, b"a1"))
+        assert check_udp(cgw.reader.packet(reply), "198.18.0.53", CLIENT) == (53, 5353, b"a1")
+        # no UDP service behind this port: refused at once, as before
+        assert cgw.reader.packet(udp_packet(CLIENT, 5353, "198.18.0.53", 54, b"x")) is None
+        assert icmp.parse(cgw.injector.sent.pop()).code == icmp.PORT_UNREACH
+    finally:
+        cgw.stop()
+        sgw.stop()
