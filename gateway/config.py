@@ -231,7 +231,7 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
             fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds"
                  + (" (0: off)" if key == "keepalive" else ""))
         setattr(cfg.timeouts, key, float(value))
-    seen = {}
+    seen, protocols = {}, {}
     for i, svc in enumerate(_table_list(data, "service", fail)):
         parsed = _service(svc, role, lambda k, m, i=i: fail("service", i, k, m))
         # what a packet is matched on must name one service, or the later silently wins
@@ -243,6 +243,11 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
                     % parsed.backend)
             fail("service", i, None, f"{what} is configured twice (also [[service]] number {seen[key] + 1})")
         seen[key] = i
+        other = protocols.setdefault(parsed.service_id, (parsed.protocol, i))
+        if role == "server" and other[0] != parsed.protocol:
+            fail("service", i, "protocol", f"service {parsed.name}: its service_id is also a {other[0]} service's "
+                 f"([[service]] number {other[1] + 1}); a serviceID is one transport here: give one its own "
+                 "service_id, or leave both derived from the name")
         if role == "client" and ipaddress.IPv4Address(parsed.address) not in ipaddress.IPv4Network(cfg.virtual_network):
             fail("service", i, "address", f"virtual address {parsed.address} is outside virtual_network "
                  f"{cfg.virtual_network}: only that range is intercepted (move it, or widen virtual_network)")
@@ -324,6 +329,10 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
     out.protocol = svc.get("protocol", "tcp")
     if out.protocol not in ("tcp", "udp"):
         fail("protocol", f"service {name}: protocol must be \"tcp\" or \"udp\", not {out.protocol!r}")
+    if out.protocol == "udp" and given is None:
+        # one name:port may be both (DNS): the derived UDP ID differs from the TCP one in
+        # the word before the port (the protocol), under the same name prefix (routes)
+        out.service_id = sid[:28] + (17).to_bytes(2, "big") + sid[30:]
     if role == "client":
         if "address" not in svc:
             fail(None, f"service {name}: a client gateway needs its virtual 'address'")

@@ -487,3 +487,22 @@ def test_two_gateways_in_memory_carry_a_datagram_exchange(tmp_path):
     finally:
         cgw.stop()
         sgw.stop()
+
+
+def test_one_name_and_port_over_both_transports_gets_two_service_ids(tmp_path):
+    from gateway.config import ConfigError, load
+    both = SERVER_TOML + '\n[[service]]\nname = "dns.svc.example"\nport = 53\nbackend = "198.19.3.2:5300"\n'
+    (tmp_path / "s.toml").write_text(both)
+    udp, _, tcp = load(str(tmp_path / "s.toml"), "server").services
+    assert udp.service_id != tcp.service_id and udp.service_id[:28] == tcp.service_id[:28]
+    assert tcp.service_id == service_id_for("dns.svc.example", 53)
+    # the client derives the same IDs, and its route by name covers both
+    (tmp_path / "c.toml").write_text(CLIENT_TOML)
+    ccfg = load(str(tmp_path / "c.toml"), "client")
+    assert [s.service_id for s in ccfg.services] == [udp.service_id, tcp.service_id]
+    assert all(ccfg.rules[0].prefix.matches(s.service_id) for s in ccfg.services)
+    # one explicit serviceID for both transports is refused on the server
+    explicit = both.replace('protocol = "udp"\n', 'protocol = "udp"\nservice_id = "dns.svc.example:53"\n')
+    (tmp_path / "s.toml").write_text(explicit)
+    with pytest.raises(ConfigError, match=r"s.toml:\d+: service dns.svc.example: its service_id is also a udp"):
+        load(str(tmp_path / "s.toml"), "server")
