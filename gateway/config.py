@@ -37,6 +37,12 @@ class ServiceConfig:
     priority: int = 1
     protocol: str = "tcp"              # "tcp" or "udp" (carried as a SAL flow of that transport)
 
+    @property
+    def key(self) -> str:
+        """What the service is known by (registration, health, drain): ``name:port``,
+        and ``name:port/udp`` for a UDP service (one name:port may be both)."""
+        return f"{self.name}:{self.port}" + ("/udp" if self.protocol == "udp" else "")
+
 
 @dataclass
 class RuleConfig:

@@ -49,7 +49,7 @@ def config_rules(cfg, source_for) -> list[Rule]:
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
                           17 if svc.protocol == "udp" else 6)
         rules.append(Rule(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight,
-                          service=f"{svc.name}:{svc.port}"))
+                          service=svc.key))
     return rules
 
 

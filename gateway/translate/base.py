@@ -650,7 +650,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin, UdpMixin):
         for flow in self.flows.values():
             rows.append({
                 "legacy": f"{ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
-                if flow.legacy_key is not None else "-",
+                + ("" if flow.udp is None else " udp")
+                if flow.legacy_key is not None or flow.udp is not None else "-",
                 "local_flow": f"{flow.sal.local_flow:08x}",
                 "remote_flow": f"{flow.sal.remote_flow:08x}",
                 "peer": ntoa(flow.peer_addr) + (f":{flow.peer_port}" if flow.peer_port else ""),

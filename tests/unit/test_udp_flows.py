@@ -506,3 +506,63 @@ def test_one_name_and_port_over_both_transports_gets_two_service_ids(tmp_path):
     (tmp_path / "s.toml").write_text(explicit)
     with pytest.raises(ConfigError, match=r"s.toml:\d+: service dns.svc.example: its service_id is also a udp"):
         load(str(tmp_path / "s.toml"), "server")
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_a_udp_flow_through_a_service_router_binds_late(carriage):
+    """The router forwards a UDP SYN as it does a TCP one (its rewrite keeps the UDP
+    checksum right); the SYN-ACK comes straight back from the instance."""
+    from router.core import RouterCore, RouterOptions
+    from sal import registration as reg
+    import random
+
+    router, sgw = "198.19.20.1", "198.19.30.1"
+    key = reg.Key("deployment", bytes(range(32)))
+    ctable = ServiceTable()
+    ctable.add(ServicePrefix(bytes(32), 0), Action.FORWARD, router)
+    client = ClientTranslator(aton(CGW), lambda a, p: None, ctable, make_carriage(carriage, "client"),
+                              resolve_udp=lambda a, p: SID)
+    stable = ServiceTable()
+    stable.add(ServicePrefix(SID), Action.DEMUX, Backend(aton(SERVER), 5300, aton(SGW_LAN), "dns", 17))
+    server = ServerTranslator(stable, make_carriage(carriage, "server"))
+    r = RouterCore("r0", [key], RouterOptions(address=aton(router)), now=0.0, rng=random.Random(1))
+    wall = 1_800_000_000 * 10**9
+    msg = reg.Signer(key, "sgw0").message(reg.REGISTER, wall, address=aton(sgw), hold_ms=300,
+                                          records=[reg.Record("dns.svc.example", ServicePrefix(SID), 1, 1)])[0]
+    r.on_control(msg, 0.0, wall)
+    client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"via the router"), 0.0)
+    (syn,) = take(client)
+    assert ntoa(IPv4(syn).dst) == router
+    forwarded = r.on_packet(syn, 0.0)
+    assert isinstance(forwarded, bytes) and ntoa(IPv4(forwarded).dst) == sgw
+    fip = IPv4(forwarded)
+    hdr, off = wire.decode(forwarded, fip.ihl + (0 if carriage == "ip" else 8))
+    seg = forwarded[off:]
+    pseudo = (fip.src, fip.dst) if carriage == "ip" else (bytes(4), bytes(4))
+    assert hdr.protocol == 17 and seg[6:8] != b"\0\0" and transport_checksum_ok(*pseudo, 17, seg)
+    assert server.from_sal(forwarded, 0.0) is None
+    (synack,) = take(server)
+    assert (ntoa(IPv4(synack).src), ntoa(IPv4(synack).dst)) == (sgw, CGW)    # straight back
+    client.from_sal(synack, 0.0)
+    ack, data = take(client)
+    assert ntoa(IPv4(data).dst) == sgw                                        # bound to the instance
+    server.from_sal(ack, 0.0)
+    assert check_udp(server.from_sal(data, 0.0), SGW_LAN, SERVER)[2] == b"via the router"
+
+
+def test_the_flows_view_names_a_udp_flow():
+    client, server = make_pair()
+    open_flow(client, server)
+    (row,) = client.flow_rows(1.0)
+    assert row["legacy"] == f"{CLIENT}:5353 -> {VIP}:53 udp" and row["state"] == "established"
+
+
+def test_a_name_and_port_over_both_transports_are_two_services_of_the_table(tmp_path):
+    from gateway.config import load
+    from gateway.table_owner import config_rules
+    both = SERVER_TOML + '\n[[service]]\nname = "dns.svc.example"\nport = 53\nbackend = "198.19.3.2:5300"\n'
+    (tmp_path / "s.toml").write_text(both)
+    cfg = load(str(tmp_path / "s.toml"), "server")
+    rules = config_rules(cfg, lambda host: ("198.19.3.1", "lan0"))
+    assert [(r.service, r.target.protocol) for r in rules] == [
+        ("dns.svc.example:53/udp", 17), ("web.svc.example:80", 6), ("dns.svc.example:53", 6)]
