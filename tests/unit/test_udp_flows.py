@@ -566,3 +566,23 @@ def test_a_name_and_port_over_both_transports_are_two_services_of_the_table(tmp_
     rules = config_rules(cfg, lambda host: ("198.19.3.1", "lan0"))
     assert [(r.service, r.target.protocol) for r in rules] == [
         ("dns.svc.example:53/udp", 17), ("web.svc.example:80", 6), ("dns.svc.example:53", 6)]
+
+
+def test_frag_needed_on_the_path_reaches_the_datagram_sender_and_lowers_the_limit():
+    client, server = make_pair()
+    open_flow(client, server)
+    up = client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"u" * 1400), 1.0)
+    mid = aton("198.19.2.254")
+    err = icmp.build_error(mid, up[12:16], icmp.DEST_UNREACH, icmp.FRAG_NEEDED, up, 1400)
+    assert client.from_icmp(err, 2.0) is None
+    (out,) = take(client)
+    parsed = icmp.parse(out)
+    assert (ntoa(IPv4(out).src), ntoa(IPv4(out).dst)) == (VIP, CLIENT)
+    assert parsed.frag_needed and parsed.mtu == 1400 - 12
+    q = parsed.quoted
+    assert (ntoa(q[12:16]), ntoa(q[16:20]), q[9]) == (CLIENT, VIP, 17)          # what it sent
+    assert struct.unpack_from("!HH", q, 20) == (5353, 53)
+    # the next datagram too big for the learnt path is refused at the gateway
+    assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"u" * 1400), 3.0) is None
+    assert icmp.parse(take(client)[0]).mtu == 1388
+    assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"u" * 1360), 3.0) is not None
