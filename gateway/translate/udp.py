@@ -123,7 +123,7 @@ class UdpMixin:
     def _udp_out(self, flow, pkt: bytes, seg: bytes, now: float):
         """A legacy datagram of an established flow: to the peer, or refused."""
         if flow.held is not None:
-            self.stats["dropped_udp_moving"] += 1     # (UDP flows do not move yet)
+            self._hold(flow, pkt)            # a move is unconfirmed: wait for the new path
             return None
         if not self._udp_fits(flow, pkt, seg, now):
             return None

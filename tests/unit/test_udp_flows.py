@@ -586,3 +586,25 @@ def test_frag_needed_on_the_path_reaches_the_datagram_sender_and_lowers_the_limi
     assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"u" * 1400), 3.0) is None
     assert icmp.parse(take(client)[0]).mtu == 1388
     assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"u" * 1360), 3.0) is not None
+
+
+def test_a_udp_flow_moves_with_the_client_gateway_holding_its_datagrams():
+    cgw2 = "198.19.2.9"
+    client, server = make_pair()
+    bport = open_flow(client, server)
+    assert client.migrate(1.0, aton(cgw2)) == 1
+    (rsyn,) = take(client)
+    ip, hdr, seg = check_sal(rsyn)
+    assert ntoa(ip.src) == cgw2 and hdr.flags == wire.RSYN and seg == b""
+    assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"while moving"), 1.0) is None
+    assert server.from_sal(rsyn, 1.0) is None
+    (rsynack,) = take(server)
+    assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"held too"), 1.0) is None
+    client.from_sal(rsynack, 1.1)
+    ack, data = take(client)
+    assert check_sal(ack)[1].flags == wire.ACK and ntoa(IPv4(data).src) == cgw2
+    server.from_sal(ack, 1.1)
+    (released,) = take(server)
+    assert ntoa(IPv4(released).dst) == cgw2
+    assert check_udp(server.from_sal(data, 1.2), SGW_LAN, SERVER) == (bport, 5300, b"while moving")
+    assert check_udp(client.from_sal(released, 1.2), VIP, CLIENT) == (53, 5353, b"held too")
