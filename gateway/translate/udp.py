@@ -209,13 +209,13 @@ class UdpClientMixin(UdpMixin):
         key = pkt[12:20] + seg[:4]
         flow = self.udp_flows.get(key)
         if flow is not None:
-            if flow.closed_at is None:
-                state = flow.sal.state
-                if state == State.ESTABLISHED:
+            sal = flow.sal
+            if flow.closed_at is None and not (sal.fin_sent or sal.peer_fin):
+                if sal.state == State.ESTABLISHED:
                     return self._udp_out(flow, pkt, seg, now)
                 self._udp_hold(flow, pkt)      # (SYN_SENT: the only other open state)
                 return None
-            self._forget(flow)                 # closing: a new flow takes over
+            self._forget(flow)                 # closing (the other side may be gone): a new flow
         return self._udp_open(pkt, seg, key, now)
 
     def _udp_open(self, pkt: bytes, seg: bytes, key: bytes, now: float):
@@ -231,7 +231,7 @@ class UdpClientMixin(UdpMixin):
             return self.refuse_datagram(pkt, now, "dropped_no_route" if target is None
                                         else f"dropped_rule_{target.action.value}")
         if not self._admit(src):
-            return None                        # counted by the cap
+            return self.refuse_datagram(pkt, now, "refused_flow_cap")   # (the cap counts too)
         flow = self._udp_flow(now, key)
         self._opened(flow, src)
         flow.set_legacy(src, dst, sport, dport)

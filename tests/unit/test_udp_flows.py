@@ -608,3 +608,30 @@ def test_a_udp_flow_moves_with_the_client_gateway_holding_its_datagrams():
     assert ntoa(IPv4(released).dst) == cgw2
     assert check_udp(server.from_sal(data, 1.2), SGW_LAN, SERVER) == (bport, 5300, b"while moving")
     assert check_udp(client.from_sal(released, 1.2), VIP, CLIENT) == (53, 5353, b"held too")
+
+
+def test_a_datagram_after_the_peer_closed_opens_a_new_flow():
+    client, server = make_pair()
+    server.timeouts = Timeouts(udp_idle=5.0)
+    open_flow(client, server)
+    server.handle_timer(5.1)                          # the server gateway ends it first
+    (fin,) = take(server)
+    client.from_sal(fin, 5.1)
+    ack, client_fin = take(client)
+    assert check_sal(client_fin)[1].flags == wire.FIN
+    # a datagram now must not ride the closing flow (the backend's answer would be lost)
+    assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"late"), 5.2) is None
+    (syn,) = take(client)
+    assert check_sal(syn)[1].flags == wire.SYN and client.stats["udp_flows_opened"] == 2
+
+
+def test_over_the_per_source_cap_a_datagram_is_refused_at_once():
+    from gateway.translate.limits import Limits
+    client, server = make_pair()
+    client.limits = Limits(max_flows_per_source=2)
+    open_flow(client, server, sport=1)
+    open_flow(client, server, sport=2)                # established: none to evict
+    client.from_legacy_udp(udp_packet(CLIENT, 3, VIP, 53, b"x"), 0.0)
+    (refusal,) = take(client)
+    assert icmp.parse(refusal).code == icmp.PORT_UNREACH
+    assert client.stats["limit_flows_per_source"] == 1 and client.stats["refused_flow_cap"] == 1
