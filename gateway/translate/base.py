@@ -629,6 +629,9 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin, UdpMixin):
         """Tell the legacy host its connection is gone (a RST in its window). A legacy
         client still waiting for its SYN-ACK takes only a RST that acknowledges its SYN
         (RFC 793, SYN-SENT): it hears "connection refused"."""
+        if flow.udp is not None:
+            self._udp_refused(flow)            # no TCP reset for a UDP host
+            return
         if flow.legacy_key is None:
             return
         if self.refresh is not None:

@@ -47,9 +47,13 @@ class IcmpMixin:
         if err is None:
             return PASS
         if err.quoted_protocol == self.carriage.protocol:
-            return self._icmp_about_sal(err, now)
+            out = self._icmp_about_sal(err, now)
+            if out is not PASS or err.quoted_protocol != 17:
+                return out
         if err.quoted_protocol == 6:
             return self._icmp_about_legacy(err, now)
+        if err.quoted_protocol == 17 and self.udp_flows:
+            return self._icmp_about_udp(err, now)      # (udp.py)
         return PASS
 
     # --- about SAL we sent -----------------------------------------------------------

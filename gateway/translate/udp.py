@@ -182,6 +182,41 @@ class UdpMixin:
             return None
         return self._udp_from_sal(flow, pkt, body[off:], now, in_delta)
 
+    def _icmp_about_udp(self, err, now: float):
+        """An ICMP error about a datagram we sent toward a legacy host. A backend that
+        refuses (port or protocol unreachable, from the backend itself) before it ever
+        answered on the flow ends it: a SAL RST tells the client gateway, which tells
+        its client at once. Anything else is only counted (UDP has no handshake to
+        fail; a later datagram may well be taken)."""
+        sport, dport = _PORTS.unpack_from(err.quoted, err.quoted_ihl)
+        flow = self.udp_flows.get(err.quoted_dst + err.quoted_src + _PORTS.pack(dport, sport))
+        if flow is None:
+            return PASS           # the host's own datagram: the kernel's
+        if (self.role == "server" and err.src == err.quoted_dst and flow.closed_at is None
+                and not flow.bytes_out and err.type == icmp.DEST_UNREACH
+                and err.code in (icmp.PORT_UNREACH, icmp.PROTO_UNREACH)):
+            self.stats["icmp_udp_backend_refused"] += 1
+            if flow.sal.remote_flow:
+                self._emit_sal(flow, flow.sal.reset().encode())
+                self.stats["sal_resets_sent"] += 1
+            self._finish(flow, now, "unreachable")
+        else:
+            self.stats["icmp_soft_errors"] += 1
+        return None
+
+    def _udp_refused(self, flow) -> None:
+        """The client gateway's UDP flow was reset before any datagram came back (the
+        service refused it): its legacy client hears port unreachable, as from the host
+        itself, quoting its own datagram. A flow that has carried answers does not: its
+        next datagram simply opens a new flow (a restarted peer, say)."""
+        if self.role != "client" or flow.bytes_in:
+            return
+        quoted = ip_header(flow.legacy_src, flow.legacy_dst, PROTO_UDP, 28, 0, 64, 0, 0) \
+            + _PORTS.pack(flow.legacy_sport, flow.legacy_dport) + b"\0\x08\0\0"
+        self.outbox.append(icmp.build_error(flow.legacy_dst, flow.legacy_src, icmp.DEST_UNREACH,
+                                            icmp.PORT_UNREACH, quoted))
+        self.stats["icmp_port_unreachable_sent"] += 1
+
     def _udp_idle_close(self, flow, now: float) -> bool:
         """An idle UDP flow: our SAL FIN, as the reference ends one; the flow lingers
         for the close. False when it never got established (nothing to close)."""

@@ -5,7 +5,8 @@
 The server runs a real DNS server (dnsmasq, on 5300) and iperf3 (TCP control and UDP
 data on 5201); the client reaches both only through the virtual address: ``dig`` over
 UDP (every query a new socket, so a new SAL flow), and ``iperf3 -u`` at a fixed rate
-with iperf3's own loss report. Established UDP flows stay on the Python path (the
+with iperf3's own loss report. A UDP service whose backend has nothing listening
+refuses dig at once. Established UDP flows stay on the Python path (the
 kernel fast path carries TCP only).
 """
 import json
@@ -19,6 +20,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 
 DNS_PORT, IPERF_PORT = 5300, 5201
+NOBODY_PORT = 5399                 # a UDP service whose backend has nothing listening
 ANSWER = "198.19.9.9"
 QUERIES = 200
 
@@ -48,8 +50,18 @@ address = "{VIRTUAL_ADDR}"
 port = {IPERF_PORT}
 protocol = "udp"
 
+[[service]]
+name = "nobody.svc.example"
+address = "{VIRTUAL_ADDR}"
+port = 54
+protocol = "udp"
+
 [[route]]
 service = "dns.svc.example"
+next_hop = "{pair.sgw_sal}"
+
+[[route]]
+service = "nobody.svc.example"
 next_hop = "{pair.sgw_sal}"
 
 [[route]]
@@ -63,6 +75,12 @@ name = "dns.svc.example"
 port = 53
 protocol = "udp"
 backend = "{pair.server_addr}:{DNS_PORT}"
+
+[[service]]
+name = "nobody.svc.example"
+port = 54
+protocol = "udp"
+backend = "{pair.server_addr}:{NOBODY_PORT}"
 
 [[service]]
 name = "iperf.svc.example"
@@ -126,6 +144,16 @@ def test_dig_over_udp_many_queries_all_answered(running, tmp_path):
     # the flow still open on it): SAL flows opened through both gateways alike
     assert cstats["udp_flows_opened"] == sstats["udp_flows_opened"] > QUERIES // 2, (cstats, sstats)
     assert cstats.get("dropped_udp_not_carried", 0) == 0
+
+
+def test_a_backend_with_nothing_listening_refuses_dig_at_once(running):
+    """The backend's kernel answers port unreachable; the client's dig hears connection
+    refused (not a timeout): its one try ends with the refusal."""
+    pair, gws = running
+    r = pair.client.run(["dig", f"@{VIRTUAL_ADDR}", "-p", "54", "+tries=1", "+time=20", "x.test.example"],
+                        check=False, timeout=60)
+    assert "connection refused" in r.stdout + r.stderr, (r.stdout, r.stderr, gws.stats("server"))
+    assert gws.stats("server")["icmp_udp_backend_refused"] >= 1
 
 
 def test_iperf3_udp_at_a_fixed_rate_loses_little(running):

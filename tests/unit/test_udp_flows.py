@@ -345,13 +345,14 @@ def test_no_udp_service_is_refused_at_once():
 
 def test_a_server_reset_ends_the_udp_flow_and_the_next_datagram_opens_anew():
     client, server = make_pair()
-    open_flow(client, server)
+    bport = open_flow(client, server)
+    client.from_sal(server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"a"), 0.5), 0.5)
     sflow = next(iter(server.flows.values()))
     rst = sflow.sal.reset()
     server._emit_sal(sflow, rst.encode())
     (pkt,) = take(server)
     assert client.from_sal(pkt, 1.0) is None
-    assert not take(client)                         # no TCP RST toward a UDP host
+    assert not take(client)        # no TCP RST toward a UDP host; no refusal once answers came
     assert [f.state for f in client.flows.values()] == [State.RESET]
     client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"again"), 2.0)
     (syn,) = take(client)
@@ -635,3 +636,44 @@ def test_over_the_per_source_cap_a_datagram_is_refused_at_once():
     (refusal,) = take(client)
     assert icmp.parse(refusal).code == icmp.PORT_UNREACH
     assert client.stats["limit_flows_per_source"] == 1 and client.stats["refused_flow_cap"] == 1
+
+
+def test_a_backend_that_refuses_is_told_to_the_client_at_once():
+    client, server = make_pair()
+    client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"anyone?"), 0.0)
+    server.from_sal(take(client)[0], 0.0)
+    client.from_sal(take(server)[0], 0.0)
+    ack, data = take(client)
+    server.from_sal(ack, 0.0)
+    to_backend = server.from_sal(data, 0.0)
+    # another host's word is not the backend's: only counted
+    other = icmp.build_error(aton("198.19.3.77"), to_backend[12:16], icmp.DEST_UNREACH, icmp.PORT_UNREACH,
+                             to_backend)
+    assert server.from_icmp(other, 0.1) is None and not take(server)
+    # the backend's kernel: nobody listens there
+    refused = icmp.build_error(aton(SERVER), to_backend[12:16], icmp.DEST_UNREACH, icmp.PORT_UNREACH, to_backend)
+    assert server.from_icmp(refused, 0.1) is None
+    (rst,) = take(server)
+    assert check_sal(rst)[1].flags == wire.RST and server.stats["icmp_udp_backend_refused"] == 1
+    assert client.from_sal(rst, 0.1) is None
+    (told,) = take(client)
+    parsed = icmp.parse(told)
+    assert (parsed.type, parsed.code) == (icmp.DEST_UNREACH, icmp.PORT_UNREACH)
+    assert (ntoa(IPv4(told).src), ntoa(IPv4(told).dst)) == (VIP, CLIENT)
+    q = parsed.quoted
+    assert (ntoa(q[12:16]), ntoa(q[16:20]), q[9]) == (CLIENT, VIP, 17)
+    assert struct.unpack_from("!HH", q, 20) == (5353, 53)
+    # a backend's own datagram toward a host that is not ours passes
+    assert server.from_icmp(icmp.build_error(aton(SERVER), aton(SGW_LAN), icmp.DEST_UNREACH, icmp.PORT_UNREACH,
+                                             udp_packet(SGW_LAN, 999, SERVER, 5300, b"x")), 0.2) is PASS
+
+
+def test_a_refusal_after_the_backend_answered_is_only_counted():
+    client, server = make_pair()
+    bport = open_flow(client, server)
+    server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"answer"), 0.5)
+    to_backend = server.from_sal(client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"q"), 1.0), 1.0)
+    refused = icmp.build_error(aton(SERVER), to_backend[12:16], icmp.DEST_UNREACH, icmp.PORT_UNREACH, to_backend)
+    assert server.from_icmp(refused, 1.1) is None and not take(server)
+    assert server.stats["icmp_soft_errors"] == 1
+    assert [f.closed_at for f in server.flows.values()] == [None]
