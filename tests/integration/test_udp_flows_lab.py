@@ -156,10 +156,11 @@ def test_a_backend_with_nothing_listening_refuses_dig_at_once(running):
     assert gws.stats("server")["icmp_udp_backend_refused"] >= 1
 
 
-def test_iperf3_udp_at_a_fixed_rate_loses_little(running):
+@pytest.mark.parametrize("direction", [[], ["-R"]], ids=["to_server", "from_server"])
+def test_iperf3_udp_at_a_fixed_rate_loses_little(running, direction):
     pair, gws = running
     r = pair.client.run(["iperf3", "-c", VIRTUAL_ADDR, "-p", str(IPERF_PORT), "-u", "-b", "20M", "-t", "3",
-                         "-J"], check=False, timeout=60)
+                         "-J", *direction], check=False, timeout=60)
     result = json.loads(r.stdout)
     assert "error" not in result, (result.get("error"), gws.log("client"))
     total = result["end"]["sum"]
