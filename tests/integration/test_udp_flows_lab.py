@@ -118,10 +118,10 @@ def start_iperf(pair) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def running(lab):
+@pytest.fixture(params=["ip", "udp"])
+def running(request, lab):
     pair = gateway_pair(lab, wire=True)
-    gws = RunningGateways(pair)
+    gws = RunningGateways(pair, carriage=request.param)
     add_udp_services(gws, pair)
     start_dns(pair)
     start_iperf(pair)

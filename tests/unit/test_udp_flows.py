@@ -48,31 +48,34 @@ def check_udp(pkt: bytes, src: str, dst: str) -> tuple[int, int, bytes]:
 
 
 def check_sal(pkt: bytes):
+    """(IPv4, SalHeader, transport) of a SAL packet over either carriage, checked."""
     ip = IPv4(pkt)
-    assert ip.protocol == wire.PROTO_SAL
-    hdr, off = wire.decode(pkt, ip.ihl)
+    over_udp = ip.protocol == 17
+    assert ip.protocol == wire.PROTO_SAL or (over_udp and set(struct.unpack_from("!HH", pkt, 20)) == {54324, 54325})
+    hdr, off = wire.decode(pkt, ip.ihl + (8 if over_udp else 0))
     assert hdr.checksum_ok and hdr.protocol == 17
     seg = pkt[off:]
     if seg:
         assert seg[:4] == b"\0\0\0\0", "ports are zero on the wire"
         assert struct.unpack_from("!H", seg, 4)[0] == len(seg)
-        assert transport_checksum_ok(ip.src, ip.dst, 17, seg)
+        pseudo = (bytes(4), bytes(4)) if over_udp else (ip.src, ip.dst)
+        assert transport_checksum_ok(*pseudo, 17, seg)
     return ip, hdr, seg
 
 
-def make_pair(mtu=1500, timeouts=None, tcp_too=False):
+def make_pair(mtu=1500, timeouts=None, carriage="ip"):
     ctable = ServiceTable()
     ctable.add(ServicePrefix(SID, 224), Action.FORWARD, SGW)
     ctable.add(ServicePrefix(TCP_SID, 224), Action.FORWARD, SGW)
     udp_services = {(aton(VIP), 53): SID}
     client = ClientTranslator(aton(CGW), lambda a, p: TCP_SID if (a, p) == (aton(VIP), 80) else None,
-                              ctable, make_carriage("ip", "client"), mtu=mtu,
+                              ctable, make_carriage(carriage, "client"), mtu=mtu,
                               timeouts=timeouts or Timeouts(),
                               resolve_udp=lambda a, p: udp_services.get((a, p)))
     stable = ServiceTable()
     stable.add(ServicePrefix(SID), Action.DEMUX, Backend(aton(SERVER), 5300, aton(SGW_LAN), "dns", 17))
     stable.add(ServicePrefix(TCP_SID), Action.DEMUX, Backend(aton(SERVER), 8080, aton(SGW_LAN), "web"))
-    server = ServerTranslator(stable, make_carriage("ip", "server"), mtu=mtu, timeouts=timeouts or Timeouts())
+    server = ServerTranslator(stable, make_carriage(carriage, "server"), mtu=mtu, timeouts=timeouts or Timeouts())
     return client, server
 
 
@@ -180,8 +183,9 @@ def test_reference_syn_is_answered_by_our_server_gateway():
 
 # --- datagrams through the pair -------------------------------------------------------
 
-def test_datagrams_both_ways_through_the_pair():
-    client, server = make_pair()
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_datagrams_both_ways_through_the_pair(carriage):
+    client, server = make_pair(carriage=carriage)
     bport = open_flow(client, server)
     assert server.stats["udp_flows_opened"] == 1
     for i in range(5):
@@ -194,6 +198,7 @@ def test_datagrams_both_ways_through_the_pair():
         assert check_udp(server.from_sal(query, 1.0 + i), SGW_LAN, SERVER) == (bport, 5300, b"q%d" % i)
     # a datagram without a checksum keeps none
     sal = client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"plain", checksum=False), 7.0)
+    assert check_sal(sal)[2][6:8] == b"\0\0"
     out = server.from_sal(sal, 7.0)
     assert out[26:28] == b"\0\0" and out.endswith(b"plain")
     assert len(client.flows) == len(server.flows) == 1
@@ -205,8 +210,9 @@ def test_datagrams_both_ways_through_the_pair():
     assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, 1, b"x"), 9.0) is PASS
 
 
-def test_datagrams_before_the_synack_are_held_bounded_then_sent_in_order():
-    client, server = make_pair()
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_datagrams_before_the_synack_are_held_bounded_then_sent_in_order(carriage):
+    client, server = make_pair(carriage=carriage)
     for i in range(MAX_PENDING + 4):
         assert client.from_legacy_udp(udp_packet(CLIENT, 5353, VIP, 53, b"d%d" % i), 0.0) is None
     assert client.stats["udp_held"] == MAX_PENDING
@@ -234,8 +240,9 @@ def test_a_repeated_syn_is_answered_again_and_opens_nothing():
     assert len(server.flows) == 1
 
 
-def test_idle_flow_ends_with_a_fin_both_ways():
-    client, server = make_pair(timeouts=Timeouts(udp_idle=5.0))
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_idle_flow_ends_with_a_fin_both_ways(carriage):
+    client, server = make_pair(timeouts=Timeouts(udp_idle=5.0), carriage=carriage)
     open_flow(client, server)
     client.handle_timer(4.9)
     server.handle_timer(4.0)
@@ -270,24 +277,26 @@ def test_traffic_keeps_an_idle_timeout_away():
     assert not take(client) and client.stats["flows_idle_closed"] == 0
 
 
-def test_too_big_for_the_path_gets_frag_needed_never_fragmented():
-    client, server = make_pair(mtu=1500)
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_too_big_for_the_path_gets_frag_needed_never_fragmented(carriage):
+    client, server = make_pair(mtu=1500, carriage=carriage)
     open_flow(client, server)
-    fits = udp_packet(CLIENT, 5353, VIP, 53, b"f" * (1488 - 28))
+    most = 1488 - (8 if carriage == "udp" else 0)          # the largest legacy packet that fits
+    fits = udp_packet(CLIENT, 5353, VIP, 53, b"f" * (most - 28))
     sal = client.from_legacy_udp(fits, 1.0)
-    assert len(sal) == 1500 and server.from_sal(sal, 1.0).endswith(b"f" * 1460)
-    big = udp_packet(CLIENT, 5353, VIP, 53, b"b" * (1489 - 28))
+    assert len(sal) == 1500 and server.from_sal(sal, 1.0).endswith(b"f" * (most - 28))
+    big = udp_packet(CLIENT, 5353, VIP, 53, b"b" * (most + 1 - 28))
     assert client.from_legacy_udp(big, 1.0) is None
     (err,) = take(client)
     parsed = icmp.parse(err)
-    assert parsed.frag_needed and parsed.mtu == 1488
+    assert parsed.frag_needed and parsed.mtu == most
     assert (ntoa(IPv4(err).src), ntoa(IPv4(err).dst)) == (VIP, CLIENT)
     assert client.stats["dropped_udp_too_big"] == 1
     # the same from the backend's side: it hears it from the address it sent to
     bport = next(iter(server.flows.values())).legacy_dport
-    assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"b" * 1461), 1.0) is None
+    assert server.from_backend_udp(udp_packet(SERVER, 5300, SGW_LAN, bport, b"b" * (most + 1 - 28)), 1.0) is None
     (err,) = take(server)
-    assert icmp.parse(err).mtu == 1488 and ntoa(IPv4(err).dst) == SERVER
+    assert icmp.parse(err).mtu == most and ntoa(IPv4(err).dst) == SERVER
 
 
 def test_malformed_datagrams_are_dropped_and_counted():
