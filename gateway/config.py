@@ -35,6 +35,13 @@ class ServiceConfig:
     backend: tuple[str, int] | None = None   # server: legacy backend host:port
     weight: int = 1
     priority: int = 1
+    protocol: str = "tcp"              # "tcp" or "udp" (carried as a SAL flow of that transport)
+
+    @property
+    def key(self) -> str:
+        """What the service is known by (registration, health, drain): ``name:port``,
+        and ``name:port/udp`` for a UDP service (one name:port may be both)."""
+        return f"{self.name}:{self.port}" + ("/udp" if self.protocol == "udp" else "")
 
 
 @dataclass
@@ -224,22 +231,29 @@ def parse(data: dict, path: str, role: str, loc: _Locator | None = None) -> Gate
     for key, value in timeouts.items():
         if not hasattr(cfg.timeouts, key):
             fail("timeouts", None, key,
-                 f"unknown timeout {key!r} (idle, handshake, linger, reset_linger, keepalive)")
+                 f"unknown timeout {key!r} (idle, handshake, linger, reset_linger, keepalive, udp_idle)")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
                 or (value == 0 and key != "keepalive"):
             fail("timeouts", None, key, f"timeout {key} must be a positive number of seconds"
                  + (" (0: off)" if key == "keepalive" else ""))
         setattr(cfg.timeouts, key, float(value))
-    seen = {}
+    seen, protocols = {}, {}
     for i, svc in enumerate(_table_list(data, "service", fail)):
         parsed = _service(svc, role, lambda k, m, i=i: fail("service", i, k, m))
         # what a packet is matched on must name one service, or the later silently wins
-        key = (parsed.address, parsed.port) if role == "client" else (parsed.service_id, parsed.backend)
+        key = ((parsed.address, parsed.port) if role == "client" else (parsed.service_id, parsed.backend)) \
+            + (parsed.protocol,)
         if key in seen:
-            what = ("virtual address %s:%d" % key if role == "client"
-                    else f"service {parsed.name}:{parsed.port} with backend %s:%d" % parsed.backend)
+            what = (f"virtual address %s:%d ({parsed.protocol})" % key[:2] if role == "client"
+                    else f"service {parsed.name}:{parsed.port} with backend %s:%d ({parsed.protocol})"
+                    % parsed.backend)
             fail("service", i, None, f"{what} is configured twice (also [[service]] number {seen[key] + 1})")
         seen[key] = i
+        other = protocols.setdefault(parsed.service_id, (parsed.protocol, i))
+        if role == "server" and other[0] != parsed.protocol:
+            fail("service", i, "protocol", f"service {parsed.name}: its service_id is also a {other[0]} service's "
+                 f"([[service]] number {other[1] + 1}); a serviceID is one transport here: give one its own "
+                 "service_id, or leave both derived from the name")
         if role == "client" and ipaddress.IPv4Address(parsed.address) not in ipaddress.IPv4Network(cfg.virtual_network):
             fail("service", i, "address", f"virtual address {parsed.address} is outside virtual_network "
                  f"{cfg.virtual_network}: only that range is intercepted (move it, or widen virtual_network)")
@@ -300,7 +314,7 @@ def _table_list(data, name, fail):
 
 
 def _service(svc: dict, role: str, fail) -> ServiceConfig:
-    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority"}
+    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority", "protocol"}
     for key in svc:
         if key not in allowed:
             fail(key, f"unknown key {key!r} in [[service]]")
@@ -318,6 +332,13 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
         fail("service_id", str(exc))
     out = ServiceConfig(name, port, sid, weight=_int(svc.get("weight", 1), 1, 1 << 16, lambda m: fail("weight", m)),
                         priority=_int(svc.get("priority", 1), 0, 1 << 16, lambda m: fail("priority", m)))
+    out.protocol = svc.get("protocol", "tcp")
+    if out.protocol not in ("tcp", "udp"):
+        fail("protocol", f"service {name}: protocol must be \"tcp\" or \"udp\", not {out.protocol!r}")
+    if out.protocol == "udp" and given is None:
+        # one name:port may be both (DNS): the derived UDP ID differs from the TCP one in
+        # the word before the port (the protocol), under the same name prefix (routes)
+        out.service_id = sid[:28] + (17).to_bytes(2, "big") + sid[30:]
     if role == "client":
         if "address" not in svc:
             fail(None, f"service {name}: a client gateway needs its virtual 'address'")

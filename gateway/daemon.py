@@ -9,7 +9,7 @@ from sal.service_table import Action, ServiceTable
 
 from .adapters import Adapters
 from .config import GatewayConfig
-from .translate import Backend, ClientTranslator, ServerTranslator
+from .translate import PASS, Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
 from .lifecycle import SNAPSHOT_EVERY, LifecycleMixin
 from .paths import FlowPath, Route, plan_moves
@@ -48,12 +48,16 @@ def build_translator(cfg: GatewayConfig, source_for, link_mtus: dict[str, int]):
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
-        virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services}, cfg.mappings)
+        virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services
+                              if s.protocol == "tcp"}, cfg.mappings)
+        udp = {(aton(s.address), s.port): s.service_id for s in cfg.services if s.protocol == "udp"}
         return ClientTranslator(aton(sal_address), virtual, table, carriage,
-                                virtual_network=cfg.virtual_network, **common)
+                                virtual_network=cfg.virtual_network,
+                                resolve_udp=(lambda a, p: udp.get((a, p))) if udp else None, **common)
     for svc in cfg.services:
         host, port = svc.backend
-        backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
+        backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
+                          17 if svc.protocol == "udp" else 6)
         table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
     _check_ephemeral_overlap(cfg)
     return ServerTranslator(table, carriage, port_range=cfg.port_range,
@@ -106,9 +110,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     if cfg.role == "client":
         legacy = ["-p", "tcp", "-d", cfg.virtual_network]
         syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
-        # UDP is not carried yet: its datagrams are refused at once (ICMP port
-        # unreachable), rather than lost on a route with no next hop
-        datagrams = ToQueue(["-p", "udp", "-d", cfg.virtual_network], cfg.control_queue)
+        # UDP toward the virtual range: a UDP service's datagrams are carried (with the
+        # bulk), any other's refused at once (ICMP port unreachable) rather than lost on
+        # a route with no next hop
+        datagrams = ToQueue(["-p", "udp", "-d", cfg.virtual_network], cfg.queue)
         if cfg.intercept_local and local_in_kernel:
             # first, and failing closed: while no daemon runs these would be forwarded
             # back into loopback by the virtual range's route until their TTL ran out
@@ -127,6 +132,11 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
         low, high = cfg.port_range
         for svc in cfg.services:
             host, port = svc.backend
+            if svc.protocol == "udp":
+                # a UDP backend's replies to our ports toward it (failing closed, as below)
+                pre.append(ToQueue(["-p", "udp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"],
+                                   cfg.queue, bypass=False))
+                continue
             match = ["-p", "tcp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"]
             # fail closed: while no daemon runs (a crash, before the restart), the
             # backend's packets are dropped, not handed to this host's TCP, which would
@@ -317,8 +327,17 @@ class Gateway(LifecycleMixin):
             return out
         if payload[9] == 1:
             return t.from_icmp(payload, now)
-        if payload[9] == 17 and t.role == "client" and t.is_virtual(payload[16:20]):
-            return t.refuse_datagram(payload, now)
+        if payload[9] == 17:
+            if t.role == "client":
+                if t.is_virtual(payload[16:20]):
+                    return t.from_legacy_udp(payload, now)
+            elif t.udp_flows:
+                out = t.from_backend_udp(payload, now)
+                if out is not PASS:
+                    if isinstance(out, bytes) and payload[12:16] in t.local_addresses:
+                        t.outbox.append(out)       # from a backend in this namespace (as TCP's)
+                        return None
+                    return out
         return t.from_sal(payload, now)
 
     def _flush(self) -> None:

@@ -107,7 +107,7 @@ class ServerAgent(_Agent):
             self.registrar = Registrar(reg.Signer(r.key, r.sender), aton(address), r.routers,
                                        r.refresh_interval, r.hold_time)
             for svc in cfg.services:
-                self.registrar.offer(f"{svc.name}:{svc.port}", reg.Record(
+                self.registrar.offer(svc.key, reg.Record(
                     svc.name, ServicePrefix(svc.service_id), svc.weight, svc.priority))
             self.checks = {}
             for backend, keys in self.by_backend.items():

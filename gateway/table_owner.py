@@ -46,9 +46,10 @@ def config_rules(cfg, source_for) -> list[Rule]:
     rules = []
     for svc in cfg.services:
         host, port = svc.backend
-        backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name)
+        backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
+                          17 if svc.protocol == "udp" else 6)
         rules.append(Rule(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight,
-                          service=f"{svc.name}:{svc.port}"))
+                          service=svc.key))
     return rules
 
 

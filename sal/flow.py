@@ -61,11 +61,13 @@ class Rejected(Exception):
 class SalFlow:
     __slots__ = ("local_flow", "remote_flow", "local_nonce", "remote_nonce", "snd_nxt",
                  "rcv_nxt", "state", "fin_pending", "fin_sent", "fin_acked", "peer_fin",
-                 "outstanding", "service_id", "rto_initial", "migrate_pending", "peer_moving")
+                 "outstanding", "service_id", "rto_initial", "migrate_pending", "peer_moving",
+                 "protocol")
 
     def __init__(self, local_flow: int, local_nonce: bytes, initial_verno: int,
-                 rto_initial: float = RTO_INITIAL):
+                 rto_initial: float = RTO_INITIAL, protocol: int = 6):
         self.local_flow = local_flow
+        self.protocol = protocol       # the transport after the SAL: 6 TCP, 17 UDP
         self.remote_flow = 0
         self.local_nonce = local_nonce
         self.remote_nonce: bytes | None = None
@@ -335,7 +337,7 @@ class SalFlow:
         exts = [ctl]
         if service and self.service_id is not None:
             exts.append(Service(self.service_id))
-        return SalHeader(self.local_flow, self.remote_flow, 6, exts)
+        return SalHeader(self.local_flow, self.remote_flow, self.protocol, exts)
 
     def _send(self, hdr: SalHeader, transport: bytes, now: float) -> None:
         rto = max(self.rto_initial, RTO_MIN)

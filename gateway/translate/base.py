@@ -18,6 +18,7 @@ from .events import FlowClosed, FlowClosing, FlowEstablished, FlowSteady
 from .icmp import IcmpMixin
 from .limits import Limits, LimitsMixin
 from .migration import MigrationMixin
+from .udp import UdpMixin
 from .verdict import PASS
 
 _TCP_PORTS = struct.Struct("!HH")
@@ -40,6 +41,7 @@ class Timeouts:
     # an established flow quiet this long sends its peer a SAL ACK, so that a NAT on the
     # way keeps its mapping (home routers forget idle UDP in 30-180 s); 0: never
     keepalive: float = 0.0
+    udp_idle: float = 30.0      # a UDP flow with no datagrams either way (conntrack's 30 s)
 
 
 class Flow:
@@ -52,7 +54,7 @@ class Flow:
                  "legacy_fin_end", "legacy_last_ack", "send_handshake_ack",
                  "closed_at", "syn_seq", "extra", "held", "hold_deadline", "moving_peer",
                  "migration_started", "prev_peer_addr", "source_key", "remote_fin_end",
-                 "remote_fin_acked", "rebind_to")
+                 "remote_fin_acked", "rebind_to", "udp")
 
     def __init__(self, sal: SalFlow, now: float):
         self.sal = sal
@@ -76,6 +78,7 @@ class Flow:
         self.prev_peer_addr = None      # the peer's address before its last move
         self.rebind_to = None           # (address, port) a path challenge went to (NAT rebinding)
         self.source_key = None          # what the per-source cap counts this flow under
+        self.udp = None                 # a UDP flow's own state (udp.py); None for TCP
 
     def set_legacy(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
         """The legacy side's view: ``src``:``sport`` is the legacy host, ``dst``:``dport``
@@ -92,17 +95,18 @@ class Flow:
         self.out_delta = delta(legacy, sal_side)
         back_legacy = self.legacy_dst + self.legacy_src + _TCP_PORTS.pack(self.legacy_dport, self.legacy_sport)
         self.in_delta = delta(pseudo_peer + pseudo_local + b"\0\0\0\0", back_legacy)
-        self.out_hdr = wire.base_header(self.sal.local_flow, self.sal.remote_flow)
-        self.in_hdr = wire.base_header(self.sal.remote_flow, self.sal.local_flow)
+        protocol = self.sal.protocol
+        self.out_hdr = wire.base_header(self.sal.local_flow, self.sal.remote_flow, protocol)
+        self.in_hdr = wire.base_header(self.sal.remote_flow, self.sal.local_flow, protocol)
         self.out_ip_sum = header_sum(self.local_addr, self.peer_addr, carriage.protocol)
-        self.in_ip_sum = header_sum(self.legacy_dst, self.legacy_src, 6)
+        self.in_ip_sum = header_sum(self.legacy_dst, self.legacy_src, protocol)
 
     @property
     def state(self) -> State:
         return self.sal.state
 
 
-class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
+class Translator(MigrationMixin, LimitsMixin, IcmpMixin, UdpMixin):
     """The shared machinery; ``ClientTranslator`` and ``ServerTranslator`` add each side."""
 
     role = "?"
@@ -129,6 +133,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         self._rtx_heap: list = []                 # (retransmission deadline, flowID), checked lazily
         self._init_limits(limits)
         self._init_icmp()
+        self._init_udp()
         self.accepting = True                     # False while draining: no new flows
         self._holding: dict[int, tuple] = {}      # flows holding packets during a move: path before it
         # Our addresses, kept current by the daemon. SAL is queued whatever its
@@ -141,12 +146,14 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         self._keepalive_at: float | None = None   # the next look for quiet flows
 
     # --- flows ---------------------------------------------------------------------
-    def _new_flow(self, now: float) -> Flow:
+    def _new_flow(self, now: float, protocol: int = 6) -> Flow:
         while True:
             fid = self.rng.getrandbits(32)
             if fid and fid not in self.flows:
                 break
-        kwargs = {} if self.rto_initial is None else {"rto_initial": self.rto_initial}
+        kwargs = {"protocol": protocol}
+        if self.rto_initial is not None:
+            kwargs["rto_initial"] = self.rto_initial
         sal = SalFlow(fid, self.rng.getrandbits(64).to_bytes(8, "big"), self.rng.getrandbits(32), **kwargs)
         flow = Flow(sal, now)
         self.flows[fid] = flow
@@ -178,6 +185,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             self._held_total -= len(flow.held)
             flow.held = None
         self._closed_out(flow)
+        if flow.udp is not None:
+            self._udp_forget(flow)
         reason = flow.sal.state.value if flow.closed_at is not None and flow.sal.state else "expired"
         self.events.append(FlowClosed(flow, reason, flow.bytes_out, flow.bytes_in))
 
@@ -185,7 +194,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         """Both handshakes are complete: plain data from here on."""
         super()._handshake_done(flow)
         # from now on the idle timeout applies, which may be shorter than the handshake's
-        heapq.heappush(self._expiry, (flow.last_seen + self.timeouts.idle, flow.sal.local_flow))
+        heapq.heappush(self._expiry, (self._deadline(flow), flow.sal.local_flow))
         self.events.append(FlowEstablished(flow, None if now is None else now - flow.created))
         if self.timeouts.keepalive and self._keepalive_at is None:
             self._keepalive_at = flow.last_seen + self.timeouts.keepalive
@@ -196,7 +205,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             linger = self.timeouts.reset_linger if state in (State.RESET, State.FAILED) else self.timeouts.linger
             return flow.closed_at + linger
         if state == State.ESTABLISHED and not flow.send_handshake_ack:
-            return flow.last_seen + self.timeouts.idle
+            return flow.last_seen + (self.timeouts.idle if flow.udp is None else self.timeouts.udp_idle)
         return flow.last_seen + self.timeouts.handshake
 
     def _finish(self, flow: Flow, now: float, reason: str) -> None:
@@ -290,6 +299,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                         heapq.heappush(self._expiry, (deadline, fid))
                         continue
                 self.stats["flows_idle_expired"] += 1
+                if flow.udp is not None and self._udp_idle_close(flow, now):
+                    continue                   # its SAL FIN is out: it lingers for the close
                 if flow.sal.state == State.ESTABLISHED:
                     # both legacy ends hear it: ours directly, the peer's through its gateway
                     self._emit_sal(flow, flow.sal.reset().encode())
@@ -322,6 +333,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         if flow is None or flow.sal.state in _FULL_PATH_STATES:
             return None
         seg = pkt[self._body_at + 12:]
+        if flow.udp is not None:
+            return self._udp_from_sal(flow, pkt, seg, now)
         if seg[13] & (TCP_FIN | TCP_RST):
             return None          # checked on the full path before anyone acts on it
         self._track_tcp(flow, seg, False, now)
@@ -351,9 +364,14 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             self.stats["dropped_sal_bad_checksum"] += 1
             return None
         if hdr.protocol != 6:
-            self.stats["dropped_sal_not_tcp"] += 1
-            return None
-        if len(body) > off and len(body) - off < 20:
+            if hdr.protocol != 17:
+                self.stats["dropped_sal_not_tcp_or_udp"] += 1
+                return None
+            if len(body) > off and len(body) - off < 8:
+                self.stats["malformed"] += 1
+                self.stats["dropped_udp_truncated"] += 1
+                return None
+        elif len(body) > off and len(body) - off < 20:
             self.stats["malformed"] += 1
             self.stats["dropped_tcp_truncated"] += 1
             return None
@@ -362,6 +380,9 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
     def _from_sal_flow(self, flow: Flow, pkt: bytes, ip: IPv4, hdr: SalHeader, off: int,
                        peer_port: int, body: bytes, now: float):
         """The full path for a SAL packet of a known flow: checks, control, translation."""
+        if hdr.protocol != flow.sal.protocol:
+            self.stats["dropped_wrong_protocol"] += 1
+            return None
         if hdr.control is None:
             if hdr.src_flow != flow.sal.remote_flow:
                 self.stats["dropped_wrong_peer"] += 1
@@ -392,7 +413,9 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
                 return None
             if not events and self._from_elsewhere(flow, ip.src, peer_port):
                 self.challenge_path(flow, ip.src, peer_port, now)   # a keepalive, say
-            self._after_control(flow, ip, peer_port, events)
+            self._after_control(flow, ip, peer_port, events, now)
+        if flow.udp is not None:
+            return self._udp_from_sal_flow(flow, pkt, hdr, off, body, self._in_delta_for(flow, ip), now)
         if off >= len(body):
             if hdr.control is None:
                 self.stats["dropped_empty"] += 1   # neither control nor data
@@ -412,7 +435,7 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
             return False         # still queued from before the peer's own move: its own
         return flow.moving_peer is None and flow.rebind_to != (addr, port)
 
-    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
+    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list, now: float) -> None:
         """What a side does on a flow's events besides the shared handling."""
 
     def _sal_control(self, flow: Flow, ip: IPv4, hdr: SalHeader, now: float,
@@ -622,6 +645,9 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         """Tell the legacy host its connection is gone (a RST in its window). A legacy
         client still waiting for its SYN-ACK takes only a RST that acknowledges its SYN
         (RFC 793, SYN-SENT): it hears "connection refused"."""
+        if flow.udp is not None:
+            self._udp_refused(flow)            # no TCP reset for a UDP host
+            return
         if flow.legacy_key is None:
             return
         if self.refresh is not None:
@@ -643,7 +669,8 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin):
         for flow in self.flows.values():
             rows.append({
                 "legacy": f"{ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
-                if flow.legacy_key is not None else "-",
+                + ("" if flow.udp is None else " udp")
+                if flow.legacy_key is not None or flow.udp is not None else "-",
                 "local_flow": f"{flow.sal.local_flow:08x}",
                 "remote_flow": f"{flow.sal.remote_flow:08x}",
                 "peer": ntoa(flow.peer_addr) + (f":{flow.peer_port}" if flow.peer_port else ""),

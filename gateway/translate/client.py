@@ -13,6 +13,7 @@ from sal.wire import MalformedPacket
 
 from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32
 from .limits import TokenBucket
+from .udp import UdpClientMixin
 
 REFUSALS_PER_SECOND = 100     # ICMP port unreachable we send, at most (a router's own limit)
 
@@ -26,16 +27,19 @@ class VirtualService:
     name: str = ""
 
 
-class ClientTranslator(Translator):
+class ClientTranslator(UdpClientMixin, Translator):
     role = "client"
 
     def __init__(self, sal_address: bytes, resolve: Callable[[bytes, int], bytes | None],
-                 table: ServiceTable, carriage, virtual_network: str = "198.18.0.0/16", **kwargs):
+                 table: ServiceTable, carriage, virtual_network: str = "198.18.0.0/16",
+                 resolve_udp: Callable[[bytes, int], bytes | None] | None = None, **kwargs):
         """``resolve(virtual_address, port)`` gives the serviceID a virtual address stands
-        for (the seam for the resolver); ``table`` picks the next hop for a serviceID."""
+        for (the seam for the resolver), ``resolve_udp`` the same for UDP services (none
+        by default: datagrams are refused); ``table`` picks the next hop for a serviceID."""
         super().__init__(carriage, **kwargs)
         self.sal_address = sal_address
         self.resolve = resolve
+        self.resolve_udp = resolve_udp
         self.table = table
         self.by_legacy: dict[tuple, Flow] = {}
         net = ipaddress.IPv4Network(virtual_network)
@@ -46,12 +50,13 @@ class ClientTranslator(Translator):
         base, mask = self._virtual
         return int.from_bytes(address, "big") & mask == base
 
-    def refuse_datagram(self, pkt: bytes, now: float):
-        """A legacy UDP datagram toward a virtual address: UDP flows are not carried
-        yet, so its sender hears "port unreachable" at once (a connected socket gets
-        ECONNREFUSED, dig says so) instead of waiting for nothing. Rate-limited, as a
-        router limits its ICMP; dropped either way, and counted."""
-        self.stats["dropped_udp_not_carried"] += 1
+    def refuse_datagram(self, pkt: bytes, now: float, reason: str = "dropped_udp_not_carried"):
+        """A legacy UDP datagram toward a virtual address that no UDP service stands
+        behind (or none can be reached now): its sender hears "port unreachable" at
+        once (a connected socket gets ECONNREFUSED, dig says so) instead of waiting for
+        nothing. Rate-limited, as a router limits its ICMP; dropped either way, and
+        counted under ``reason``."""
+        self.stats[reason] += 1
         if len(pkt) >= 28 and self._refusals.take(now):
             self.outbox.append(icmp.build_error(pkt[16:20], pkt[12:16], icmp.DEST_UNREACH,
                                                 icmp.PORT_UNREACH, pkt))
@@ -248,11 +253,14 @@ class ClientTranslator(Translator):
             return self._answer_unknown(ip, hdr, peer_port)
         return self._from_sal_flow(flow, pkt, ip, hdr, off, peer_port, body, now)
 
-    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list) -> None:
+    def _after_control(self, flow: Flow, ip: IPv4, peer_port: int, events: list, now: float) -> None:
         if Event.ESTABLISHED in events:
             # late binding: the instance that accepted answers from its own address
             flow.peer_addr = ip.src
             flow.peer_port = peer_port or flow.peer_port
             flow.rebuild(self.carriage)
+            if flow.udp is not None:
+                self._udp_synack(flow, now)      # no legacy handshake to wait for
+                return
             flow.send_handshake_ack = True
             self.stats["flows_established"] += 1

@@ -47,9 +47,13 @@ class IcmpMixin:
         if err is None:
             return PASS
         if err.quoted_protocol == self.carriage.protocol:
-            return self._icmp_about_sal(err, now)
+            out = self._icmp_about_sal(err, now)
+            if out is not PASS or err.quoted_protocol != 17:
+                return out
         if err.quoted_protocol == 6:
             return self._icmp_about_legacy(err, now)
+        if err.quoted_protocol == 17 and self.udp_flows:
+            return self._icmp_about_udp(err, now)      # (udp.py)
         return PASS
 
     # --- about SAL we sent -----------------------------------------------------------
@@ -120,7 +124,7 @@ class IcmpMixin:
             self.peer_mtu[flow.peer_addr] = (mtu, now + PMTU_TIMEOUT)
         hlen = body[8] * 4
         seg = body[hlen:]
-        if hlen != BASE_LEN or len(seg) < 8 or flow.legacy_key is None:
+        if hlen != BASE_LEN or len(seg) < 8 or (flow.legacy_key is None and flow.udp is None):
             return                              # a control packet: nothing to tell the legacy host
         legacy_mtu = mtu - BASE_LEN - self.carriage.overhead
         quoted = self._legacy_quote(flow, err, seg)
@@ -130,14 +134,14 @@ class IcmpMixin:
 
     def _legacy_quote(self, flow, err, seg: bytes) -> bytes:
         """The quoted SAL packet as the legacy host sent it: its addresses and ports,
-        the length without our headers, the rest of its TCP bytes as they were."""
+        the length without our headers, the rest of its TCP (or UDP) bytes as they were."""
         overhead = BASE_LEN + self.carriage.overhead
         q = err.quoted
         length = max(err.quoted_length - overhead, 20 + len(seg))
         head = bytearray(q[:20])
         head[0] = 0x45
         head[2:4] = length.to_bytes(2, "big")
-        head[9] = 6
+        head[9] = flow.sal.protocol
         head[10:12] = b"\0\0"
         head[12:16], head[16:20] = flow.legacy_src, flow.legacy_dst
         head[10:12] = checksum(bytes(head)).to_bytes(2, "big")

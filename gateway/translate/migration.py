@@ -103,7 +103,9 @@ class MigrationMixin:
         if old is not None:
             self.events.append(FlowMoved(flow, old, (flow.local_addr, flow.peer_addr)))
         for pkt in held:
-            self.outbox.append(self._to_sal(flow, pkt, pkt[(pkt[0] & 15) * 4:], now, flow.out_hdr))
+            seg = pkt[(pkt[0] & 15) * 4:]
+            self.outbox.append(self._to_sal(flow, pkt, seg, now, flow.out_hdr) if flow.udp is None
+                               else self._udp_to_sal(flow, pkt, seg, now))
         self.stats["packets_released"] += len(held)
 
     def _on_migrated(self, flow, now: float) -> None:

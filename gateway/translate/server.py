@@ -18,6 +18,7 @@ from sal.wire import RST, SYN
 
 from .base import PASS, Flow, Translator, _TCP_PORTS, _U16, _U32, _seq_geq
 from .ports import TIME_WAIT, PortPool
+from .udp import UdpServerMixin
 
 # The reference retransmits a SYN after 3 s: the verdict on an old flow comes before
 # (1.8 s), and a live peer up to about a second and a half away answers in time.
@@ -36,17 +37,19 @@ class _Challenge:
 
 @dataclass(frozen=True)
 class Backend:
-    """A legacy server: where DEMUX sends a service. ``source`` is our address facing it."""
+    """A legacy server: where DEMUX sends a service. ``source`` is our address facing it;
+    ``protocol`` the transport it serves (6 TCP, 17 UDP)."""
     address: bytes
     port: int
     source: bytes
     name: str = ""
+    protocol: int = 6
 
     def __str__(self):
         return f"{ntoa(self.address)}:{self.port}"
 
 
-class ServerTranslator(Translator):
+class ServerTranslator(UdpServerMixin, Translator):
     role = "server"
 
     def __init__(self, table: ServiceTable, carriage, port_range: tuple[int, int] = (1024, 32767),
@@ -127,6 +130,11 @@ class ServerTranslator(Translator):
             self.stats["dropped_no_service"] += 1
             return None
         backend: Backend = target.target
+        if backend.protocol != hdr.protocol:
+            self.stats["dropped_wrong_protocol"] += 1     # a UDP SYN for a TCP service, say
+            return None
+        if hdr.protocol == 17:
+            return self._udp_on_syn(pkt, ip, hdr, peer_port, now, local, reply_to, backend)
         if not self._admit(reply_to):
             return None
         pool = self._pool(backend)
@@ -169,6 +177,8 @@ class ServerTranslator(Translator):
         if ctl.nonce == flow.sal.remote_nonce:
             if state in (State.SYN_SEEN, State.SYN_RECEIVED):
                 self.stats["syn_repeated"] += 1       # the legacy client retried: so do we
+                if flow.udp is not None:
+                    return self._udp_send_synack(flow, now)
                 if peer_port and peer_port != flow.peer_port and ip.src == flow.peer_addr:
                     # from another UDP port: a NAT rebound the peer mid-handshake; the
                     # same nonce says it is the same peer, and our answer must follow it

@@ -14,7 +14,8 @@ VERSION = 1
 def dump(translator, now: float) -> dict:
     flows = []
     for f in translator.flows.values():
-        if f.closed_at is not None or f.sal.state != State.ESTABLISHED or f.sal.migrating:
+        if f.closed_at is not None or f.sal.state != State.ESTABLISHED or f.sal.migrating \
+                or f.udp is not None:      # (UDP flows are not resumed yet: their next datagram opens anew)
             continue
         s = f.sal
         row = {

@@ -1,6 +1,8 @@
-"""UDP toward a virtual address is not carried yet: the sender is told at once (ICMP
-port unreachable, ECONNREFUSED on a connected socket), instead of waiting for an answer
-that cannot come; its other UDP (here, to the server directly) is untouched."""
+"""UDP toward a virtual address:port with no UDP service behind it (here, only the TCP
+web service is configured): the sender is told at once (ICMP port unreachable,
+ECONNREFUSED on a connected socket), instead of waiting for an answer that cannot come;
+its other UDP (here, to the server directly) is untouched. UDP services are carried:
+test_udp_flows_lab.py."""
 import sys
 
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
