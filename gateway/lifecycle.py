@@ -85,7 +85,9 @@ class LifecycleMixin:
         try:
             rules = config_rules(new, self.net.source_for)
         except (LookupError, OSError) as exc:
-            log.error("reload refused, the running config stays: %s", exc)
+            from .reachability import NoRoute, unreachable_at_start
+            said = unreachable_at_start(new, exc) if isinstance(exc, NoRoute) else exc
+            log.error("reload refused, the running config stays: %s", said)
             return
         t = self.translator
         t.timeouts, t.limits = new.timeouts, new.limits

@@ -96,6 +96,22 @@ def test_a_routable_config_still_starts(tmp_path):
     gw.stop()
 
 
+def test_a_reload_that_adds_an_unroutable_backend_is_refused_with_its_line(tmp_path, caplog):
+    path = tmp_path / "gw.toml"
+    routable = SERVER.split("[[service]]\nname = \"db")[0]
+    gw, path = start(tmp_path, routable, "server", server_net())
+    gw.start()
+    path.write_text(textwrap.dedent(SERVER.format(dir=tmp_path)))
+    with caplog.at_level("ERROR", logger="serval"):
+        gw.reload()
+    (record,) = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    message = record.getMessage()
+    assert f"{path}:{line_number(path, '10.77.0.5:5432')}: " in message
+    assert "backend 10.77.0.5:5432 of service db.svc.example:5432 is unreachable" in message
+    assert [s.name for s in gw.cfg.services] == ["web.svc.example"]      # the running config stays
+    gw.stop()
+
+
 class Clock:
     def __init__(self):
         self.now = 100.0
