@@ -8,6 +8,7 @@ from sal.serviceid import ServicePrefix, short
 from sal.service_table import Action, ServiceTable
 
 from .adapters import Adapters
+from .adapters.nfqueue import SYN_QUEUE_LEN
 from .config import GatewayConfig
 from .translate import PASS, Backend, ClientTranslator, ServerTranslator
 from .translate.carriage import make_carriage
@@ -86,9 +87,11 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     """The rules, sysctls and routes a gateway installs (keyword arguments for
     ``nat.Interception.install``).
 
-    Two queues: SAL control packets (those with extensions) and TCP SYNs go to
-    ``cfg.control_queue``, read first and whole; the bulk goes to ``cfg.queue``, read in
-    batches. So a handshake or a move never waits behind thousands of data packets.
+    Three queues: new connections' SYNs (legacy, and SAL SYNs, which name no flow of
+    ours yet) go to the new-flow queue, short and read in batches; the rest of SAL
+    control (extensions) and the backends' SYN-ACKs go to ``cfg.control_queue``, read
+    first and whole; the bulk goes to ``cfg.queue``, read in batches. So a handshake or a
+    move never waits behind thousands of data packets, nor behind a SYN flood.
 
     ``local_in_kernel``: this host's own TCP toward the virtual range is routed through
     loopback, whose ingress the fast path translates (as for a sidecar's backend): it
@@ -103,13 +106,16 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     # the SAL header length byte is above 3 words when extensions follow
     sal_control = ToQueue(sal_in + ["-m", "u32", "--u32", f"0>>22&0x3C@{sal_hlen_at}>>24=4:255"],
                           cfg.control_queue)
+    # a SAL SYN: destination flowID 0, and extensions
+    sal_syn = ToQueue(sal_in + ["-m", "u32", "--u32", f"0>>22&0x3C@{sal_hlen_at - 4}=0&&"
+                                f"0>>22&0x3C@{sal_hlen_at}>>24=4:255"], new_flow_queue(cfg))
     pre, out, routes = [], [], []
     # SAL to any address: addresses change under live flows, and a packet still sent to
     # the one we just lost is translated rather than lost (what is not ours passes)
-    pre += [sal_control, sal_in]
+    pre += [sal_syn, sal_control, sal_in]
     if cfg.role == "client":
         legacy = ["-p", "tcp", "-d", cfg.virtual_network]
-        syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], cfg.control_queue)
+        syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], new_flow_queue(cfg))
         # UDP toward the virtual range: a UDP service's datagrams are carried (with the
         # bulk), any other's refused at once (ICMP port unreachable) rather than lost on
         # a route with no next hop
@@ -165,6 +171,11 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     return {"prerouting": pre, "output": out, "sysctls": sysctls, "routes": routes}
 
 
+def new_flow_queue(cfg: GatewayConfig) -> int:
+    """The queue of new connections' SYNs: the one after the control queue."""
+    return (cfg.control_queue + 1000) % 65536
+
+
 def _ntoa(addr: bytes) -> str:
     import socket
     return socket.inet_ntoa(addr)
@@ -184,7 +195,7 @@ class Gateway(LifecycleMixin):
         self.translator = None
         self.table = None            # the one writer of the service table (gateway/table_owner.py)
         self.interception = None
-        self.reader = self.control_reader = None
+        self.reader = self.control_reader = self.syn_reader = None
         self.injector = self.port = self.watcher = None
         self._timer = None           # one reactor call at the translator's next deadline
         self._timer_at = None
@@ -241,6 +252,9 @@ class Gateway(LifecycleMixin):
             self.reactor.addReader(self.reader)
             self.control_reader = a.queue_reader(cfg.control_queue, self._handle, self._flush, self.stats)
             self.reactor.addReader(self.control_reader)
+            self.syn_reader = a.queue_reader(new_flow_queue(cfg), self._handle, self._flush, self.stats,
+                                             batch=64, max_len=SYN_QUEUE_LEN)
+            self.reactor.addReader(self.syn_reader)
             self.port = a.control.listen(self.reactor, cfg.control_socket, self.commands())
             self.watcher = a.watcher(self._on_netlink)
             self.reactor.addReader(self.watcher)
@@ -287,11 +301,11 @@ class Gateway(LifecycleMixin):
             self.watcher = None
         if self._path_check is not None and self._path_check.active():
             self._path_check.cancel()
-        for reader in (self.reader, self.control_reader):
+        for reader in (self.reader, self.control_reader, self.syn_reader):
             if reader is not None:
                 self.reactor.removeReader(reader)
                 reader.close()
-        self.reader = self.control_reader = None
+        self.reader = self.control_reader = self.syn_reader = None
         if self.port is not None:
             self.port.stopListening()
             self.port = None
@@ -488,6 +502,8 @@ class Gateway(LifecycleMixin):
         stats.update(kernel_queue_stats(self.cfg.queue))
         stats.update({k.replace("kernel_", "kernel_control_"): v
                       for k, v in kernel_queue_stats(self.cfg.control_queue).items()})
+        stats.update({k.replace("kernel_", "kernel_new_flow_"): v
+                      for k, v in kernel_queue_stats(new_flow_queue(self.cfg)).items()})
         times = sorted(self.translator.migration_times)
         if times:
             stats["migration_ms_last"] = round(self.translator.migration_times[-1] * 1000, 2)

@@ -23,6 +23,11 @@ log = logging.getLogger("serval.nfqueue")
 # control) and a connect burst one SYN per connection; 4096 lost 39,424 of such a burst.
 # 65,536 holds about 15,000 simultaneous closes while Python works through them.
 QUEUE_LEN = 65_536
+# The queue of new connections' SYNs alone is kept short on purpose: a SYN flood beyond
+# it is dropped by the kernel (a real client sends its SYN again a second later), and a
+# flood Python works through in full would evict every handshake in progress, those
+# of real clients among them, from the half-open limit before their answers came back.
+SYN_QUEUE_LEN = 4096
 # What one queued packet may cost the netlink socket's receive buffer (the library's
 # own figure: a full 4,016-byte copy plus the message's and skb's overhead). A buffer
 # smaller than QUEUE_LEN of these loses a burst as "user dropped" before the queue is
@@ -38,7 +43,8 @@ MESSAGE_COST = 4_800
 
 @implementer(IReadDescriptor)
 class QueueReader:
-    def __init__(self, queue_num: int, handle, after_batch, stats, batch: int | None = None):
+    def __init__(self, queue_num: int, handle, after_batch, stats, batch: int | None = None,
+                 max_len: int = QUEUE_LEN):
         """``handle(payload) -> bytes | None | PASS``; ``after_batch()`` runs after each
         read (to flush packets to inject and re-arm timers). With ``batch``, a read
         takes at most that many packets and returns to the reactor, so a busy data queue
@@ -49,17 +55,17 @@ class QueueReader:
         self.stats = stats
         self._last_error_log = 0.0
         self.nfq = NetfilterQueue()
-        wanted = QUEUE_LEN * MESSAGE_COST
+        wanted = max_len * MESSAGE_COST
         with warnings.catch_warnings():
             # the library warns when the kernel gave less; we say so ourselves, below
             warnings.simplefilter("ignore", RuntimeWarning)
             # the kernel doubles what is asked (for its bookkeeping): ask half. The
             # library asks with SO_RCVBUFFORCE (root may pass net.core.rmem_max), then
             # with SO_RCVBUF (capped at rmem_max)
-            self.nfq.bind(queue_num, self._on_packet, max_len=QUEUE_LEN, sock_len=wanted // 2)
+            self.nfq.bind(queue_num, self._on_packet, max_len=max_len, sock_len=wanted // 2)
         sock = socket.fromfd(self.nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
         got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        log_sizing(queue_num, QUEUE_LEN, wanted, got)
+        log_sizing(queue_num, max_len, wanted, got)
         self._batch = None
         if batch:
             sock.setblocking(False)

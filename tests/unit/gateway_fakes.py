@@ -104,7 +104,7 @@ class Interception:
 
 
 class QueueReader:
-    def __init__(self, queue, handle, after_batch, stats, batch=None):
+    def __init__(self, queue, handle, after_batch, stats, batch=None, max_len=None):
         self.queue, self.handle, self.after_batch = queue, handle, after_batch
         self.closed = False
 

@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.config import load
-from gateway.daemon import Gateway
+from gateway.daemon import Gateway, new_flow_queue
 from sal import registration as reg
 from sal import wire
 from sal.ip import IPv4, ntoa
@@ -132,13 +132,20 @@ def syn_goes_to(gw, port=40000):
 def test_start_and_stop_in_memory(tmp_path):
     gw, reactor = start(tmp_path, CLIENT, "client", client_net())
     assert gw.interception.plan["prerouting"] and gw.interception.plan["output"]
-    assert {r.queue for r in (gw.reader, gw.control_reader)} == {7, 1007}
-    assert {gw.reader, gw.control_reader, gw.watcher} <= reactor.readers
+    assert {r.queue for r in (gw.reader, gw.control_reader, gw.syn_reader)} == {7, 1007, 2007}
+    assert {gw.reader, gw.control_reader, gw.syn_reader, gw.watcher} <= reactor.readers
+    # new connections' SYNs (a LAN client's, and SAL SYNs: destination flowID 0) have a
+    # queue of their own, so that a SYN flood does not hold up handshakes in progress
+    queues = {" ".join(r.match): r.queue for r in gw.interception.plan["prerouting"] if hasattr(r, "queue")}
+    assert queues["-p tcp -d 198.18.0.0/16 --tcp-flags SYN SYN"] == 2007
+    (sal_syn,) = [m for m in queues if m.startswith("-p 144") and "@4=0" in m]
+    assert queues[sal_syn] == 2007 and list(queues).index(sal_syn) == 0
     assert [s[0] for s in reactor.unixServers] == [f"{tmp_path}/client.sock"]
     assert default_rule(gw) == [R1, R2]
     assert syn_goes_to(gw) in (R1, R2)
     assert reactor.getDelayedCalls()                      # timers: retransmission, probes, snapshot
-    interception, readers, watcher, injector = gw.interception, (gw.reader, gw.control_reader), gw.watcher, gw.injector
+    interception, readers, watcher, injector = \
+        gw.interception, (gw.reader, gw.control_reader, gw.syn_reader), gw.watcher, gw.injector
     gw.stop()
     assert interception.removed and injector.closed and watcher.closed
     assert all(r.closed for r in readers) and not reactor.readers
@@ -471,7 +478,7 @@ def test_own_connections_are_queued_in_output_unless_the_kernel_takes_them(tmp_p
     assert own_tcp(plan["output"]) == []
     from_lo = own_tcp(plan["prerouting"])[:2]
     assert all(r.match[:2] == ["-i", "lo"] and r.bypass is False for r in from_lo), from_lo
-    assert [r.queue for r in from_lo] == [gw.cfg.control_queue, gw.cfg.queue]
+    assert [r.queue for r in from_lo] == [new_flow_queue(gw.cfg), gw.cfg.queue]
     (route,) = plan["routes"]                                             # even beside a default route
     assert route == {"dst": "198.18.0.0/16", "dev": "lo", "prefsrc": "198.19.1.1"}
     gw.stop()
