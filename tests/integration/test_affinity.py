@@ -99,14 +99,14 @@ def test_every_connection_of_a_client_reaches_one_replica_through_either_router(
 def test_iperf3_parallel_streams_complete(dep):
     """iperf3's control connection and its four data connections land on one replica (on
     two replicas the data connections would meet a server that never saw the test).
-    One run: a second iperf3 test right after the first, against the same iperf3 server,
-    hung whenever this module ran after other tests in the same pytest process (never
-    alone); not explained yet (issue 12 note)."""
-    r = dep.topo.client.run(["iperf3", "-c", IPERF_ADDR, "-p", str(IPERF_PORT), "-P", "4", "-t", "2", "-J"],
-                            check=False, timeout=60)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    end = json.loads(r.stdout)["end"]
-    assert len(end.get("streams", ())) == 4 and end["sum_received"]["bytes"] > 0, r.stdout[-3000:]
+    Twice, back to back, both directions: iperf3's server aborts its data connections
+    at a test's end, and the next test's connections reuse their ports toward it."""
+    for extra in ([], ["-R"]):
+        r = dep.topo.client.run(["iperf3", "-c", IPERF_ADDR, "-p", str(IPERF_PORT), "-P", "4", "-t", "2", "-J",
+                                 *extra], check=False, timeout=60)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        end = json.loads(r.stdout)["end"]
+        assert len(end.get("streams", ())) == 4 and end["sum_received"]["bytes"] > 0, r.stdout[-3000:]
 
 
 def test_draining_wins_and_the_client_stays_when_its_replica_returns(dep):
