@@ -207,8 +207,10 @@ class FlowWatch:
 
     # --- per-flow lines (DEBUG) ----------------------------------------------------------
     def _describe(self, flow) -> dict:
+        # (a UDP flow has its legacy ends but no legacy_key, which is TCP's)
         legacy = (f"{_ntoa(flow.legacy_src)}:{flow.legacy_sport} -> {_ntoa(flow.legacy_dst)}:{flow.legacy_dport}"
-                  if flow.legacy_key is not None else "-")
+                  + ("/udp" if flow.sal.protocol == 17 else "")
+                  if getattr(flow, "legacy_src", None) is not None else "-")
         sid = flow.sal.service_id
         services = self.services()
         if self._names[0] is not services:

@@ -196,3 +196,15 @@ def test_router_registration_lines(caplog):
         ("registered", "registered: sgw0 at 198.19.10.2 offers web.svc.example", logging.INFO),
         ("registration_ended", "registration ended: sgw0 at 198.19.10.2 (expired): no refresh within its hold time",
          logging.WARNING)], got
+
+
+def test_a_udp_flows_lines_name_its_legacy_ends(caplog):
+    from tests.unit import test_udp_flows as udp
+
+    caplog.set_level(logging.DEBUG, logger="serval")
+    client, server = udp.make_pair()
+    obs = GatewayObserver(fake_gateway(client, "client"))
+    udp.open_flow(client, server)
+    obs.flow_events(client.events)
+    (opened,) = [e for e in events(caplog) if e[0] == "flow_opened"]
+    assert f"{udp.CLIENT}:5353 -> {udp.VIP}:53/udp" in opened[1], opened
