@@ -201,9 +201,9 @@ def networks(value, fail) -> list[str]:
 
 def listing(value, fail, read, what: str, *, one: bool = False, empty: bool = True, unique: str = "") -> list:
     """A list read item by item by ``read(item)``; ``what`` says what the list holds.
-    ``one``: a single value stands for a list of it; ``unique``: a repeated item is
+    ``one``: a single string stands for a list of it; ``unique``: a repeated item is
     refused with that message."""
-    if one and not isinstance(value, list):
+    if one and isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or (not empty and not value):
         fail(what)
