@@ -164,7 +164,7 @@ def address_port(value, fail, name: str, default_port: int | None = None, ipv6: 
         if sep:
             host, port = head, tail
     if port is None and default_port is None or port is not None and not port.isdigit():
-        fail(f"{name} must be host:port, not {value!r}" if default_port is None else f"bad port in {text!r}")
+        fail(f"{name} must be host:port, like \"198.19.3.2:8080\", not {value!r}" if default_port is None else f"bad port in {text!r}")
     port = default_port if port is None else int(port)
     if not 0 < port < 65536:
         fail(f"port out of range in {text!r}")

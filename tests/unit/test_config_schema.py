@@ -77,8 +77,8 @@ def test_ipv4_and_networks():
 def test_address_port():
     ap = schema.address_port
     assert ap("198.19.3.2:8080", fail, "backend") == ("198.19.3.2", 8080)
-    assert refusal(ap, "198.19.3.2", "backend") == "backend must be host:port, not '198.19.3.2'"
-    assert refusal(ap, "198.19.3.2:http", "backend") == "backend must be host:port, not '198.19.3.2:http'"
+    assert refusal(ap, "198.19.3.2", "backend") == "backend must be host:port, like \"198.19.3.2:8080\", not '198.19.3.2'"
+    assert refusal(ap, "198.19.3.2:http", "backend") .startswith("backend must be host:port")
     assert refusal(ap, "198.19.3.2:0", "backend") == "port out of range in '198.19.3.2:0'"
     assert refusal(ap, "web:80", "backend") == "not an IPv4 address: 'web:80'"
     assert ap("198.19.20.1", fail, "routers", default_port=54326) == ("198.19.20.1", 54326)
@@ -200,3 +200,21 @@ def test_the_shipped_configs_include_each_deployment():
             "deploy/compose/client-gateway.toml", "deploy/compose/server-gateway-1.toml",
             "deploy/compose/router.toml", "deploy/compose/resolver.toml",
             "deploy/home-router/client.toml", "deploy/home-router/dns.toml"} <= names
+
+
+def test_router_errors_name_the_line_and_the_table(tmp_path):
+    """The router said only ``path: [rule 2] ...``; on the shared locator it names the line."""
+    from router.config import RouterConfigError, load
+    path = tmp_path / "router.toml"
+    key = "[[key]]\nkey = \"" + "11" * 32 + "\"\n"
+    for body, line, words in (
+            ('[router]\nqueue = 70000\n', 2, "[router] queue: expected a whole number from 0 to 65535"),
+            ('[router]\nqueue_bypass = "yes"\n', 2, "[router] queue_bypass must be true or false"),
+            ('[router]\nnames_view = "198.19.20.1"\n', 2, "[router] names_view must be host:port"),
+            ('[[rule]]\nprefix = "default"\nnext_hop = "198.19.50.1"\n[[rule]]\nservice = "x"\n'
+             'next_hop = "nope"\n', 6, "[rule 2] not an IPv4 address: 'nope'"),
+            ('[[service]]\nservice = "w"\naffinity = "sticky"\n', 3, "[service 1] affinity must be")):
+        path.write_text(body + key)
+        with pytest.raises(RouterConfigError) as err:
+            load(str(path))
+        assert str(err.value).startswith(f"{path}:{line}: {words}"), str(err.value)
