@@ -164,6 +164,49 @@ def test_read_names_the_line_of_bad_toml_and_an_unreadable_file(tmp_path):
     assert data == {"a": {"b": 1}} and loc.line("a", "b") == 2 and schema.line_of(str(path), "a") == 1
 
 
+def test_the_three_daemons_share_one_error_type():
+    from dns_resolver.config import ConfigError as DnsError
+    from gateway.config import ConfigError as GatewayError
+    from router.config import RouterConfigError
+    assert DnsError is GatewayError is RouterConfigError is ConfigError
+
+
+ROUTED_SERVER = """\
+[gateway]
+sal_address = "198.19.30.1"
+[[service]]
+name = "ssh.svc.example"
+port = 22
+backend = "198.19.3.3:22"
+[routing]
+routers = ["198.19.20.1"]
+key = "{key}"
+[routing.health]
+interval = 5
+[routing.health."ssh.svc.example"]
+eject_time = 60
+kind = "none"
+"""
+
+
+@pytest.mark.parametrize("change, line, words", [
+    (("interval = 5", "interval = 0"), 11, "[routing] health.interval must be a positive number of seconds"),
+    (('kind = "none"', 'kind = "http"'), 14, "[routing] health.\"ssh.svc.example\".kind must be one of"),
+    (('routers = ["198.19.20.1"]', 'routers = ["198.19.20.1:0"]'), 8, "[routing] port out of range"),
+])
+def test_gateway_routing_errors_name_the_line_in_the_subtable(tmp_path, change, line, words):
+    """[routing.health] and a service's own table are found by their own header now
+    (they were reported at the [routing] line)."""
+    from gateway.config import load
+    path = tmp_path / "server.toml"
+    path.write_text(ROUTED_SERVER.format(key="ab" * 32).replace(*change))
+    with pytest.raises(ConfigError) as err:
+        load(str(path), "server")
+    assert str(err.value).startswith(f"{path}:{line}: {words}"), str(err.value)
+    path.write_text(ROUTED_SERVER.format(key="ab" * 32))
+    assert load(str(path), "server").routing.health.for_service("ssh.svc.example").kind == "none"
+
+
 # --- every shipped config loads ----------------------------------------------------------
 def shipped() -> list[tuple[str, str]]:
     """(config, reader) for each TOML file in deploy/: the reader is named by the file
