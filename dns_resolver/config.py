@@ -103,12 +103,7 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
         if name not in SECTIONS and name not in ("zone", "service"):
             fail((name,), f"unknown section [{name}] (known: {', '.join([*SECTIONS, 'zone', 'service'])})")
     for name, keys in SECTIONS.items():
-        table = data.get(name, {})
-        if not isinstance(table, dict):
-            fail((name,), f"[{name}] must be a table")
-        for key in table:
-            if key not in keys:
-                fail((name, key), f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(keys))})")
+        Table(data.get(name, {}), (name,), fail).only(keys, f" in [{name}] (known: {', '.join(sorted(keys))})")
 
     # [server]
     server = Table(data.get("server", {}), ("server",), fail)

@@ -205,8 +205,7 @@ def parse(data: dict, path: str, role: str, loc: Locator | None = None) -> Gatew
     mobility = Table(data.get("mobility", {}), ("mobility",), fail_at)
     mobility.only({"return_to_preferred"}, " in [mobility] (return_to_preferred)")
     cfg.return_to_preferred = mobility.bool("return_to_preferred", cfg.return_to_preferred)
-    cfg.routing = parse_routing(data.get("routing"), cfg,
-                                lambda where, m: fail_at(("routing",) + (where if isinstance(where, tuple) else (where,)), m))
+    cfg.routing = parse_routing(data.get("routing"), cfg, lambda where, m: fail_at(("routing",) + where, m))
     if not cfg.services and not (role == "client" and cfg.mappings):
         fail("gateway", None, None, "no [[service]] configured (nor a resolver 'mappings' file): "
              "the gateway would have nothing to do")

@@ -65,15 +65,15 @@ _KEYS = {"routers", "key", "key_file", "key_id", "sender", "refresh_interval", "
 
 
 def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
-    """``fail(where, message)`` raises (``where``: a key, or a path of keys and tables
-    below [routing]). For a client, adds the default rule to ``cfg.rules``."""
+    """``fail(where, message)`` raises (``where``: the path below [routing] of the key or
+    table at fault). For a client, adds the default rule to ``cfg.rules``."""
     if section is None:
         return None
     from router.config import key_from
     from .config import RuleConfig
 
-    def fail(where, message, _fail=fail):
-        _fail(where, f"[routing] {message}")
+    def fail(where, message, _fail=fail):          # where: a key, or a path (a tuple)
+        _fail(where if isinstance(where, tuple) else (where,), f"[routing] {message}")
 
     for k in section:
         if k not in _KEYS:

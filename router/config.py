@@ -114,11 +114,15 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> RouterConfig:
         cfg.keys.append(key_from(k, lambda m, i=i: fail_at(("key", i), m)))
     if not cfg.keys:
         fail("key", "no [[key]]: a router accepts only authenticated registrations")
+    def at(table: str, i: int):
+        """``fail(message, key=None)`` for element ``i`` of [[table]]."""
+        return lambda message, key=None: fail_at((table, i) + ((key,) if key else ()), message)
+
     for i, r in enumerate(tables(data, "rule", lambda m: fail("rule", m))):
-        cfg.rules.append(_rule(r, lambda m, key=None, i=i: fail_at(("rule", i) + ((key,) if key else ()), m)))
+        cfg.rules.append(_rule(r, at("rule", i)))
     seen = {}
     for i, svc in enumerate(tables(data, "service", lambda m: fail("service", m))):
-        prefix, affinity, label = _service(svc, lambda m, key=None, i=i: fail_at(("service", i) + ((key,) if key else ()), m))
+        prefix, affinity, label = _service(svc, at("service", i))
         if prefix in seen:
             fail_at(("service", i), f"{label or prefix} is already configured in [[service]] {seen[prefix]}")
         seen[prefix] = i + 1

@@ -164,7 +164,8 @@ def address_port(value, fail, name: str, default_port: int | None = None, ipv6: 
         if sep:
             host, port = head, tail
     if port is None and default_port is None or port is not None and not port.isdigit():
-        fail(f"{name} must be host:port, like \"198.19.3.2:8080\", not {value!r}" if default_port is None else f"bad port in {text!r}")
+        fail(f"bad port in {text!r}" if default_port is not None
+             else f"{name} must be host:port, like \"198.19.3.2:8080\", not {value!r}")
     port = default_port if port is None else int(port)
     if not 0 < port < 65536:
         fail(f"port out of range in {text!r}")
@@ -221,6 +222,8 @@ class Table:
     _absent = object()
 
     def __init__(self, values: dict, where: tuple, fail_at):
+        if not isinstance(values, dict):
+            fail_at(where, f"[{'.'.join(map(str, where))}] must be a table")
         self.values, self.where, self.fail_at = values, where, fail_at
 
     def fail(self, key: str | None, message: str):
@@ -269,6 +272,6 @@ class Table:
 def tables(data: dict, name: str, fail) -> list:
     """The elements of the array of tables ``[[name]]`` (``fail(message)`` raises)."""
     items = data.get(name, [])
-    if not isinstance(items, list):
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         fail(f"write [[{name}]] (an array of tables), not [{name}]")
     return items

@@ -77,8 +77,9 @@ def test_ipv4_and_networks():
 def test_address_port():
     ap = schema.address_port
     assert ap("198.19.3.2:8080", fail, "backend") == ("198.19.3.2", 8080)
-    assert refusal(ap, "198.19.3.2", "backend") == "backend must be host:port, like \"198.19.3.2:8080\", not '198.19.3.2'"
-    assert refusal(ap, "198.19.3.2:http", "backend") .startswith("backend must be host:port")
+    host_port = """backend must be host:port, like "198.19.3.2:8080", not """
+    assert refusal(ap, "198.19.3.2", "backend") == host_port + "'198.19.3.2'"
+    assert refusal(ap, "198.19.3.2:http", "backend") == host_port + "'198.19.3.2:http'"
     assert refusal(ap, "198.19.3.2:0", "backend") == "port out of range in '198.19.3.2:0'"
     assert refusal(ap, "web:80", "backend") == "not an IPv4 address: 'web:80'"
     assert ap("198.19.20.1", fail, "routers", default_port=54326) == ("198.19.20.1", 54326)
@@ -148,8 +149,24 @@ def test_table_names_the_line_of_the_key_at_fault():
         gw.bool("quoted", True)
     with pytest.raises(ConfigError, match=r"^gw\.toml:2: unknown key 'bogus' in \[gateway\]$"):
         gw.only({"queue", "quoted"}, " in [gateway]")
-    with pytest.raises(ConfigError, match=r"^gw\.toml: write \[\[service\]\]"):
-        schema.tables({"service": {}}, "service", lambda m: fail_at(("nowhere",), m))
+    for bad in ({}, [{"name": "a"}, 5]):
+        with pytest.raises(ConfigError, match=r"^gw\.toml: write \[\[service\]\]"):
+            schema.tables({"service": bad}, "service", lambda m: fail_at(("nowhere",), m))
+    with pytest.raises(ConfigError, match=r"^gw\.toml:2: \[gateway\] must be a table"):
+        Table(5, ("gateway",), fail_at)
+
+
+def test_a_section_that_is_not_a_table_is_refused_not_a_crash(tmp_path):
+    from dns_resolver.config import load as load_dns
+    from gateway.config import load as load_gateway
+    from router.config import load as load_router
+    path = tmp_path / "x.toml"
+    client, server = (lambda p: load_gateway(p, "client")), (lambda p: load_gateway(p, "server"))
+    for text, loader in (("gateway = 5\n", client), ("timeouts = 5\n", server), ("service = [1]\n", server),
+                         ("router = 5\n", load_router), ("server = 5\n", load_dns)):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: "):
+            loader(str(path))
 
 
 def test_read_names_the_line_of_bad_toml_and_an_unreadable_file(tmp_path):
