@@ -10,9 +10,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from serval.config_schema import ConfigError  # noqa: F401  (callers catch it from here)
-from serval.config_schema import (Locator, Table, address_port, boolean, choice, integer, ipv4, ipv4_network,
-                                  listing, networks, read, tables)
+from serval.config_schema import (ConfigError, Locator, Table, address_port, boolean, choice, integer, ipv4,
+                                  ipv4_network, listing, networks, read, tables)
 from serval.metrics import parse_config as parse_metrics
 
 from .names import Service, normalize
