@@ -69,6 +69,8 @@ def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
     table at fault). For a client, adds the default rule to ``cfg.rules``."""
     if section is None:
         return None
+    if not isinstance(section, dict):
+        fail((), "[routing] must be a table")
     from router.config import key_from
     from .config import RuleConfig
 

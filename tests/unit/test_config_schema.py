@@ -163,6 +163,7 @@ def test_a_section_that_is_not_a_table_is_refused_not_a_crash(tmp_path):
     path = tmp_path / "x.toml"
     client, server = (lambda p: load_gateway(p, "client")), (lambda p: load_gateway(p, "server"))
     for text, loader in (("gateway = 5\n", client), ("timeouts = 5\n", server), ("service = [1]\n", server),
+                         ("routing = [1]\n", server),
                          ("router = 5\n", load_router), ("server = 5\n", load_dns)):
         path.write_text(text)
         with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: "):
@@ -278,3 +279,49 @@ def test_router_errors_name_the_line_and_the_table(tmp_path):
         with pytest.raises(RouterConfigError) as err:
             load(str(path))
         assert str(err.value).startswith(f"{path}:{line}: {words}"), str(err.value)
+
+
+def _paths(data, above=()):
+    """Every key and list index in a loaded TOML document, as a path."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        yield above + (k,)
+        yield from _paths(v, above + (k,))
+
+
+@pytest.mark.parametrize("name", ["client.toml", "server.toml", "router.toml", "dns.toml"])
+def test_a_wrong_value_anywhere_is_refused_never_a_crash(name):
+    """Each value of a shipped config replaced, one at a time, by a value of another type
+    or out of range: the loader refuses with ConfigError (or accepts), never raises
+    anything else (a TypeError is a start that says nothing useful)."""
+    import copy
+    import random
+    import tomllib
+
+    from dns_resolver.config import parse as parse_dns
+    from gateway.config import parse as parse_gateway
+    from router.config import parse as parse_router
+    parse = {"client.toml": lambda d: parse_gateway(d, "c.toml", "client"),
+             "server.toml": lambda d: parse_gateway(d, "s.toml", "server"),
+             "router.toml": lambda d: parse_router(d, "r.toml"), "dns.toml": lambda d: parse_dns(d, "d.toml")}[name]
+    base = tomllib.loads((REPO / "deploy" / name).read_text())
+    for table in [base, *base.get("key", [])]:           # the key itself, not a file made at deployment
+        if table.pop("key_file", None) is not None:
+            table["key"] = "ab" * 32
+    if "routing" in base:
+        base["routing"].pop("key_file", None)
+        base["routing"]["key"] = "ab" * 32
+    parse(copy.deepcopy(base))                           # the file as shipped loads
+    wrong = [0, -1, 1.5, True, "x", "", [], ["x"], {}, {"a": 1}, 70000, "198.19.1.1:99999", [1], math.nan]
+    rng = random.Random(13)
+    for path in list(_paths(base)):
+        for value in rng.sample(wrong, 5):
+            data = copy.deepcopy(base)
+            table = data
+            for k in path[:-1]:
+                table = table[k]
+            table[path[-1]] = value
+            try:
+                parse(data)
+            except ConfigError:
+                pass
