@@ -78,6 +78,10 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> RouterConfig:
     def fail(where: str, message: str):
         fail_at((where,), message)
 
+    def at(table: str, i: int):
+        """``fail(message, key=None)`` for element ``i`` of [[table]]."""
+        return lambda message, key=None: fail_at((table, i) + ((key,) if key else ()), message)
+
     unknown = set(data) - {"router", "key", "rule", "service"}
     if unknown:
         fail(sorted(unknown)[0], "unknown section")
@@ -114,10 +118,6 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> RouterConfig:
         cfg.keys.append(key_from(k, lambda m, i=i: fail_at(("key", i), m)))
     if not cfg.keys:
         fail("key", "no [[key]]: a router accepts only authenticated registrations")
-    def at(table: str, i: int):
-        """``fail(message, key=None)`` for element ``i`` of [[table]]."""
-        return lambda message, key=None: fail_at((table, i) + ((key,) if key else ()), message)
-
     for i, r in enumerate(tables(data, "rule", lambda m: fail("rule", m))):
         cfg.rules.append(_rule(r, at("rule", i)))
     seen = {}
