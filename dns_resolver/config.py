@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 
+from serval.config_schema import (ConfigError, Locator, Table, address_port, boolean, choice, integer, ipv4,
+                                  ipv4_network, listing, networks, read, tables)
 from serval.metrics import parse_config as parse_metrics
 
 from .names import Service, normalize
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
 NAMES_VIEW_PORT = 54327      # a router's names view (TCP), beside its registrations (UDP 54326)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-
-
-class ConfigError(ValueError):
-    def __init__(self, path: str, line: int | None, message: str):
-        where = f"{path}:{line}" if line else path
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass
@@ -78,62 +74,9 @@ class DnsConfig:
         return [svc for zone in self.zones for svc in zone.services]
 
 
-class Locator:
-    """Finds the line of a table or key in TOML text, for error messages. Paths look
-    like ``("zone", 0, "service", 1, "name")`` (array tables carry their index)."""
-
-    _key = re.compile(r'^\s*("[^"]*"|[A-Za-z0-9_-]+)\s*=')
-
-    def __init__(self, text: str):
-        self.lines: dict[tuple, int] = {}
-        latest: dict[tuple, int] = {}
-        counts: dict[tuple, int] = {}
-        path: tuple = ()
-
-        def resolve(parts):
-            out: tuple = ()
-            for part in parts:
-                out = out + ((part, latest[(out, part)]) if (out, part) in latest else (part,))
-            return out
-
-        for n, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if line.startswith("[["):
-                parts = [p.strip().strip('"') for p in line[2:line.find("]]")].split(".")]
-                parent = resolve(parts[:-1])
-                index = counts.get((parent, parts[-1]), 0)
-                counts[(parent, parts[-1])] = index + 1
-                latest[(parent, parts[-1])] = index
-                path = parent + (parts[-1], index)
-                self.lines.setdefault(path, n)
-            elif line.startswith("["):
-                path = resolve([p.strip().strip('"') for p in line[1:line.find("]")].split(".")])
-                self.lines.setdefault(path, n)
-            else:
-                m = self._key.match(raw)
-                if m:
-                    self.lines.setdefault(path + (m.group(1).strip('"'),), n)
-
-    def line(self, *path) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return None
-
-
 def load(path: str) -> DnsConfig:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError as exc:
-        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(path, int(m.group(1)) if m else None, f"not valid TOML: {exc}") from None
-    return parse(data, path, Locator(text))
+    data, loc = read(path)
+    return parse(data, path, loc)
 
 
 SECTIONS = {
@@ -159,107 +102,80 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
         if name not in SECTIONS and name not in ("zone", "service"):
             fail((name,), f"unknown section [{name}] (known: {', '.join([*SECTIONS, 'zone', 'service'])})")
     for name, keys in SECTIONS.items():
-        table = data.get(name, {})
-        if not isinstance(table, dict):
-            fail((name,), f"[{name}] must be a table")
-        for key in table:
-            if key not in keys:
-                fail((name, key), f"unknown key {key!r} in [{name}] (known: {', '.join(sorted(keys))})")
+        Table(data.get(name, {}), (name,), fail).only(keys, f" in [{name}] (known: {', '.join(sorted(keys))})")
 
     # [server]
-    server = data.get("server", {})
-    port = _int(server.get("port", 53), 1, 65535, lambda m: fail(("server", "port"), m))
-    if "listen" in server:
-        listen = server["listen"]
-        if isinstance(listen, str):
-            listen = [listen]
-        if not isinstance(listen, list) or not listen:
-            fail(("server", "listen"), "listen must be a list of addresses (\"198.19.1.1\", \"127.0.0.1:5353\")")
-        cfg.listen = [_host_port(x, port, lambda m: fail(("server", "listen"), m)) for x in listen]
-    else:
-        cfg.listen = [("127.0.0.1", port)]
-    if "allow" in server:
-        cfg.allow = _networks(server["allow"], lambda m: fail(("server", "allow"), m))
-    cfg.max_udp_size = _int(server.get("max_udp_size", 1232), 512, 65535, lambda m: fail(("server", "max_udp_size"), m))
-    cfg.tcp_timeout = _num(server.get("tcp_timeout", 10), 0.1, 3600, lambda m: fail(("server", "tcp_timeout"), m))
-    cfg.tcp_connections = _int(server.get("tcp_connections", 128), 1, 100000,
-                               lambda m: fail(("server", "tcp_connections"), m))
-    cfg.log_level = str(server.get("log_level", "info")).lower()
-    if cfg.log_level not in ("debug", "info", "warning", "error"):
-        fail(("server", "log_level"), "log_level must be debug, info, warning or error")
-    cfg.metrics = parse_metrics(server, lambda key, message: fail(("server", key), message))
+    server = Table(data.get("server", {}), ("server",), fail)
+    port = server.int("port", 53, 1, 65535)
+    listen = server.get("listen", "127.0.0.1")
+    cfg.listen = listing(listen, server.failer("listen"), lambda x: address_port(x, server.failer("listen"), "listen",
+                                                                                  port, ipv6=True),
+                         "listen must be a list of addresses (\"198.19.1.1\", \"127.0.0.1:5353\")",
+                         one=True, empty=False)
+    if "allow" in server.values:
+        cfg.allow = networks(server.get("allow"), server.failer("allow"))
+    cfg.max_udp_size = server.int("max_udp_size", 1232, 512, 65535)
+    cfg.tcp_timeout = server.number("tcp_timeout", 10, 0.1, 3600)
+    cfg.tcp_connections = server.int("tcp_connections", 128, 1, 100000)
+    cfg.log_level = choice(str(server.get("log_level", "info")).lower(), server.failer("log_level"), "log_level",
+                           LOG_LEVELS)
+    cfg.metrics = parse_metrics(server.values, server.fail)
 
     # [rate_limit]
-    rl = data.get("rate_limit", {})
-    cfg.rate = _num(rl.get("rate", 2000), 0, 1e9, lambda m: fail(("rate_limit", "rate"), m))
-    cfg.burst = _num(rl.get("burst", max(1.0, 2 * cfg.rate)), 1, 1e9, lambda m: fail(("rate_limit", "burst"), m))
-    cfg.slip = _int(rl.get("slip", 1), 0, 100, lambda m: fail(("rate_limit", "slip"), m))
-    cfg.rate_clients = _int(rl.get("clients", 10000), 1, 10_000_000, lambda m: fail(("rate_limit", "clients"), m))
+    rl = Table(data.get("rate_limit", {}), ("rate_limit",), fail)
+    cfg.rate = rl.number("rate", 2000, 0, 1e9)
+    cfg.burst = rl.number("burst", max(1.0, 2 * cfg.rate), 1, 1e9)
+    cfg.slip = rl.int("slip", 1, 0, 100)
+    cfg.rate_clients = rl.int("clients", 10000, 1, 10_000_000)
 
     # [upstream]
-    up = data.get("upstream", {})
-    cfg.resolv_conf = str(up.get("resolv_conf", "/etc/resolv.conf"))
-    if "servers" in up:
-        servers = up["servers"]
-        if not isinstance(servers, list):
-            fail(("upstream", "servers"), "servers must be a list of addresses")
-        cfg.upstreams = [_host_port(x, 53, lambda m: fail(("upstream", "servers"), m)) for x in servers]
+    up = Table(data.get("upstream", {}), ("upstream",), fail)
+    cfg.resolv_conf = up.str("resolv_conf", "/etc/resolv.conf")
+    if "servers" in up.values:
+        cfg.upstreams = listing(up.get("servers"), up.failer("servers"),
+                                lambda x: address_port(x, up.failer("servers"), "servers", 53, ipv6=True),
+                                "servers must be a list of addresses")
         cfg.upstreams_configured = True
-    cfg.timeout = _num(up.get("timeout", 1.5), 0.05, 60, lambda m: fail(("upstream", "timeout"), m))
-    cfg.retry_down_after = _num(up.get("retry_down_after", 30), 0, 86400,
-                                lambda m: fail(("upstream", "retry_down_after"), m))
-    cfg.upstream_udp_size = _int(up.get("udp_size", 1232), 512, 65535, lambda m: fail(("upstream", "udp_size"), m))
+    cfg.timeout = up.number("timeout", 1.5, 0.05, 60)
+    cfg.retry_down_after = up.number("retry_down_after", 30, 0, 86400)
+    cfg.upstream_udp_size = up.int("udp_size", 1232, 512, 65535)
 
     # [cache]
-    cache = data.get("cache", {})
-    cfg.cache_size = _int(cache.get("size", 10000), 0, 10_000_000, lambda m: fail(("cache", "size"), m))
-    cfg.min_ttl = _int(cache.get("min_ttl", 0), 0, 86400, lambda m: fail(("cache", "min_ttl"), m))
-    cfg.max_ttl = _int(cache.get("max_ttl", 86400), 0, 7 * 86400, lambda m: fail(("cache", "max_ttl"), m))
-    cfg.max_negative_ttl = _int(cache.get("max_negative_ttl", 3600), 0, 86400,
-                                lambda m: fail(("cache", "max_negative_ttl"), m))
+    cache = Table(data.get("cache", {}), ("cache",), fail)
+    cfg.cache_size = cache.int("size", 10000, 0, 10_000_000)
+    cfg.min_ttl = cache.int("min_ttl", 0, 0, 86400)
+    cfg.max_ttl = cache.int("max_ttl", 86400, 0, 7 * 86400)
+    cfg.max_negative_ttl = cache.int("max_negative_ttl", 3600, 0, 86400)
     if cfg.min_ttl > cfg.max_ttl:
-        fail(("cache", "min_ttl"), "min_ttl is above max_ttl")
+        cache.fail("min_ttl", "min_ttl is above max_ttl")
 
     # [virtual]
-    virtual = data.get("virtual", {})
-    try:
-        cfg.virtual_network = str(ipaddress.IPv4Network(str(virtual.get("network", DEFAULT_VIRTUAL_NETWORK))))
-    except ValueError as exc:
-        fail(("virtual", "network"), f"network: {exc}")
-    cfg.exclude = _networks(virtual.get("exclude", []), lambda m: fail(("virtual", "exclude"), m))
-    if "mappings" in virtual:
-        cfg.mappings = str(virtual["mappings"])
-    if "gateway_control" in virtual:
-        cfg.gateway_control = str(virtual["gateway_control"])
-    cfg.reclaim_after = _num(virtual.get("reclaim_after", 3600), 0, 365 * 86400,
-                             lambda m: fail(("virtual", "reclaim_after"), m))
-    cfg.reclaim_interval = _num(virtual.get("reclaim_interval", 60), 0.05, 86400,
-                                lambda m: fail(("virtual", "reclaim_interval"), m))
-    cfg.flush_interval = _num(virtual.get("flush_interval", 30), 0.05, 86400,
-                              lambda m: fail(("virtual", "flush_interval"), m))
+    virtual = Table(data.get("virtual", {}), ("virtual",), fail)
+    cfg.virtual_network = ipv4_network(virtual.get("network", DEFAULT_VIRTUAL_NETWORK), virtual.failer("network"),
+                                       "network")
+    cfg.exclude = networks(virtual.get("exclude", []), virtual.failer("exclude"))
+    cfg.mappings = virtual.str("mappings")
+    cfg.gateway_control = virtual.str("gateway_control")
+    cfg.reclaim_after = virtual.number("reclaim_after", 3600, 0, 365 * 86400)
+    cfg.reclaim_interval = virtual.number("reclaim_interval", 60, 0.05, 86400)
+    cfg.flush_interval = virtual.number("flush_interval", 30, 0.05, 86400)
 
     # [liveness]
-    live = data.get("liveness", {})
-    routers = live.get("routers", [])
-    if not isinstance(routers, list):
-        fail(("liveness", "routers"), "routers must be a list of \"address:port\" (each router's names view)")
-    cfg.liveness_routers = [_host_port(x, NAMES_VIEW_PORT, lambda m: fail(("liveness", "routers"), m)) for x in routers]
-    if len(set(cfg.liveness_routers)) != len(cfg.liveness_routers):
-        fail(("liveness", "routers"), "a router is listed twice")
-    cfg.liveness_interval = _num(live.get("interval", 1), 0.05, 3600, lambda m: fail(("liveness", "interval"), m))
-    cfg.liveness_timeout = _num(live.get("timeout", min(1.0, cfg.liveness_interval)), 0.05, 60,
-                                lambda m: fail(("liveness", "timeout"), m))
-    cfg.liveness_stale_after = _num(live.get("stale_after", 3 * cfg.liveness_interval), 0.05, 86400,
-                                    lambda m: fail(("liveness", "stale_after"), m))
+    live = Table(data.get("liveness", {}), ("liveness",), fail)
+    cfg.liveness_routers = listing(
+        live.get("routers", []), live.failer("routers"),
+        lambda x: address_port(x, live.failer("routers"), "routers", NAMES_VIEW_PORT, ipv6=True),
+        "routers must be a list of \"address:port\" (each router's names view)", unique="a router is listed twice")
+    cfg.liveness_interval = live.number("interval", 1, 0.05, 3600)
+    cfg.liveness_timeout = live.number("timeout", min(1.0, cfg.liveness_interval), 0.05, 60)
+    cfg.liveness_stale_after = live.number("stale_after", 3 * cfg.liveness_interval, 0.05, 86400)
     if cfg.liveness_stale_after < cfg.liveness_interval:
-        fail(("liveness", "stale_after"), f"stale_after ({cfg.liveness_stale_after:g} s) is below interval "
-             f"({cfg.liveness_interval:g} s): every view would be stale before the next poll")
-    cfg.down_ttl = _int(live.get("down_ttl", 5), 0, 3600, lambda m: fail(("liveness", "down_ttl"), m))
+        live.fail("stale_after", f"stale_after ({cfg.liveness_stale_after:g} s) is below interval "
+                  f"({cfg.liveness_interval:g} s): every view would be stale before the next poll")
+    cfg.down_ttl = live.int("down_ttl", 5, 0, 3600)
 
     # [[zone]] and [[zone.service]], [[service]]
-    zones = data.get("zone", [])
-    if not isinstance(zones, list):
-        fail(("zone",), "write [[zone]] (an array of tables), not [zone]")
+    zones = tables(data, "zone", lambda m: fail(("zone",), m))
     origins: list[tuple] = []       # (service, where it was written)
     for i, z in enumerate(zones):
         cfg.zones.append(_zone(z, i, fail))
@@ -267,9 +183,7 @@ def parse(data: dict, path: str, loc: Locator | None = None) -> DnsConfig:
     names = [z.name for z in cfg.zones]
     if len(set(names)) != len(names):
         fail(("zone",), "a zone is listed twice")
-    services = data.get("service", [])
-    if not isinstance(services, list):
-        fail(("service",), "write [[service]] (an array of tables), not [service]")
+    services = tables(data, "service", lambda m: fail(("service",), m))
     for i, svc in enumerate(services):
         where = ("service", i)
         service = _service(svc, None, lambda k, m: fail(where + ((k,) if k else ()), m))
@@ -308,18 +222,17 @@ def _zone(z, i: int, fail) -> ZoneConfig:
         if key not in ("name", "ttl", "negative_ttl", "routed", "service"):
             fail(where + (key,), f"unknown key {key!r} in [[zone]] (name, ttl, negative_ttl, routed, "
                  f"[[zone.service]])")
-    if not isinstance(z.get("routed", True), bool):
-        fail(where + ("routed",), "routed must be true or false")
+    routed = boolean(z.get("routed", True), lambda m: fail(where + ("routed",), m), "routed")
     if not isinstance(z.get("name"), str):
         fail(where, "every [[zone]] needs a name, like \"svc.example\"")
     name = normalize(z["name"])
     if not _valid_name(name):
         fail(where + ("name",), f"not a valid zone name: {z['name']!r}")
     zone = ZoneConfig(name,
-                      ttl=_int(z.get("ttl", 30), 0, 86400, lambda m: fail(where + ("ttl",), m)),
-                      negative_ttl=_int(z.get("negative_ttl", 60), 0, 86400,
-                                        lambda m: fail(where + ("negative_ttl",), m)),
-                      routed=z.get("routed", True))
+                      ttl=integer(z.get("ttl", 30), lambda m: fail(where + ("ttl",), m), 0, 86400, "ttl"),
+                      negative_ttl=integer(z.get("negative_ttl", 60), lambda m: fail(where + ("negative_ttl",), m),
+                                           0, 86400, "negative_ttl"),
+                      routed=routed)
     services = z.get("service", [])
     if not isinstance(services, list):
         fail(where, "write [[zone.service]] (an array of tables)")
@@ -352,13 +265,8 @@ def _service(svc, zone: str | None, fail) -> Service:
         ports = [ports]
     if not isinstance(ports, list):
         fail("ports", "ports must be a list of port numbers")
-    ports = tuple(_int(p, 1, 65535, lambda m: fail("ports", m)) for p in ports)
-    address = None
-    if "address" in svc:
-        try:
-            address = str(ipaddress.IPv4Address(str(svc["address"])))
-        except ValueError:
-            fail("address", f"not an IPv4 address: {svc['address']!r}")
+    ports = tuple(integer(p, lambda m: fail("ports", m), 1, 65535, "ports") for p in ports)
+    address = ipv4(svc["address"], lambda m: fail("address", m)) if "address" in svc else None
     return Service(name, ports, address)
 
 
@@ -372,52 +280,6 @@ def _zone_of(name: str, zones: list) -> ZoneConfig | None:
 
 def _valid_name(name: str) -> bool:
     return bool(name) and len(name) <= 253 and all(_NAME_LABEL.match(label) for label in name.split("."))
-
-
-def _host_port(value, default_port: int, fail) -> tuple[str, int]:
-    text = str(value).strip()
-    host, port = text, default_port
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
-    if m:
-        host, port = m.group(1), int(m.group(2)) if m.group(2) else default_port
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        if not p.isdigit():
-            fail(f"bad port in {text!r}")
-        port = int(p)
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        fail(f"not an IP address: {text!r} (write \"198.19.1.1\", \"198.19.1.1:5353\" or \"[::1]:53\")")
-    if not 0 < port < 65536:
-        fail(f"port out of range in {text!r}")
-    return host, port
-
-
-def _networks(value, fail) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        fail("expected a list of networks like \"198.19.1.0/24\"")
-    out = []
-    for item in value:
-        try:
-            out.append(str(ipaddress.ip_network(str(item), strict=False)))
-        except ValueError:
-            fail(f"not a network: {item!r}")
-    return out
-
-
-def _int(value, low, high, fail) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        fail(f"expected a whole number from {low} to {high}, got {value!r}")
-    return value
-
-
-def _num(value, low, high, fail) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        fail(f"expected a number from {low:g} to {high:g}, got {value!r}")
-    return float(value)
 
 
 def resolv_conf_servers(path: str, exclude=()) -> list[tuple[str, int]]:

@@ -21,12 +21,12 @@ to them (docs/routing.md).
 A client gateway gets a default rule (prefix /0, FORWARD) to each router, so it needs
 no [[route]] of its own; a server gateway registers its [[service]]s with every router.
 """
-import ipaddress
 from dataclasses import dataclass, field, replace
 
 from sal import registration as reg
 from sal.serviceid import ServicePrefix
 from sal.service_table import Action
+from serval.config_schema import address_port, integer, listing, seconds
 
 DEFAULT_PREFIX = ServicePrefix(bytes(32), 0)
 
@@ -65,86 +65,66 @@ _KEYS = {"routers", "key", "key_file", "key_id", "sender", "refresh_interval", "
 
 
 def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
-    """``fail(key, message)`` raises. For a client, adds the default rule to ``cfg.rules``."""
+    """``fail(where, message)`` raises (``where``: the path below [routing] of the key or
+    table at fault). For a client, adds the default rule to ``cfg.rules``."""
     if section is None:
         return None
+    if not isinstance(section, dict):
+        fail((), "[routing] must be a table")
     from router.config import key_from
     from .config import RuleConfig
 
-    def fail(key, message, _fail=fail):
-        _fail(key, f"[routing] {message}")
+    def fail(where, message, _fail=fail):          # where: a key, or a path (a tuple)
+        _fail(where if isinstance(where, tuple) else (where,), f"[routing] {message}")
 
     for k in section:
         if k not in _KEYS:
             fail(k, f"unknown key {k!r}")
-    routers = section.get("routers")
-    if not isinstance(routers, list) or not routers:
-        fail("routers", "routers must be a non-empty list of \"address\" or \"address:port\"")
-    out = RoutingConfig([_router(r, fail) for r in routers],
-                        key_from({k: section[k] for k in ("key", "key_file", "key_id") if k in section},
-                                 lambda m: fail("key", m)),
+    at = lambda where: lambda m: fail(where, m)    # noqa: E731  (a reader's fail at ``where``)
+    routers = listing(section.get("routers"), at("routers"),
+                      lambda r: address_port(r, at("routers"), "routers", default_port=reg.DEFAULT_PORT),
+                      "routers must be a non-empty list of \"address\" or \"address:port\"", empty=False)
+    out = RoutingConfig(routers,
+                        key_from({k: section[k] for k in ("key", "key_file", "key_id") if k in section}, at("key")),
                         str(section.get("sender", cfg.instance)))
     for name in ("refresh_interval", "hold_time", "probe_interval"):
         if name in section:
-            setattr(out, name, _seconds(section[name], name, fail))
+            setattr(out, name, seconds(section[name], at(name), name, positive=True))
     if "hold_time" not in section:
         out.hold_time = 3 * out.refresh_interval
     if out.hold_time <= out.refresh_interval:
         fail("hold_time", "hold_time must be longer than refresh_interval (a lost refresh must not withdraw)")
-    out.probe_misses = _count(section.get("probe_misses", 3), "probe_misses", fail)
+    out.probe_misses = integer(section.get("probe_misses", 3), at("probe_misses"), 1, 100, "probe_misses")
     health = section.get("health", {})
     if not isinstance(health, dict):
         fail("health", "health must be a table")
-    _health(out.health, {k: v for k, v in health.items() if not isinstance(v, dict)}, "health", fail)
+    _health(out.health, {k: v for k, v in health.items() if not isinstance(v, dict)}, ("health",), fail)
     names = {s.name for s in cfg.services}
     for name, own in health.items():
         if isinstance(own, dict):
             if name not in names:
-                fail("health", f"[routing.health.\"{name}\"]: no [[service]] named {name!r} "
+                fail(("health", name), f"[routing.health.\"{name}\"]: no [[service]] named {name!r} "
                      f"(a table in health gives one service its own checks)")
-            out.health.services[name] = _health(
-                replace(out.health, services={}), own, f"health.\"{name}\"", fail)
+            out.health.services[name] = _health(replace(out.health, services={}), own, ("health", name), fail)
     if cfg.role == "client":
         for address, _ in out.routers:
             cfg.rules.append(RuleConfig(DEFAULT_PREFIX, Action.FORWARD, address))
     return out
 
 
-def _health(health: HealthConfig, section: dict, where: str, fail) -> HealthConfig:
+def _health(health: HealthConfig, section: dict, where: tuple, fail) -> HealthConfig:
+    """One table of checks: [routing.health] or a service's own (``where``: its path)."""
+    said = ".".join(f'"{w}"' if "." in w else w for w in where)        # health."ssh.svc.example"
     for k, v in section.items():
+        at = lambda m, k=k: fail(where + (k,), m)      # noqa: E731
         if k in ("interval", "timeout", "eject_time"):
-            setattr(health, k, _seconds(v, f"{where}.{k}", fail))
+            setattr(health, k, seconds(v, at, f"{said}.{k}", positive=True))
         elif k in ("rise", "fall"):
-            setattr(health, k, _count(v, f"{where}.{k}", fail))
+            setattr(health, k, integer(v, at, 1, 100, f"{said}.{k}"))
         elif k == "kind":
             if v not in HEALTH_KINDS:
-                fail("health", f"{where}.kind must be one of {', '.join(map(repr, HEALTH_KINDS))}, not {v!r}")
+                at(f"{said}.kind must be one of {', '.join(map(repr, HEALTH_KINDS))}, not {v!r}")
             health.kind = v
         else:
-            fail("health", f"unknown key {k!r} in {where} (kind, interval, timeout, rise, fall, eject_time)")
+            at(f"unknown key {k!r} in {said} (kind, interval, timeout, rise, fall, eject_time)")
     return health
-
-
-def _router(text, fail) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep:
-        host, port = str(text), str(reg.DEFAULT_PORT)
-    try:
-        address = str(ipaddress.IPv4Address(host))
-    except ValueError:
-        fail("routers", f"not an IPv4 address: {text!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        fail("routers", f"bad port in {text!r}")
-    return address, int(port)
-
-
-def _seconds(value, name, fail) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        fail(name, f"{name} must be a positive number of seconds")
-    return float(value)
-
-
-def _count(value, name, fail) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
-        fail(name, f"{name} must be a whole number from 1 to 100")
-    return value

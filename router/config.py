@@ -8,20 +8,20 @@
 See deploy/router.toml for every key with its default.
 """
 import ipaddress
-import tomllib
 from dataclasses import dataclass, field
 
 from sal import registration as reg
 from sal.affinity import from_config as affinity_from
 from sal.serviceid import ServiceIDError, ServicePrefix, service_id_for
 from sal.service_table import Action
+from serval.config_schema import ConfigError, Locator, Table, choice, integer, ipv4, read, tables
 from serval.metrics import parse_config as parse_metrics
 
 from .core import SAL_UDP_PORT, RouterOptions
 
 
-class RouterConfigError(ValueError):
-    pass
+RouterConfigError = ConfigError      # its name here before the three daemons shared one
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -63,74 +63,68 @@ _ROUTER_KEYS = {"instance", "address", "queue", "registration_port", "sal_udp_po
 
 
 def load(path: str) -> RouterConfig:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise RouterConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RouterConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, path)
+    data, loc = read(path)
+    return parse(data, path, loc)
 
 
-def parse(data: dict, path: str) -> RouterConfig:
+def parse(data: dict, path: str, loc: Locator | None = None) -> RouterConfig:
+    loc = loc or Locator("")
+
+    def fail_at(where: tuple, message: str):
+        """``where``: ("rule", 0, "next_hop") is said "[rule 1]" before the message."""
+        label = f"{where[0]} {where[1] + 1}" if len(where) > 1 and isinstance(where[1], int) else where[0]
+        raise ConfigError(path, loc.line(*where), f"[{label}] {message}")
+
     def fail(where: str, message: str):
-        raise RouterConfigError(f"{path}: [{where}] {message}")
+        fail_at((where,), message)
+
+    def at(table: str, i: int):
+        """``fail(message, key=None)`` for element ``i`` of [[table]]."""
+        return lambda message, key=None: fail_at((table, i) + ((key,) if key else ()), message)
 
     unknown = set(data) - {"router", "key", "rule", "service"}
     if unknown:
         fail(sorted(unknown)[0], "unknown section")
-    top = data.get("router", {})
-    for k in top:
-        if k not in _ROUTER_KEYS:
-            fail("router", f"unknown key {k!r}")
+    top = Table(data.get("router", {}), ("router",), fail_at)
+    top.only(_ROUTER_KEYS)
     cfg = RouterConfig(path)
-    cfg.instance = str(top.get("instance", cfg.instance))
-    if "address" in top:
-        cfg.address = _ipv4(top["address"], lambda m: fail("router", m))
-    cfg.queue = _int(top, "queue", cfg.queue, 0, 65535, fail)
-    cfg.registration_port = _int(top, "registration_port", cfg.registration_port, 1, 65535, fail)
-    cfg.sal_udp_port = _int(top, "sal_udp_port", cfg.sal_udp_port, 1, 65535, fail)
-    cfg.control_socket = str(top.get("control_socket", f"/run/serval/{cfg.instance}.sock"))
-    cfg.state_dir = str(top.get("state_dir", cfg.state_dir))
-    cfg.log_level = str(top.get("log_level", "info")).lower()
-    if cfg.log_level not in ("debug", "info", "warning", "error"):
-        fail("router", "log_level must be debug, info, warning or error")
-    cfg.queue_bypass = bool(top.get("queue_bypass", True))
-    cfg.metrics = parse_metrics(top, lambda key, message: fail("router", message))
-    if "names_view" in top:
-        host, _, port = str(top["names_view"]).rpartition(":")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            fail("router", 'names_view must look like "198.19.20.1:54327"')
-        cfg.names_view = (_ipv4(host, lambda m: fail("router", m)), int(port))
+    cfg.instance = top.str("instance", cfg.instance)
+    cfg.address = top.ipv4("address")
+    cfg.queue = top.int("queue", cfg.queue, 0, 65535)
+    cfg.registration_port = top.int("registration_port", cfg.registration_port, 1, 65535)
+    cfg.sal_udp_port = top.int("sal_udp_port", cfg.sal_udp_port, 1, 65535)
+    cfg.control_socket = top.str("control_socket", f"/run/serval/{cfg.instance}.sock")
+    cfg.state_dir = top.str("state_dir", cfg.state_dir)
+    cfg.log_level = choice(str(top.get("log_level", "info")).lower(), top.failer("log_level"), "log_level", LOG_LEVELS)
+    cfg.queue_bypass = top.bool("queue_bypass", True)
+    cfg.metrics = parse_metrics(top.values, top.fail)
+    cfg.names_view = top.address_port("names_view")
     opts = cfg.options
-    if "affinity" in top and "repeated_syn_window" in top:
-        fail("router", "'affinity' is the old name of 'repeated_syn_window': give one")
+    if "affinity" in top.values and "repeated_syn_window" in top.values:
+        top.fail("affinity", "'affinity' is the old name of 'repeated_syn_window': give one")
     # (the option) -> RouterOptions field
     for name, attr in (("repeated_syn_window", "affinity"), ("affinity", "affinity"), ("delay_hold", "delay_hold"),
                        ("warmup", "warmup"), ("min_hold", "min_hold"), ("max_hold", "max_hold"),
-                       ("replay_window", "replay_window"), ("icmp_rate", "icmp_rate")):
-        if name in top:
-            value = top[name]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                fail("router", f"{name} must be a number >= 0")
-            setattr(opts, attr, float(value))
-    opts.max_held = _int(top, "max_held", opts.max_held, 0, 1 << 20, fail)
-    opts.icmp_burst = _int(top, "icmp_burst", opts.icmp_burst, 0, 1 << 20, fail)
+                       ("replay_window", "replay_window")):
+        if name in top.values:
+            setattr(opts, attr, top.seconds(name, None))
+    opts.icmp_rate = top.number("icmp_rate", opts.icmp_rate, 0)
+    opts.max_held = top.int("max_held", opts.max_held, 0, 1 << 20)
+    opts.icmp_burst = top.int("icmp_burst", opts.icmp_burst, 0, 1 << 20)
     opts.udp_port = cfg.sal_udp_port
     if cfg.address:
         opts.address = ipaddress.IPv4Address(cfg.address).packed
-    for i, k in enumerate(_list(data, "key", fail)):
-        cfg.keys.append(key_from(k, lambda m, i=i: fail(f"key {i + 1}", m)))
+    for i, k in enumerate(tables(data, "key", lambda m: fail("key", m))):
+        cfg.keys.append(key_from(k, lambda m, i=i: fail_at(("key", i), m)))
     if not cfg.keys:
         fail("key", "no [[key]]: a router accepts only authenticated registrations")
-    for i, r in enumerate(_list(data, "rule", fail)):
-        cfg.rules.append(_rule(r, lambda m, i=i: fail(f"rule {i + 1}", m)))
+    for i, r in enumerate(tables(data, "rule", lambda m: fail("rule", m))):
+        cfg.rules.append(_rule(r, at("rule", i)))
     seen = {}
-    for i, svc in enumerate(_list(data, "service", fail)):
-        prefix, affinity, label = _service(svc, lambda m, i=i: fail(f"service {i + 1}", m))
+    for i, svc in enumerate(tables(data, "service", lambda m: fail("service", m))):
+        prefix, affinity, label = _service(svc, at("service", i))
         if prefix in seen:
-            fail(f"service {i + 1}", f"{label or prefix} is already configured in [[service]] {seen[prefix]}")
+            fail_at(("service", i), f"{label or prefix} is already configured in [[service]] {seen[prefix]}")
         seen[prefix] = i + 1
         cfg.affinities.append((prefix, affinity, label))
     return cfg
@@ -159,32 +153,34 @@ def key_from(table: dict, fail) -> reg.Key:
 
 
 def _service(svc: dict, fail) -> tuple:
-    """A [[service]]: per-service policy (client affinity) by name, name:port or prefix."""
+    """A [[service]]: per-service policy (client affinity) by name, name:port or prefix.
+    ``fail(message, key=None)`` raises, at the key's line."""
     for k in svc:
         if k not in {"service", "prefix", "affinity", "affinity_timeout"}:
-            fail(f"unknown key {k!r}")
+            fail(f"unknown key {k!r}", k)
     prefix, label = _prefix(svc, fail, "a [[service]]")
-    return prefix, affinity_from(svc, fail), label
+    return prefix, affinity_from(svc, lambda m: fail(m, "affinity")), label
 
 
 def _rule(rule: dict, fail) -> RuleConfig:
     for k in rule:
         if k not in {"service", "prefix", "action", "next_hop", "priority", "weight"}:
-            fail(f"unknown key {k!r}")
+            fail(f"unknown key {k!r}", k)
     prefix, label = _prefix(rule, fail, "a rule")
     try:
         action = Action(rule.get("action", "forward"))
     except ValueError:
-        fail("action must be forward, drop or delay")
+        fail("action must be forward, drop or delay", "action")
     if action == Action.DEMUX:
-        fail("a router has no local listeners: action must be forward, drop or delay")
+        fail("a router has no local listeners: action must be forward, drop or delay", "action")
     next_hop = None
     if action == Action.FORWARD:
         if "next_hop" not in rule:
             fail("a forward rule needs a 'next_hop'")
-        next_hop = _ipv4(rule["next_hop"], fail)
-    return RuleConfig(prefix, action, next_hop, _int(rule, "priority", 1, 0, 1 << 16, lambda w, m: fail(m)),
-                      _int(rule, "weight", 1, 1, 1 << 16, lambda w, m: fail(m)), label)
+        next_hop = ipv4(rule["next_hop"], lambda m: fail(m, "next_hop"))
+    return RuleConfig(prefix, action, next_hop,
+                      integer(rule.get("priority", 1), lambda m: fail(m, "priority"), 0, 1 << 16, "priority"),
+                      integer(rule.get("weight", 1), lambda m: fail(m, "weight"), 1, 1 << 16, "weight"), label)
 
 
 def _prefix(table: dict, fail, what: str) -> tuple:
@@ -202,25 +198,4 @@ def _prefix(table: dict, fail, what: str) -> tuple:
         text = str(table["prefix"])
         return (ServicePrefix(bytes(32), 0) if text == "default" else ServicePrefix.parse(text)), ""
     except ServiceIDError as exc:
-        fail(str(exc))
-
-
-def _list(data, name, fail):
-    items = data.get(name, [])
-    if not isinstance(items, list):
-        fail(name, f"write [[{name}]] (an array of tables)")
-    return items
-
-
-def _int(table, key, default, low, high, fail):
-    value = table.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        fail("router", f"{key} must be a whole number from {low} to {high}, not {value!r}")
-    return value
-
-
-def _ipv4(value, fail) -> str:
-    try:
-        return str(ipaddress.IPv4Address(str(value)))
-    except ValueError:
-        fail(f"not an IPv4 address: {value!r}")
+        fail(str(exc), "service" if "service" in table else "prefix")
