@@ -88,6 +88,7 @@ bench: venv bpf
 	$(PY) -m bench.pathnet
 	$(PY) -m bench.realnet
 	$(PY) -m bench.memory
+	$(PY) -m bench.udp
 
 clean:
 	-$(PY) -m lab.cleanup

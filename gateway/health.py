@@ -12,15 +12,53 @@ handshake that the backend answered is a success and puts the next probe off by 
 interval, so a busy backend is hardly probed; one it refused (RST to the SYN) or never
 answered is a failure and calls a probe at once.
 
+``kind = "dns"``: as "tcp", but each probe is a real DNS query over UDP (the adapter
+sends :func:`dns_probe` and waits for an answer that :func:`dns_answered` accepts;
+a port unreachable or no answer is a failure). A UDP service whose port is DNS's gets
+it; any other UDP service is passive only ("none"), since a TCP connect says nothing
+about a datagram server (:func:`kind_for`). For a UDP backend, live traffic is its
+datagrams: one that answers a flow is a success, a port unreachable from it a failure
+(a flow it never answers proves nothing: syslog never does).
+
 ``kind = "none"``: no probes at all (a backend that logs every connection, behind
 fail2ban, need never see one). The backend counts as up from the start; ``fall``
 consecutive failed handshakes take it out for ``eject_time``, after which it is offered
 again and real traffic decides anew; each ejection in a row doubles the time (at most
 eight times), and a success resets it.
 """
+import struct
 from dataclasses import dataclass
 
 MAX_EJECT_FACTOR = 8
+PROBED = ("tcp", "dns")        # the kinds that send probes
+# A UDP service on one of these ports is DNS: it gets real queries as its checks. (A
+# constant until the config can say so itself: a ``kind = "dns"`` in [routing.health].)
+DNS_PORTS = (53,)
+PROBE_NAME = b"\x06health\x06serval\x07invalid\x00"     # health.serval.invalid (RFC 6761)
+_DNS_HEADER = struct.Struct("!HHHHHH")
+
+
+def kind_for(configured: str, protocol: str, ports) -> str:
+    """The check a service gets: a UDP service cannot be TCP-connected, so "tcp" (the
+    default) becomes a DNS query when its port or its backend's is DNS's, and passive
+    only otherwise."""
+    if protocol != "udp" or configured == "none":
+        return configured
+    return "dns" if any(port in DNS_PORTS for port in ports) else "none"
+
+
+def dns_probe(txid: int) -> bytes:
+    """A DNS query (A health.serval.invalid, no recursion): any answer proves a live server."""
+    return _DNS_HEADER.pack(txid, 0, 1, 0, 0, 0) + PROBE_NAME + b"\x00\x01\x00\x01"
+
+
+def dns_answered(reply: bytes, txid: int) -> bool:
+    """A response to our probe: its id, QR set, our question echoed. Any rcode counts
+    (NXDOMAIN or REFUSED still come from a live server)."""
+    if len(reply) < 12:
+        return False
+    rid, flags, qdcount = _DNS_HEADER.unpack_from(reply)[:3]
+    return rid == txid and flags & 0x8000 != 0 and (qdcount == 0 or PROBE_NAME.lower() in reply[12:].lower())
 
 
 @dataclass
@@ -28,7 +66,7 @@ class HealthCheck:
     interval: float
     rise: int = 2
     fall: int = 2
-    kind: str = "tcp"             # "tcp": connect probes (and passive); "none": passive only
+    kind: str = "tcp"             # "tcp": connect probes, "dns": query probes (and passive); "none": passive only
     eject_time: float = 30.0      # passive only: how long a failed backend stays out
     timeout: float = 1.0          # a probe's connect time-out (the adapter applies it)
     up: bool | None = None        # None: not checked yet
@@ -53,7 +91,7 @@ class HealthCheck:
         return "unknown" if self.up is None else "up" if self.up else "down"
 
     def due(self, now: float) -> bool:
-        return self.kind == "tcp" and not self.in_flight and now >= self.next_due
+        return self.kind in PROBED and not self.in_flight and now >= self.next_due
 
     def started(self, now: float) -> None:
         self.in_flight = True
@@ -84,7 +122,7 @@ class HealthCheck:
             self.passive_failed += 1
             self.last_error = error
             self.hurry(now)
-        if self.kind == "tcp" and self.up is None:
+        if self.kind in PROBED and self.up is None:
             return None                   # the first probe decides
         changed = self._count(ok)
         if changed is False and self.kind == "none":

@@ -16,6 +16,7 @@ Neither writes the service table: each tells the gateway's
 Without a [routing] section only ``services`` (a view) and ``drain`` (local) work.
 """
 import logging
+import secrets
 
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 
@@ -23,10 +24,10 @@ from sal import registration as reg
 from sal.ip import aton, ntoa
 from sal.serviceid import ServicePrefix, short
 
-from .health import HealthCheck
+from .health import HealthCheck, dns_answered, dns_probe, kind_for
 from .registration import Registrar
 from .router_health import RouterHealth
-from .translate.events import FlowClosed, FlowClosing, FlowEstablished
+from .translate.events import FlowClosed, FlowClosing, FlowEstablished, UdpAnswered, UdpRefused
 
 log = logging.getLogger("serval.routing")
 TICK = 0.01
@@ -96,10 +97,10 @@ class ServerAgent(_Agent):
     def __init__(self, gateway):
         super().__init__(gateway)
         cfg, self.table = gateway.cfg, gateway.table
-        self.by_backend: dict[tuple, list] = {}     # (host, port) -> service keys
+        self.by_backend: dict[tuple, list] = {}     # _backend_key -> service keys
         for key, rule in self.table.services().items():
-            backend = rule.target
-            self.by_backend.setdefault((ntoa(backend.address), backend.port), []).append(key)
+            self.by_backend.setdefault(_backend_key(rule.target), []).append(key)
+        ports = {svc.key: svc.port for svc in cfg.services}
         self.registrar = self.checks = None
         if self.routing is not None:
             r = self.routing
@@ -113,7 +114,9 @@ class ServerAgent(_Agent):
             for backend, keys in self.by_backend.items():
                 # services sharing a backend share its check: the first one's settings
                 h = r.health.for_service(keys[0].rsplit(":", 1)[0])
-                check = self.checks[backend] = HealthCheck(h.interval, h.rise, h.fall, h.kind,
+                protocol = "udp" if len(backend) == 3 else "tcp"
+                kind = kind_for(h.kind, protocol, [backend[1], *(ports[k] for k in keys)])
+                check = self.checks[backend] = HealthCheck(h.interval, h.rise, h.fall, kind,
                                                            h.eject_time, h.timeout)
                 if check.up:                  # passive only: offered from the start
                     for key in keys:
@@ -138,8 +141,11 @@ class ServerAgent(_Agent):
                 self._health_changed(backend, True, "")
             if check.due(now):
                 check.started(now)
-                self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(
-                    lambda ok, err, b=backend: self._checked(b, ok, err)), timeout=check.timeout)
+                done = lambda ok, err, b=backend: self._checked(b, ok, err)     # noqa: E731
+                if check.kind == "dns":
+                    _DnsCheck.start(self.gw.reactor, backend[0], backend[1], check.timeout, done)
+                else:
+                    self.gw.reactor.connectTCP(backend[0], backend[1], _CheckFactory(done), timeout=check.timeout)
 
     def flow_events(self, events) -> None:
         """The translator's flow events (after each batch): a real handshake with a
@@ -151,6 +157,14 @@ class ServerAgent(_Agent):
         for ev in events:
             flow = ev.flow
             fid = flow.sal.local_flow
+            if flow.udp is not None:
+                # a UDP flow's handshake is ours alone: only the backend's datagrams (or
+                # its port unreachable) say anything about it
+                if isinstance(ev, UdpAnswered):
+                    self._passive(_backend_of(flow), True, "")
+                elif isinstance(ev, UdpRefused):
+                    self._passive(_backend_of(flow), False, "refused a datagram (port unreachable)")
+                continue
             if isinstance(ev, FlowEstablished):
                 self._established.add(fid)
                 if ev.rtt is not None:                   # (not a flow resumed from a snapshot)
@@ -190,7 +204,7 @@ class ServerAgent(_Agent):
         self._health_changed(backend, ok, error)
 
     def _health_changed(self, backend: tuple, ok: bool, error: str) -> None:
-        log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend,
+        log.log(logging.INFO if ok else logging.WARNING, "backend %s:%d is %s%s", *backend[:2],
                 "up" if ok else "down", "" if ok else f" ({error})")
         now, wall = self.gw.clock(), self.gw.adapters.wall_ns()
         for key in self.by_backend[backend]:
@@ -224,7 +238,7 @@ class ServerAgent(_Agent):
         for key, rule in self.table.services().items():
             backend = rule.target
             offer = self.registrar.offers.get(key) if self.registrar else None
-            check = self.checks.get((ntoa(backend.address), backend.port)) if self.checks else None
+            check = self.checks.get(_backend_key(backend)) if self.checks else None
             rows.append({
                 "service": key, "service_id": short(rule.prefix.value.to_bytes(32, "big")),
                 "backend": str(backend), "weight": rule.weight, "priority": rule.priority,
@@ -307,7 +321,50 @@ class _CheckFactory(ClientFactory):
         self.report(False, reason.getErrorMessage())
 
 
+class _DnsCheck(DatagramProtocol):
+    """One DNS query to a backend from a connected UDP socket; reports once: answered,
+    refused (port unreachable) or timed out."""
+
+    @classmethod
+    def start(cls, reactor, host: str, port: int, timeout: float, done) -> None:
+        check = cls(done, reactor.callLater(timeout, lambda: check.report(False, "no answer to a DNS query")))
+        check.port = reactor.listenUDP(0, check)
+        try:
+            check.port.connect(host, port)
+            check.port.write(dns_probe(check.txid))
+        except OSError as exc:
+            check.report(False, str(exc))
+
+    def __init__(self, done, timer):
+        self.done, self.timer, self.port = done, timer, None
+        self.txid = secrets.randbelow(0x10000)
+
+    def datagramReceived(self, data, addr):
+        if dns_answered(data, self.txid):
+            self.report(True, "")
+
+    def connectionRefused(self):
+        self.report(False, "refused a DNS query (port unreachable)")
+
+    def report(self, ok: bool, error: str) -> None:
+        done, self.done = self.done, None
+        if done is None:
+            return
+        if self.timer.active():
+            self.timer.cancel()
+        if self.port is not None:
+            self.port.stopListening()
+        done(ok, error)
+
+
+def _backend_key(backend) -> tuple:
+    """What a backend's check is known by: (host, port), and (host, port, "udp") for a
+    UDP one (a TCP and a UDP server may share host:port, iperf3's, and fail apart)."""
+    key = (ntoa(backend.address), backend.port)
+    return key + ("udp",) if backend.protocol == 17 else key
+
+
 def _backend_of(flow):
-    """(host, port) of a server flow's backend, or None."""
+    """The check key of a server flow's backend, or None."""
     backend = flow.extra[0] if flow.extra else None
-    return (ntoa(backend.address), backend.port) if backend is not None else None
+    return _backend_key(backend) if backend is not None else None

@@ -49,3 +49,17 @@ class FlowClosed:
     reason: str
     bytes_out: int
     bytes_in: int
+
+
+@dataclass(slots=True)
+class UdpAnswered:
+    """A UDP backend sent its first datagram on a flow (server side): it is alive (a
+    UDP flow's SAL handshake says nothing about the backend)."""
+    flow: object
+
+
+@dataclass(slots=True)
+class UdpRefused:
+    """A UDP backend answered a flow's datagram with port (or protocol) unreachable
+    before it ever answered on it (server side)."""
+    flow: object

@@ -24,6 +24,7 @@ from sal.ip import PROTO_UDP, aton, transport_checksum
 from sal.service_table import Action
 
 from .carriage import ip_header
+from .events import UdpAnswered, UdpRefused
 from .limits import TokenBucket
 from .ports import PortPool
 from .verdict import PASS
@@ -196,6 +197,7 @@ class UdpMixin:
                 and not flow.bytes_out and err.type == icmp.DEST_UNREACH
                 and err.code in (icmp.PORT_UNREACH, icmp.PROTO_UNREACH)):
             self.stats["icmp_udp_backend_refused"] += 1
+            self.events.append(UdpRefused(flow))
             if flow.sal.remote_flow:
                 self._emit_sal(flow, flow.sal.reset().encode())
                 self.stats["sal_resets_sent"] += 1
@@ -366,6 +368,8 @@ class UdpServerMixin(UdpMixin):
         if flow.closed_at is not None or flow.sal.state != State.ESTABLISHED:
             self.stats["dropped_before_established" if flow.closed_at is None else "dropped_udp_closed"] += 1
             return None
+        if not flow.bytes_out:
+            self.events.append(UdpAnswered(flow))       # (passive health: the backend lives)
         return self._udp_out(flow, pkt, seg, now)
 
 
