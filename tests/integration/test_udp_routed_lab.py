@@ -158,9 +158,10 @@ def test_a_replica_killed_during_a_stream_new_flows_go_to_the_other(dep, victim)
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err
     results = json.loads(out)
-    before = [r for r in results if r[0] < killed]
+    # both replicas answered until the kill (a query in flight at the kill may be lost)
+    answered_before = [r for r in results if r[1] < killed and r[2]]
     after = [r for r in results if r[0] > withdrawn]
-    assert {ANSWERS.get(r[2]) for r in before} == {"srv0", "srv1"}, before[:20]
+    assert {ANSWERS.get(r[2]) for r in answered_before} == {"srv0", "srv1"}, answered_before[:20]
     assert after, f"the stream ended before srv0 was withdrawn ({withdrawn - killed:.2f} s after the kill)"
     wrong = [r for r in after if ANSWERS.get(r[2]) != "srv1"]
     assert not wrong, (len(wrong), len(after), wrong[:10])
