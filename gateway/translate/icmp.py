@@ -178,13 +178,18 @@ class IcmpMixin:
             return PASS
         if self._in_handshake(flow) and flow.closed_at is None:
             self.stats["icmp_legacy_unreachable"] += 1
-            if flow.sal.remote_flow:
-                self._emit_sal(flow, flow.sal.reset().encode())
-                self.stats["sal_resets_sent"] += 1
-            self._finish(flow, now, "unreachable")
+            self._end_unreachable(flow, now)
         else:
             self.stats["icmp_soft_errors"] += 1
         return None
+
+    def _end_unreachable(self, flow, now: float) -> None:
+        """The legacy host cannot be reached for the flow: it ends, and the peer hears
+        a SAL RST once it knows our flow."""
+        if flow.sal.remote_flow:
+            self._emit_sal(flow, flow.sal.reset().encode())
+            self.stats["sal_resets_sent"] += 1
+        self._finish(flow, now, "unreachable")
 
 
 def _a_refusal(err) -> bool:

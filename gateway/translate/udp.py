@@ -198,10 +198,7 @@ class UdpMixin:
                 and err.code in (icmp.PORT_UNREACH, icmp.PROTO_UNREACH)):
             self.stats["icmp_udp_backend_refused"] += 1
             self.events.append(UdpRefused(flow))
-            if flow.sal.remote_flow:
-                self._emit_sal(flow, flow.sal.reset().encode())
-                self.stats["sal_resets_sent"] += 1
-            self._finish(flow, now, "unreachable")
+            self._end_unreachable(flow, now)
         else:
             self.stats["icmp_soft_errors"] += 1
         return None
