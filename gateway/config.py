@@ -57,7 +57,8 @@ class GatewayConfig:
     path: str
     instance: str
     queue: int
-    control_queue: int = 0             # SAL control packets and SYNs (default: queue + 1000)
+    control_queue: int = 0             # SAL control packets and SYN-ACKs (default: queue + 1000)
+    new_flow_queue: int = 0            # new connections' SYNs, kept short (default: control_queue + 1000)
     carriage: str = "ip"
     sal_address: str | None = None
     virtual_network: str = DEFAULT_VIRTUAL_NETWORK
@@ -99,7 +100,7 @@ class GatewayConfig:
 _GATEWAY_KEYS = {
     "instance", "queue", "carriage", "sal_address", "virtual_network", "intercept_local",
     "intercept_forwarded", "client_address", "port_range", "mtu", "queue_bypass",
-    "control_socket", "state_dir", "log_level", "mappings", "control_queue", "drain_timeout",
+    "control_socket", "state_dir", "log_level", "mappings", "control_queue", "new_flow_queue", "drain_timeout",
     "resume_window", "fast_path", "bpffs", "fast_path_redirect",
 }
 _GATEWAY_KEYS |= {"metrics", "metrics_public"}     # "host:port" (loopback unless metrics_public)
@@ -137,6 +138,9 @@ def parse(data: dict, path: str, role: str, loc: Locator | None = None) -> Gatew
     cfg.control_queue = gw.int("control_queue", (cfg.queue + 1000) % 65536, 0, 65535)
     if cfg.control_queue == cfg.queue:
         gw.fail("control_queue", "control_queue must differ from queue")
+    cfg.new_flow_queue = gw.int("new_flow_queue", (cfg.control_queue + 1000) % 65536, 0, 65535)
+    if cfg.new_flow_queue in (cfg.queue, cfg.control_queue):
+        gw.fail("new_flow_queue", "new_flow_queue must differ from queue and control_queue")
     cfg.carriage = gw.choice("carriage", "ip", ("ip", "udp"))
     cfg.sal_address = gw.ipv4("sal_address")
     cfg.virtual_network = ipv4_network(gw.get("virtual_network", DEFAULT_VIRTUAL_NETWORK),

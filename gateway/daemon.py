@@ -108,14 +108,14 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
                           cfg.control_queue)
     # a SAL SYN: destination flowID 0, and extensions
     sal_syn = ToQueue(sal_in + ["-m", "u32", "--u32", f"0>>22&0x3C@{sal_hlen_at - 4}=0&&"
-                                f"0>>22&0x3C@{sal_hlen_at}>>24=4:255"], new_flow_queue(cfg))
+                                f"0>>22&0x3C@{sal_hlen_at}>>24=4:255"], cfg.new_flow_queue)
     pre, out, routes = [], [], []
     # SAL to any address: addresses change under live flows, and a packet still sent to
     # the one we just lost is translated rather than lost (what is not ours passes)
     pre += [sal_syn, sal_control, sal_in]
     if cfg.role == "client":
         legacy = ["-p", "tcp", "-d", cfg.virtual_network]
-        syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], new_flow_queue(cfg))
+        syn = ToQueue(legacy + ["--tcp-flags", "SYN", "SYN"], cfg.new_flow_queue)
         # UDP toward the virtual range: a UDP service's datagrams are carried (with the
         # bulk), any other's refused at once (ICMP port unreachable) rather than lost on
         # a route with no next hop
@@ -169,11 +169,6 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     for name in interfaces:
         sysctls[f"net.ipv4.conf.{name.replace('.', '/')}.rp_filter"] = "0"
     return {"prerouting": pre, "output": out, "sysctls": sysctls, "routes": routes}
-
-
-def new_flow_queue(cfg: GatewayConfig) -> int:
-    """The queue of new connections' SYNs: the one after the control queue."""
-    return (cfg.control_queue + 1000) % 65536
 
 
 def _ntoa(addr: bytes) -> str:
@@ -252,7 +247,7 @@ class Gateway(LifecycleMixin):
             self.reactor.addReader(self.reader)
             self.control_reader = a.queue_reader(cfg.control_queue, self._handle, self._flush, self.stats)
             self.reactor.addReader(self.control_reader)
-            self.syn_reader = a.queue_reader(new_flow_queue(cfg), self._handle, self._flush, self.stats,
+            self.syn_reader = a.queue_reader(cfg.new_flow_queue, self._handle, self._flush, self.stats,
                                              batch=64, max_len=SYN_QUEUE_LEN)
             self.reactor.addReader(self.syn_reader)
             self.port = a.control.listen(self.reactor, cfg.control_socket, self.commands())
@@ -503,7 +498,7 @@ class Gateway(LifecycleMixin):
         stats.update({k.replace("kernel_", "kernel_control_"): v
                       for k, v in kernel_queue_stats(self.cfg.control_queue).items()})
         stats.update({k.replace("kernel_", "kernel_new_flow_"): v
-                      for k, v in kernel_queue_stats(new_flow_queue(self.cfg)).items()})
+                      for k, v in kernel_queue_stats(self.cfg.new_flow_queue).items()})
         times = sorted(self.translator.migration_times)
         if times:
             stats["migration_ms_last"] = round(self.translator.migration_times[-1] * 1000, 2)

@@ -14,7 +14,7 @@ from .translate import snapshot
 log = logging.getLogger("serval.gateway")
 
 # what a running gateway cannot take from a reloaded config (its rules and queues)
-NEEDS_RESTART = ("queue", "control_queue", "carriage", "virtual_network", "intercept_local",
+NEEDS_RESTART = ("queue", "control_queue", "new_flow_queue", "carriage", "virtual_network", "intercept_local",
                  "intercept_forwarded", "instance", "control_socket", "state_dir", "port_range",
                  "source_addresses", "client_address", "mtu", "queue_bypass", "sal_address", "mappings",
                  "metrics", "fast_path", "bpffs", "fast_path_redirect",

@@ -290,8 +290,7 @@ class GatewayObserver(Observer):
 
     def queues(self) -> dict:
         cfg = self.gw.cfg
-        from gateway.daemon import new_flow_queue
-        return {cfg.queue: "bulk", cfg.control_queue: "control", new_flow_queue(cfg): "new_flows"}
+        return {cfg.queue: "bulk", cfg.control_queue: "control", cfg.new_flow_queue: "new_flows"}
 
     def _periodic_counters(self) -> dict:
         out = dict(self.gw.stats)

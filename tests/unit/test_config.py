@@ -35,6 +35,7 @@ def write(tmp_path, text, name="gw.toml"):
 def test_client_config_loads(tmp_path):
     cfg = load(write(tmp_path, CLIENT), "client")
     assert (cfg.queue, cfg.carriage) == (3, "udp")
+    assert (cfg.control_queue, cfg.new_flow_queue) == (1003, 2003)     # the defaults follow queue
     (svc,) = cfg.services
     assert svc.service_id == service_id_for("web.svc.example", 80)
     (rule,) = cfg.rules
@@ -51,6 +52,9 @@ def test_client_config_loads(tmp_path):
     ('[[service]]\nname = "web"\nport = 80\n', "server", 1, "needs its 'backend'"),
     ("[gateway]\nqueue = 1\n", "server", 1, "no [[service]] configured"),
     ("[timeouts]\nidle = -1\n", "server", 2, "positive number"),
+    (CLIENT.replace("queue = 3", "queue = 3\nnew_flow_queue = 3"), "client", 4, "new_flow_queue must differ"),
+    (CLIENT.replace("queue = 3", "queue = 3\ncontrol_queue = 7\nnew_flow_queue = 7"), "client", 5,
+     "new_flow_queue must differ"),
 ])
 def test_bad_config_names_the_line(tmp_path, text, role, line, words):
     path = write(tmp_path, text)

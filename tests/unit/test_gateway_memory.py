@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.config import load
-from gateway.daemon import Gateway, new_flow_queue
+from gateway.daemon import Gateway
 from sal import registration as reg
 from sal import wire
 from sal.ip import IPv4, ntoa
@@ -478,7 +478,7 @@ def test_own_connections_are_queued_in_output_unless_the_kernel_takes_them(tmp_p
     assert own_tcp(plan["output"]) == []
     from_lo = own_tcp(plan["prerouting"])[:2]
     assert all(r.match[:2] == ["-i", "lo"] and r.bypass is False for r in from_lo), from_lo
-    assert [r.queue for r in from_lo] == [new_flow_queue(gw.cfg), gw.cfg.queue]
+    assert [r.queue for r in from_lo] == [gw.cfg.new_flow_queue, gw.cfg.queue]
     (route,) = plan["routes"]                                             # even beside a default route
     assert route == {"dst": "198.18.0.0/16", "dev": "lo", "prefsrc": "198.19.1.1"}
     gw.stop()

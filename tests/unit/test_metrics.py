@@ -209,7 +209,8 @@ def scrape(observer) -> dict:
 def fake_gateway(translator, role):
     from tests.unit.test_translate import SID
     cfg = SimpleNamespace(role=role, instance=f"{role}-1", carriage="ip", queue=0 if role == "client" else 1,
-                          control_queue=1000 if role == "client" else 1001, metrics=None,
+                          control_queue=1000 if role == "client" else 1001,
+                          new_flow_queue=2000 if role == "client" else 2001, metrics=None,
                           services=[SimpleNamespace(service_id=SID, name="web.svc.example")])
     return SimpleNamespace(cfg=cfg, translator=translator, stats=translator.stats, reactor=None,
                            routing=SimpleNamespace())
