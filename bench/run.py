@@ -34,13 +34,10 @@ is measured in that same lab, one after the other:
     time (default 4 workers, at most 5 s and at most 3000 connections); completed
     connections per second over the time used. ``connection_failures_*`` counts
     failures. The gateway phase starts once the gateways' flow tables have drained.
-    The cap keeps the phase measuring how fast the pair sets flows up, not two limits
-    a longer burst runs into first: the server gateway's port pool (61000-64999 toward
-    each backend, a port held 10 s after its flow closes, so about 4000 / 10 s = 400
-    new connections/s sustained per backend; beyond it ``dropped_ports_exhausted`` in
-    ``gateway_server_dropped`` and client time-outs), and the client's own kernel,
-    whose connect() port search slows to a crawl once ~10k of its sockets sit in
-    TIME_WAIT (the client closes first), direct or not.
+    The cap keeps the phase measuring how fast the pair sets flows up, not a limit a
+    longer burst runs into first: the client's own kernel, whose connect() port search
+    slows to a crawl once ~10k of its sockets sit in TIME_WAIT (the client closes
+    first), direct or not. (Sustained rates over 60 s: ``bench.hardening``.)
 ``gateway_*``
     The gateways' own counters after the run (drops, internal errors, kernel queue
     drops); a gateway internal error or an unclean gateway exit fails the run.

@@ -500,11 +500,23 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin, UdpMixin):
         ctl = hdr.control
         if ctl is not None and ctl.flags & (wire.RST | wire.SYN):
             return None
-        rst = SalHeader(hdr.dst_flow, hdr.src_flow, 6, [wire.Control(
+        self._sal_reset(ip, hdr, peer_port, 6)
+        return None
+
+    def _refuse_sal_syn(self, ip: IPv4, hdr: SalHeader, peer_port: int, reason: str):
+        """A SAL SYN we cannot take (a cap, no port toward the backend): answered with a
+        RST, so the client gateway tells its legacy client at once instead of letting it
+        wait out its retransmissions. Counted as ``refused_<reason>``."""
+        self.stats[f"refused_{reason}"] += 1
+        self._sal_reset(ip, hdr, peer_port, hdr.protocol)
+        return None
+
+    def _sal_reset(self, ip: IPv4, hdr: SalHeader, peer_port: int, protocol: int) -> None:
+        ctl = hdr.control
+        rst = SalHeader(hdr.dst_flow, hdr.src_flow, protocol, [wire.Control(
             wire.RST, 0, (ctl.verno + 1) & 0xFFFFFFFF if ctl else 0, b"\0" * 8)])
         self.outbox.append(self.carriage.wrap(ip.dst, ip.src, rst.encode(), peer_port))
         self.stats["sal_resets_sent"] += 1
-        return None
 
     # --- SAL output ----------------------------------------------------------------
     def _emit_sal(self, flow: Flow, body: bytes) -> None:
@@ -653,11 +665,13 @@ class Translator(MigrationMixin, LimitsMixin, IcmpMixin, UdpMixin):
         if self.refresh is not None:
             self.refresh(flow)                 # the legacy host's last ACK may be newer there
         if self.role == "client" and not flow.sal.remote_flow and flow.syn_seq is not None:
-            seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, 0,
-                              (flow.syn_seq + 1) & 0xFFFFFFFF, 0x50, TCP_RST | TCP_ACK, 0, 0, 0)
+            self._legacy_rst(flow, 0, (flow.syn_seq + 1) & 0xFFFFFFFF, TCP_RST | TCP_ACK)
         else:
-            seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, flow.legacy_last_ack,
-                              0, 0x50, TCP_RST, 0, 0, 0)
+            self._legacy_rst(flow, flow.legacy_last_ack, 0, TCP_RST)
+
+    def _legacy_rst(self, flow: Flow, seq: int, ack: int, flags: int) -> None:
+        """A RST to the flow's legacy host, as from the address and port it talks to."""
+        seg = struct.pack("!HHIIBBHHH", flow.legacy_dport, flow.legacy_sport, seq, ack, 0x50, flags, 0, 0, 0)
         csum = transport_checksum(flow.legacy_dst, flow.legacy_src, 6, seg, 16)
         seg = seg[:16] + _U16.pack(csum) + seg[18:]
         self.outbox.append(ip_header(flow.legacy_dst, flow.legacy_src, 6, 40, 0, 64, 0, 0) + seg)

@@ -10,7 +10,12 @@ when the backend can take a new connection on the same 4-tuple:
 * after the backend's TIME_WAIT (60 s on Linux) when the backend closed first (or both
   at once), or when we cannot know (a handshake that timed out).
 
-Pairs given back are reused first, in the order they become ready. Pairs never used
+Pairs given back are reused first, in the order they become ready. When none is ready
+and none is left unused, the pair longest in TIME_WAIT is taken early (``take_early``),
+as a client host reuses its ports: the backend takes the new SYN if it is newer than the
+old connection (RFC 6191: a newer timestamp; Linux, the BSDs and Windows do), or answers
+it with an ACK, which the server gateway answers with a RST that ends the TIME_WAIT
+before it sends the SYN again. Only pairs held by live flows are never handed out. Pairs never used
 yet are walked from a random place (a restarted gateway must not walk straight into the
 4-tuples its previous run left in TIME_WAIT), alternating between the source addresses,
 so that a burst spreads over all of them. Nothing is allocated per pair until it is used.
@@ -50,6 +55,17 @@ class PortPool:
                 continue
             leased[pair] = None
             return pair
+        return None
+
+    def take_early(self):
+        """The pair given back longest ago, still in the backend's TIME_WAIT, leased
+        until ``release``; None when every pair is held by a live flow."""
+        back, leased = self._back, self.leased
+        while back:
+            pair = heapq.heappop(back)[1]
+            if pair not in leased:
+                leased[pair] = None
+                return pair
         return None
 
     def lease(self, pair) -> bool:

@@ -73,6 +73,7 @@ class ServerTranslator(UdpServerMixin, Translator):
         self.by_backend: dict[bytes, Flow] = {}   # backend address, our address, backend port, our port
         self.pools: dict[tuple, PortPool] = {}
         self._backend_fate: dict[int, str] = {}   # flowID -> "time_wait" (backend closed first) or "reset"
+        self._syns_sent: dict[int, bytes] = {}    # flowID -> our SYN to the backend, until its SYN-ACK
         self._challenges: dict[int, _Challenge] = {}
         self._challenge_heap: list = []           # (deadline, flowID), checked lazily
 
@@ -136,12 +137,14 @@ class ServerTranslator(UdpServerMixin, Translator):
         if hdr.protocol == 17:
             return self._udp_on_syn(pkt, ip, hdr, peer_port, now, local, reply_to, backend)
         if not self._admit(reply_to):
-            return None
+            return self._refuse_sal_syn(ip, hdr, peer_port, "flow_cap")
         pool = self._pool(backend)
         pair = pool.take(now)
         if pair is None:
-            self.stats["dropped_ports_exhausted"] += 1
-            return None
+            pair = pool.take_early()
+            if pair is None:
+                return self._refuse_sal_syn(ip, hdr, peer_port, "ports_exhausted")
+            self.stats["ports_reused_in_time_wait"] += 1
         ours = ip.src if self.keep_client_address else pair[0]
         key = backend.address + ours + _TCP_PORTS.pack(backend.port, pair[1])
         old = self.by_backend.get(key)
@@ -209,6 +212,7 @@ class ServerTranslator(UdpServerMixin, Translator):
         seg, csum_delta = self._clamp(seg, flow.in_delta if in_delta is None else in_delta, flow.peer_addr, now)
         self.stats["from_sal"] += 1
         out = self._to_legacy(flow, pkt, seg, now, csum_delta)
+        self._syns_sent[flow.sal.local_flow] = out
         if broadcast:
             # The kernel keeps a broadcast packet's type through a rewrite, and neither
             # forwards nor delivers such a packet to TCP: the SYN is sent anew instead.
@@ -291,6 +295,7 @@ class ServerTranslator(UdpServerMixin, Translator):
         state = flow.sal.state
         if state in (State.SYN_SEEN, State.SYN_RECEIVED):
             if flags & TCP_SYN and flags & TCP_ACK:
+                self._syns_sent.pop(flow.sal.local_flow, None)
                 seg, csum_delta = self._clamp(seg, flow.out_delta, flow.peer_addr, now)
                 tseg = self._sal_segment(flow, seg, csum_delta)
                 header = flow.sal.syn_ack(tseg, now)
@@ -306,6 +311,8 @@ class ServerTranslator(UdpServerMixin, Translator):
                 self._finish(flow, now, "refused")
                 self.stats["to_sal"] += 1
                 return self._to_sal(flow, pkt, seg, now, header)
+            if state == State.SYN_SEEN and flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK:
+                return self._end_time_wait(flow, seg)
         if state == State.RESET and not flags & TCP_RST:     # (a RST goes on: the peer judges it)
             self._after_reset(flow, pkt, seg)
             return None
@@ -320,6 +327,19 @@ class ServerTranslator(UdpServerMixin, Translator):
             return None
         self.stats["to_sal"] += 1
         return self._to_sal(flow, pkt, seg, now, flow.out_hdr)
+
+    def _end_time_wait(self, flow: Flow, seg: bytes) -> None:
+        """An ACK answering our SYN: the backend still holds an older connection on this
+        4-tuple in TIME_WAIT (a pair taken early) and did not take the SYN as newer. A
+        RST in that connection's window ends it (RFC 793's reset for an ACK that
+        acknowledges nothing of ours; Linux honours it, RFC 1337 aside), and our SYN
+        goes again at once instead of after the client's retransmission."""
+        self._legacy_rst(flow, _U32.unpack_from(seg, 8)[0], 0, TCP_RST)
+        self.stats["backend_time_wait_reset"] += 1
+        syn = self._syns_sent.get(flow.sal.local_flow)
+        if syn is not None:
+            self.outbox.append(syn)
+        return None
 
     # --- ports ---------------------------------------------------------------------
     def _pool(self, backend: Backend) -> PortPool:
@@ -403,6 +423,7 @@ class ServerTranslator(UdpServerMixin, Translator):
         super()._forget(flow)
         fid = flow.sal.local_flow
         self._challenges.pop(fid, None)
+        self._syns_sent.pop(fid, None)
         if flow.extra is None:
             self._backend_fate.pop(fid, None)
             return

@@ -307,12 +307,11 @@ class UdpServerMixin(UdpMixin):
         """A SAL SYN for a UDP service: the flow, its port toward the backend, and our
         SYN-ACK at once (there is no legacy handshake to wait for)."""
         if not self._admit(reply_to):
-            return None
+            return self._refuse_sal_syn(ip, hdr, peer_port, "flow_cap")
         pool = self._udp_pool(backend)
         pair = pool.take(now)
         if pair is None:
-            self.stats["dropped_ports_exhausted"] += 1
-            return None
+            return self._refuse_sal_syn(ip, hdr, peer_port, "ports_exhausted")
         ours = ip.src if self.keep_client_address else pair[0]
         key = backend.address + ours + _PORTS.pack(backend.port, pair[1])
         old = self.udp_flows.get(key)

@@ -52,7 +52,7 @@ def test_back_to_back_connections_reuse_ports_as_soon_as_the_backend_let_go(lab)
     for h in (pair.cgw, pair.sgw):
         assert ruleset(h) == before[h.name], f"{h.name}: rules left behind"
     assert result == {"ok": CONNECTIONS, "failed": 0}
-    assert stats.get("dropped_ports_exhausted", 0) == 0, stats
+    assert stats.get("refused_ports_exhausted", 0) == 0, stats
     assert stats["flows_opened"] == CONNECTIONS
     # every port came back at once, most of them while their flow still lingered
     assert stats["ports_back_at_once"] >= CONNECTIONS - PORTS, stats

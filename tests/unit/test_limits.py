@@ -114,3 +114,20 @@ def test_closed_flows_do_not_count_against_their_source_and_a_refusal_answers():
     (rst,) = client.outbox
     assert rst[33] == RST | ACK and rst[16:20] == aton(CLIENT)
     assert client.stats["limit_flows_per_source"] == 1 and client.stats["legacy_resets_sent"] >= 1
+
+
+def test_a_server_gateway_cap_refuses_with_a_reset_the_legacy_client_hears():
+    """Every flow of the client gateway established, its cap reached at the server
+    gateway: the next SAL SYN gets a RST, and the legacy client a RST that answers its
+    SYN (before: dropped silently, the connect hung through its retransmissions)."""
+    client, server = make_pair()
+    server.limits = Limits(max_flows_per_source=2)
+    handshake(client, server, cport=41000)
+    handshake(client, server, cport=41001)
+    assert server.from_sal(client.from_legacy(syn(CLIENT, 41002), 0.0), 0.0) is None
+    assert server.stats["limit_flows_per_source"] == 1 and server.stats["refused_flow_cap"] == 1
+    (sal_rst,) = server.outbox
+    server.outbox.clear()
+    client.from_sal(sal_rst, 0.0)
+    (legacy_rst,) = client.outbox
+    assert legacy_rst[33] & 0x04 and int.from_bytes(legacy_rst[28:32], "big") == 1001   # RST, acks the SYN

@@ -48,6 +48,19 @@ def test_a_pair_in_time_wait_waits_for_it():
     assert len(pool.free) == 0
 
 
+def test_a_pair_in_time_wait_is_taken_early_only_when_no_other_is_free():
+    pool = PortPool(20000, 20002, [A])
+    one, two = pool.take(0.0), pool.take(0.0)
+    pool.leased[one] = pool.leased[two] = "flow"
+    pool.release(two, "flow", 1.0 + TIME_WAIT)
+    pool.release(one, "flow", 2.0 + TIME_WAIT)
+    assert pool.take(5.0) not in (one, two, None)        # the unused pair first
+    assert pool.take(5.0) is None
+    assert pool.take_early() == two                      # then the one longest in TIME_WAIT
+    assert pool.take_early() == one
+    assert pool.take_early() is None                     # every pair held by a live flow
+
+
 def test_only_the_holder_gives_a_pair_back():
     pool = PortPool(20000, 20000, [A])
     pair = pool.take(0.0)
@@ -179,7 +192,7 @@ def test_sustained_connections_closed_by_our_side_reuse_pairs_at_once():
     (before: held until the flow left the table 5 s later, so 50 ports made 10/s)."""
     client, server = make_pair((20000, 20049))
     used, refused = run(client, server, 100, 5, "client")
-    assert refused == 0 and server.stats["dropped_ports_exhausted"] == 0
+    assert refused == 0 and server.stats["refused_ports_exhausted"] == 0
     assert len(used) == 500
     assert server.stats["ports_back_at_once"] == 500
     assert server.stats["ports_reused_early"] > 0      # lingering flows made room for new ones
@@ -304,3 +317,53 @@ def test_bad_server_keys_are_refused_with_their_line(tmp_path, extra, line, word
     with pytest.raises(ConfigError) as exc:
         load_server(tmp_path, extra)
     assert f"server.toml:{line}:" in str(exc.value) and words in str(exc.value)
+
+
+def test_a_syn_refused_for_want_of_ports_is_told_to_the_legacy_client_at_once():
+    """The pool is empty (its one pair in the backend's TIME_WAIT): the server gateway
+    answers the SAL SYN with a RST, and the client gateway resets the legacy client's
+    connect at once (before: the SYN was dropped, and the client waited out its
+    retransmissions)."""
+    client, server = make_pair((20000, 20000))
+    first = connect(client, server, 40000, 0.0)
+    close(client, server, 40000, first, 0.0, "backend")
+    sal_syn = client.from_legacy(tcp_packet(CLIENT, 40001, VIP, 80, 7000, flags=SYN, mss=1460), 0.5)
+    assert server.from_sal(sal_syn, 0.5) is None
+    assert server.stats["refused_ports_exhausted"] == 1
+    (sal_rst,) = server.outbox
+    server.outbox.clear()
+    client.from_sal(sal_rst, 0.5)
+    (legacy_rst,) = client.outbox
+    seg = TCP(legacy_rst[20:])
+    assert (seg.sport, seg.dport) == (80, 40001)
+    assert seg.flags & RST and seg.flags & ACK and seg.ack == 7001    # SYN-SENT takes it: "refused"
+
+
+def test_a_pair_taken_early_clears_the_backend_s_time_wait_and_the_handshake_completes():
+    """One pair, in the backend's TIME_WAIT (it closed first) after its flow was
+    forgotten: a new connection takes it early. The backend answers the SYN with an ACK
+    of its old connection (no newer timestamp); the server gateway sends a RST at that
+    ACK's number, which ends the TIME_WAIT, and the SYN again at once."""
+    client, server = make_pair((20000, 20000))
+    first = connect(client, server, 40000, 0.0)
+    close(client, server, 40000, first, 0.0, "backend")
+    tick_timers(client, server, 10.0)                    # forgotten; the pair cools until 60 s
+    assert sum(p.cooling(10.0) for p in server.pools.values()) == 1
+    sal_syn = client.from_legacy(tcp_packet(CLIENT, 40001, VIP, 80, 7000, flags=SYN, mss=1460), 10.0)
+    syn = server.from_sal(sal_syn, 10.0)
+    assert syn is not None and server.stats["ports_reused_in_time_wait"] == 1
+    src, lport = _ntoa(syn[12:16]), TCP(syn[20:]).sport
+    assert (syn[12:16], lport) == first
+    challenge = tcp_packet(SERVER, 8080, src, lport, 5002, 1002, ACK)     # the old connection's numbers
+    assert server.from_backend(challenge, 10.0) is None                    # not for the client
+    rst, again = server.outbox
+    server.outbox.clear()
+    r = TCP(rst[20:])
+    assert (rst[12:16], rst[16:20], r.sport, r.dport) == (syn[12:16], syn[16:20], lport, 8080)
+    assert r.flags == RST and r.seq == 1002
+    assert again == syn and server.stats["backend_time_wait_reset"] == 1
+    synack = tcp_packet(SERVER, 8080, src, lport, 9000, 7001, SYN | ACK, mss=1460)
+    client.from_sal(server.from_backend(synack, 10.0), 10.0)
+    server.from_sal(client.from_legacy(tcp_packet(CLIENT, 40001, VIP, 80, 7001, 9001, ACK), 10.0), 10.0)
+    (flow,) = server.flows.values()
+    assert flow.sal.state == State.ESTABLISHED and not server._syns_sent
