@@ -353,11 +353,12 @@ class ServerTranslator(UdpServerMixin, Translator):
         return pool
 
     def _give_back_port(self, flow: Flow, when: float, done: bool) -> None:
-        """Give the flow's pair back, ready when the backend can take a new connection
-        on it: at once (``when``, the flow's end) if the backend's side is gone (our
-        side closed first, or a reset), even while the flow lingers (it still carries
-        late packets until a new connection takes the pair); after the backend's
-        TIME_WAIT if it closed first or we cannot tell, once the flow is forgotten."""
+        """Give the flow's pair back when the flow ends (``when``), ready when the
+        backend can take a new connection on it: at once if the backend's side is gone
+        (our side closed first, or a reset); after the backend's TIME_WAIT if it closed
+        first or we cannot tell (before that only ``take_early`` hands it out). The
+        flow still carries late packets while it lingers, until a new connection takes
+        its pair."""
         fid = flow.sal.local_flow
         fate = self._backend_fate.pop(fid, None) if done else self._backend_fate.get(fid)
         if fate == "time_wait":
@@ -366,8 +367,6 @@ class ServerTranslator(UdpServerMixin, Translator):
             ready_at = when
         else:
             ready_at = flow.last_seen + self.backend_time_wait   # a handshake given up: who knows
-        if not done and ready_at != when:
-            return               # it waits anyway: late packets of the flow still find it
         _, pool, port, _ = flow.extra
         pair = (b"" if self.keep_client_address else flow.legacy_dst, port)
         if not pool.release(pair, flow, ready_at):

@@ -199,22 +199,22 @@ def test_sustained_connections_closed_by_our_side_reuse_pairs_at_once():
     assert all(f.sal.state == State.CLOSED for f in server.flows.values())
 
 
-def test_a_pair_whose_backend_closed_first_waits_for_its_time_wait():
+def test_a_pair_whose_backend_closed_first_waits_while_others_are_free_then_oldest_first():
     """Closed by the backend first, a 4-tuple stays in the backend's TIME_WAIT: it is not
-    used again before that ends, however short of ports the pool is."""
+    used again while an unused pair is left; once none is, the pairs are taken early,
+    the one closed longest ago first, so each waits as long as the load allows."""
     client, server = make_pair((20000, 20049))
     used, refused = run(client, server, 100, 2, "backend")
-    assert len(used) == 50 and refused == 150          # every pair waits
-    tick_timers(client, server, 10.0)                  # the flows are forgotten, their pairs cooling
-    assert server.stats["ports_back_after_time_wait"] == 50
-    assert sum(p.cooling(10.0) for p in server.pools.values()) == 50
-    last_use = {}
-    for now, pair in used:
-        assert now - last_use.get(pair, -TIME_WAIT) >= TIME_WAIT
-        last_use[pair] = now
-    # after the TIME_WAIT, each pair serves again
-    later, refused = run_from(client, server, TIME_WAIT + 1.0, 50, "backend")
+    assert refused == 0 and len(used) == 200
+    assert len({p for _, p in used[:50]}) == 50                      # every pair once first
+    assert server.stats["ports_reused_in_time_wait"] == 150
+    assert [p for _, p in used[50:100]] == [p for _, p in used[:50]]  # then in the order they closed
+    assert server.stats.get("refused_ports_exhausted", 0) == 0
+    # after the TIME_WAIT, each pair serves again without being taken early
+    tick_timers(client, server, 10.0)
+    later, refused = run_from(client, server, 2 + TIME_WAIT + 1.0, 50, "backend")
     assert refused == 0 and {p for _, p in later} == {p for _, p in used}
+    assert server.stats["ports_reused_in_time_wait"] == 150
 
 
 def run_from(client, server, start, count, first):
@@ -243,8 +243,8 @@ def test_several_source_addresses_multiply_the_pairs():
     """Two of our addresses facing the backend: twice the connections in TIME_WAIT at
     once, and the backend's replies are told apart by our address too."""
     client, server = make_pair((20000, 20009), sources=[A, B])
-    used, refused = run(client, server, 100, 0.3, "backend")
-    assert refused == 10 and len(used) == 20
+    used, refused = run(client, server, 100, 0.2, "backend")
+    assert refused == 0 and server.stats["ports_reused_in_time_wait"] == 0
     assert {p[0] for _, p in used} == {A, B}
     assert len({p for _, p in used}) == 20
     # the same port on both addresses at once, each its own connection
@@ -320,13 +320,12 @@ def test_bad_server_keys_are_refused_with_their_line(tmp_path, extra, line, word
 
 
 def test_a_syn_refused_for_want_of_ports_is_told_to_the_legacy_client_at_once():
-    """The pool is empty (its one pair in the backend's TIME_WAIT): the server gateway
+    """The pool is empty (its one pair held by a live flow): the server gateway
     answers the SAL SYN with a RST, and the client gateway resets the legacy client's
     connect at once (before: the SYN was dropped, and the client waited out its
     retransmissions)."""
     client, server = make_pair((20000, 20000))
-    first = connect(client, server, 40000, 0.0)
-    close(client, server, 40000, first, 0.0, "backend")
+    first = connect(client, server, 40000, 0.0)               # open: its pair is held
     sal_syn = client.from_legacy(tcp_packet(CLIENT, 40001, VIP, 80, 7000, flags=SYN, mss=1460), 0.5)
     assert server.from_sal(sal_syn, 0.5) is None
     assert server.stats["refused_ports_exhausted"] == 1
