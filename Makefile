@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
                 iperf3 dnsutils conntrack iputils-ping build-essential python3-dev python3-venv procps dnsmasq-base dnsperf ethtool \
-                clang llvm libbpf-dev bpftool
+                clang llvm libbpf-dev bpftool tftpd-hpa tftp-hpa
 
 .PHONY: all deps venv bpf test unit test-compose demo bench clean distclean
 
@@ -17,7 +17,8 @@ build/.deps:
 	    || ! command -v iperf3 >/dev/null || ! test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h \
 	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null || ! command -v nft >/dev/null \
 	    || ! command -v dnsmasq >/dev/null || ! command -v dnsperf >/dev/null || ! command -v nstat >/dev/null \
-	    || ! command -v ethtool >/dev/null || ! command -v ping >/dev/null || ! command -v clang >/dev/null || ! test -e /usr/include/bpf/bpf_helpers.h; then \
+	    || ! command -v ethtool >/dev/null || ! command -v ping >/dev/null || ! command -v clang >/dev/null || ! test -e /usr/include/bpf/bpf_helpers.h \
+	    || ! command -v in.tftpd >/dev/null || ! command -v tftp >/dev/null; then \
 	  echo "installing system packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi

@@ -21,6 +21,7 @@ from .translate.limits import Limits
 
 DEFAULT_VIRTUAL_NETWORK = "198.18.0.0/16"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+HELPERS = ("tftp",)                    # a server's UDP service: gateway/translate/tftp.py
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ServiceConfig:
     weight: int = 1
     priority: int = 1
     protocol: str = "tcp"              # "tcp" or "udp" (carried as a SAL flow of that transport)
+    helper: str = ""                   # server, UDP: an application helper ("tftp"), or none
 
     @property
     def key(self) -> str:
@@ -235,7 +237,7 @@ def _server_keys(cfg: GatewayConfig, gw: Table) -> None:
 
 
 def _service(svc: dict, role: str, fail) -> ServiceConfig:
-    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority", "protocol"}
+    allowed = {"name", "port", "service_id", "address", "backend", "weight", "priority", "protocol", "helper"}
     for key in svc:
         if key not in allowed:
             fail(key, f"unknown key {key!r} in [[service]]")
@@ -270,6 +272,10 @@ def _service(svc: dict, role: str, fail) -> ServiceConfig:
         if "backend" not in svc:
             fail(None, f"service {name}: a server gateway needs its 'backend' (host:port)")
         out.backend = address_port(svc["backend"], lambda m: fail("backend", m), "backend")
+    if "helper" in svc:
+        if role != "server" or out.protocol != "udp":
+            fail("helper", f"service {name}: 'helper' is for a UDP service of a server gateway")
+        out.helper = choice(svc["helper"], lambda m: fail("helper", f"service {name}: {m}"), "helper", HELPERS)
     return out
 
 

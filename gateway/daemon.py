@@ -58,7 +58,7 @@ def build_translator(cfg: GatewayConfig, source_for, link_mtus: dict[str, int]):
     for svc in cfg.services:
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
-                          17 if svc.protocol == "udp" else 6)
+                          17 if svc.protocol == "udp" else 6, svc.helper)
         table.add(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight)
     _check_ephemeral_overlap(cfg)
     return ServerTranslator(table, carriage, port_range=cfg.port_range,
@@ -139,8 +139,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
         for svc in cfg.services:
             host, port = svc.backend
             if svc.protocol == "udp":
-                # a UDP backend's replies to our ports toward it (failing closed, as below)
-                pre.append(ToQueue(["-p", "udp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"],
+                # a UDP backend's replies to our ports toward it (failing closed, as below);
+                # with a helper from any port of the host (TFTP answers from a new one)
+                sport = [] if svc.helper else ["--sport", str(port)]
+                pre.append(ToQueue(["-p", "udp", "-s", host, *sport, "--dport", f"{low}:{high}"],
                                    cfg.queue, bypass=False))
                 continue
             match = ["-p", "tcp", "-s", host, "--sport", str(port), "--dport", f"{low}:{high}"]

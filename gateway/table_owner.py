@@ -47,7 +47,7 @@ def config_rules(cfg, source_for) -> list[Rule]:
     for svc in cfg.services:
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
-                          17 if svc.protocol == "udp" else 6)
+                          17 if svc.protocol == "udp" else 6, svc.helper)
         rules.append(Rule(ServicePrefix(svc.service_id), Action.DEMUX, backend, svc.priority, svc.weight,
                           service=svc.key))
     return rules

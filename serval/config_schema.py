@@ -140,7 +140,8 @@ def boolean(value, fail, name: str) -> bool:
 def choice(value, fail, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         words = [f'"{c}"' for c in choices]
-        fail(f"{name} must be {', '.join(words[:-1])} or {words[-1]}, not {value!r}")
+        said = f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else words[0]
+        fail(f"{name} must be {said}, not {value!r}")
     return value
 
 

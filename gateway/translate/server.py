@@ -38,12 +38,14 @@ class _Challenge:
 @dataclass(frozen=True)
 class Backend:
     """A legacy server: where DEMUX sends a service. ``source`` is our address facing it;
-    ``protocol`` the transport it serves (6 TCP, 17 UDP)."""
+    ``protocol`` the transport it serves (6 TCP, 17 UDP); ``helper`` a UDP application
+    helper its flows need ("tftp": tftp.py), or ""."""
     address: bytes
     port: int
     source: bytes
     name: str = ""
     protocol: int = 6
+    helper: str = ""
 
     def __str__(self):
         return f"{ntoa(self.address)}:{self.port}"

@@ -27,6 +27,7 @@ from .carriage import ip_header
 from .events import UdpAnswered, UdpRefused
 from .limits import TokenBucket
 from .ports import PortPool
+from .tftp import TftpFlows
 from .verdict import PASS
 
 MAX_PENDING = 16              # datagrams a flow holds while its handshake is out
@@ -39,11 +40,12 @@ EMPTY_UDP = b"\0\0\0\0\0\x08\0\0"   # the SYN-ACK's and ACK's transport: no chec
 
 class UdpState:
     """What a UDP flow holds besides the shared ``Flow`` record."""
-    __slots__ = ("key", "pending")
+    __slots__ = ("key", "pending", "helper")
 
     def __init__(self, key: bytes):
         self.key = key            # legacy src, dst, sport, dport as on the wire
         self.pending = []         # datagrams waiting for the handshake
+        self.helper = None        # a server helper's state (tftp.py), for a service asking for one
 
 
 def legacy_datagram(translator, pkt: bytes) -> bytes | None:
@@ -82,6 +84,7 @@ class UdpMixin:
     def _init_udp(self) -> None:
         self.udp_flows: dict = {}          # UdpState.key -> Flow
         self._udp_icmp = TokenBucket(ICMP_PER_SECOND, ICMP_PER_SECOND)
+        self.tftp = TftpFlows(self.stats)  # server: flows of services with helper = "tftp"
 
     def _udp_flow(self, now: float, key: bytes):
         flow = self._new_flow(now, PROTO_UDP)
@@ -92,6 +95,8 @@ class UdpMixin:
     def _udp_forget(self, flow) -> None:
         if self.udp_flows.get(flow.udp.key) is flow:
             del self.udp_flows[flow.udp.key]
+        if flow.udp.helper is not None:
+            self.tftp.forget(flow)
         if flow.udp.pending:
             self.stats["dropped_udp_pending"] += len(flow.udp.pending)
             flow.udp.pending = []
@@ -153,6 +158,8 @@ class UdpMixin:
             self.stats["malformed"] += 1
             self.stats["dropped_udp_bad_length"] += 1
             return None
+        if flow.udp.helper is not None:        # (server: the helper may re-aim the flow)
+            csum_delta = self.tftp.toward_backend(self, flow, seg, csum_delta)
         csum = _udp_checksum(_U16.unpack_from(seg, 6)[0], flow.in_delta if csum_delta is None else csum_delta)
         seg = _PORTS.pack(flow.legacy_dport, flow.legacy_sport) + seg[4:6] + _U16.pack(csum) + seg[8:]
         flow.packets_in += 1
@@ -328,6 +335,8 @@ class UdpServerMixin(UdpMixin):
         self._backend_fate[flow.sal.local_flow] = "reset"   # UDP: no TIME_WAIT to wait out
         flow.set_legacy(backend.address, ours, backend.port, pair[1])
         flow.rebuild(self.carriage)
+        if backend.helper:
+            self.tftp.track(flow, backend.port)
         self.by_peer[flow.extra[3]] = flow
         self.stats["udp_flows_opened"] += 1
         return self._udp_send_synack(flow, now)
@@ -356,8 +365,10 @@ class UdpServerMixin(UdpMixin):
             return PASS
         ihl = (pkt[0] & 15) * 4
         flow = self.udp_flows.get(pkt[12:20] + pkt[ihl:ihl + 4])
-        if flow is None:
-            return PASS
+        if flow is None:         # (a TFTP server answers from a new port: tftp.py)
+            flow = self.tftp.reply_from_new_port(self, pkt, ihl) if self.tftp.flows else PASS
+            if flow is PASS or flow is None:
+                return flow
         seg = legacy_datagram(self, pkt)
         if seg is None:
             return None
