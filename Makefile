@@ -86,6 +86,7 @@ bench: venv bpf
 	$(PY) -m bench.routing
 	$(PY) -m bench.dns
 	$(PY) -m bench.hardening
+	$(PY) -m bench.restarts
 	$(PY) -m bench.byname
 	$(PY) -m bench.pathnet
 	$(PY) -m bench.realnet

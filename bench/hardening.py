@@ -5,9 +5,6 @@
     address, from the LAN side) and random SAL packets (at the server gateway) flood
     the gateways, divided by the same flow's throughput without the flood, measured
     just before in the same lab.
-``restart_flow_survival``
-    20 downloads in flight; the client gateway is killed (``kill -9``) and started
-    again; the fraction of downloads that still complete with the right bytes.
 ``sustained_connections_per_second_gateway``
     ``ab -t 60 -c 100`` (a new connection per request, HTTP/1.0, the server closing
     first as web servers do) through the gateway pair by virtual address: requests
@@ -25,6 +22,8 @@
     ``refusal_latency_ms_p99_no_backend``: the same to a service whose backend has
     nothing listening (the refusal crosses both gateways). A connect not refused
     within 3 s counts as 3 s and makes the part fail.
+
+(``restart_flow_survival`` is ``bench.restarts``'s.)
 
 ``python -m bench.hardening --part connections`` runs only the last ones (``flood``
 only the first three); by default, all. Records are merged into ``build/bench.json``.
@@ -73,18 +72,11 @@ def iperf_gbps(pair, seconds: int = 4) -> float:
 
 
 def run_flood(work: Path) -> list[dict]:
-    www = work / "www"
-    www.mkdir()
-    blob = os.urandom(8 * 1024 * 1024)
-    (www / "8MB.bin").write_bytes(blob)
-    digest = hashlib.sha256(blob).hexdigest()
     with Lab() as lab:
         progress(f"building the lab ({lab.prefix}-*)")
         pair = gateway_pair(lab, server_route_back=False)
         pair.server.popen(["iperf3", "-s", "-p", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        pair.server.popen([sys.executable, "-m", "http.server", "8081", "-d", str(www)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        gws = RunningGateways(pair, extra_services=[("files.svc.example", 81, "198.18.0.11", 8081)]).start()
+        gws = RunningGateways(pair).start()
         try:
             progress("iperf3 through the gateways, no flood")
             quiet = iperf_gbps(pair)
@@ -98,18 +90,6 @@ def run_flood(work: Path) -> list[dict]:
             for f in floods:
                 f.kill()
                 f.wait(10)
-            progress("20 downloads in flight; the client gateway is killed (-9) and started again")
-            time.sleep(6)                           # let the flood's half-open flows expire or be evicted
-            outs = [work / f"d{i}" for i in range(20)]
-            dls = [pair.client.popen(["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "2M", "-o", str(o),
-                                      "http://198.18.0.11:81/8MB.bin"], stderr=subprocess.DEVNULL) for o in outs]
-            time.sleep(2.0)                         # all running, and a snapshot (every second) written
-            gws.signal("client", signal.SIGKILL)
-            gws.procs["client"].wait(5)
-            gws.launch("client")
-            for d in dls:
-                d.wait(90)
-            survived = sum(1 for o in outs if o.exists() and hashlib.sha256(o.read_bytes()).hexdigest() == digest)
         finally:
             codes = gws.stop()
         if codes != {"client": 0, "server": 0}:
@@ -119,8 +99,6 @@ def run_flood(work: Path) -> list[dict]:
          "baseline": None, "ratio": None},
         {"metric": "flood_goodput_ratio", "value": round(flooded / quiet, 3), "unit": "ratio",
          "baseline": "throughput_gateway_pair_quiet", "ratio": round(flooded / quiet, 3)},
-        {"metric": "restart_flow_survival", "value": survived / len(outs), "unit": "fraction",
-         "baseline": None, "ratio": None},
     ]
 
 
