@@ -132,7 +132,7 @@ class LifecycleMixin:
         data["netns"] = netns_cookie()
         path = self.snapshot_path()
         tmp = path + ".tmp"
-        if not data["flows"]:
+        if not data["flows"] and not data["udp_flows"]:
             # nothing to resume: leave no file behind (one per namespace adds up)
             try:
                 os.unlink(path)
