@@ -6,8 +6,6 @@ import os
 import signal
 import time
 
-from sal.ip import aton
-
 from .config import ConfigError, load
 from .translate import snapshot
 
@@ -96,7 +94,8 @@ class LifecycleMixin:
         # a --log-level given on the command line outranks the file
         logging.getLogger("serval").setLevel((getattr(self, "cli_log_level", None) or new.log_level).upper())
         if new.role == "client":
-            t.resolve.fixed = {(aton(s.address), s.port): s.service_id for s in new.services}
+            from .daemon import virtual_services
+            t.resolve.fixed, t.resolve.fixed_udp = virtual_services(new)
         self.table.set_rules(rules)
         if new.role == "server":
             from .daemon import interception_plan
