@@ -17,6 +17,9 @@ and every time is an argument (wall-clock seconds, since they are persisted).
   with the rest. The threshold is never below the zone's TTL, and reclaim checks it
   again, so an answer given while the gateway was being asked keeps its address.
 * Pinned addresses (``address =`` in the config) are never reclaimed.
+* A name's ``udp_ports`` (from the config) go into its record, for the gateway: it
+  carries UDP to those ports of the address only. A stored record whose ports differ
+  from the config's is written again at load.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ class Allocation:
 
 class Allocator:
     def __init__(self, network: str = "198.18.0.0/16", exclude=(), store=None,
-                 pinned: dict[str, str] | None = None):
+                 pinned: dict[str, str] | None = None, udp_ports: dict[str, tuple] | None = None):
         self.network = ipaddress.IPv4Network(network)
         self.excluded = [ipaddress.IPv4Network(e, strict=False) for e in exclude]
         self.store = store
@@ -54,6 +57,7 @@ class Allocator:
         self.by_address: dict[str, Allocation] = {}
         self.released: dict[str, tuple] = {}     # address -> (when reclaimed, name): reused last
         self.pinned = dict(pinned or {})
+        self.udp_ports = {name: list(ports) for name, ports in (udp_ports or {}).items() if ports}
         self.generation = 0                       # bumped when a mapping goes away
         self.dirty = False                        # answer times not yet saved
         self.unsynced = False                     # saved, but not yet forced to disk
@@ -71,7 +75,7 @@ class Allocator:
         """Read the store; returns how many mappings were kept. Entries that no longer
         fit (outside the range, excluded, a duplicate) are dropped with a warning."""
         records = self.store.load() if self.store is not None else []
-        kept = 0
+        kept, udp_changed = 0, False
         for rec in records:
             try:
                 name, address = str(rec["name"]).rstrip(".").lower(), str(ipaddress.IPv4Address(rec["address"]))
@@ -92,7 +96,8 @@ class Allocator:
                                float(rec.get("last_answered", rec.get("allocated", now))), pinned is not None)
             self._add(alloc)
             kept += 1
-        changed = False
+            udp_changed = udp_changed or rec.get("udp_ports", []) != self.udp_ports.get(name, [])
+        changed = udp_changed
         for name, address in self.pinned.items():
             if name not in self.by_name:
                 other = self.by_address.get(address)
@@ -106,7 +111,13 @@ class Allocator:
         return kept
 
     def records(self) -> list[dict]:
-        return [a.record() for a in sorted(self.by_address.values(), key=lambda a: ipaddress.IPv4Address(a.address))]
+        out = []
+        for a in sorted(self.by_address.values(), key=lambda a: ipaddress.IPv4Address(a.address)):
+            rec = a.record()
+            if a.name in self.udp_ports:
+                rec["udp_ports"] = self.udp_ports[a.name]
+            out.append(rec)
+        return out
 
     def save(self, durable: bool = False) -> None:
         if self.store is not None:

@@ -246,8 +246,8 @@ def _service(svc, zone: str | None, fail) -> Service:
     if not isinstance(svc, dict):
         fail(None, "a service must be a table")
     for key in svc:
-        if key not in ("name", "ports", "address"):
-            fail(key, f"unknown key {key!r} in a service (name, ports, address)")
+        if key not in ("name", "ports", "address", "udp_ports"):
+            fail(key, f"unknown key {key!r} in a service (name, ports, address, udp_ports)")
     raw = svc.get("name")
     if not isinstance(raw, str) or not raw.strip(". "):
         fail("name", "every service needs a name")
@@ -260,14 +260,23 @@ def _service(svc, zone: str | None, fail) -> Service:
             name = f"{name}.{zone}"
     if not _valid_name(name):
         fail("name", f"not a valid service name: {raw!r} (letters, digits, '-' and '_' per label)")
-    ports = svc.get("ports", [])
-    if isinstance(ports, int):
+    ports = _ports(svc, "ports", fail)
+    # UDP is carried only to the ports listed (a stray datagram to another port is
+    # refused at the client gateway, never sent on as a flow); TCP to every port
+    udp_ports = _ports(svc, "udp_ports", fail)
+    if len(set(udp_ports)) != len(udp_ports):
+        fail("udp_ports", f"service {name}: a port is listed twice in udp_ports")
+    address = ipv4(svc["address"], lambda m: fail("address", m)) if "address" in svc else None
+    return Service(name, ports, address, udp_ports)
+
+
+def _ports(svc: dict, key: str, fail) -> tuple[int, ...]:
+    ports = svc.get(key, [])
+    if isinstance(ports, int) and not isinstance(ports, bool):
         ports = [ports]
     if not isinstance(ports, list):
-        fail("ports", "ports must be a list of port numbers")
-    ports = tuple(integer(p, lambda m: fail("ports", m), 1, 65535, "ports") for p in ports)
-    address = ipv4(svc["address"], lambda m: fail("address", m)) if "address" in svc else None
-    return Service(name, ports, address)
+        fail(key, f"{key} must be a list of port numbers, like [53]")
+    return tuple(integer(p, lambda m: fail(key, m), 1, 65535, key) for p in ports)
 
 
 def _zone_of(name: str, zones: list) -> ZoneConfig | None:

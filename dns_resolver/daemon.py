@@ -83,7 +83,8 @@ class DnsDaemon:
         self.store = MappingsFile(cfg.mappings) if cfg.mappings else MemoryStore()
         self.names = StaticNames(cfg.services)
         pinned = {s.name: s.address for s in cfg.services if s.address}
-        self.allocator = Allocator(cfg.virtual_network, cfg.exclude, self.store, pinned)
+        self.allocator = Allocator(cfg.virtual_network, cfg.exclude, self.store, pinned,
+                                   {s.name: s.udp_ports for s in cfg.services})
         self.liveness = self.poller = None
         if cfg.liveness_routers:
             self.liveness = Liveness(cfg.liveness_routers, cfg.liveness_stale_after, self.stats)

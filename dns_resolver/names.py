@@ -21,6 +21,7 @@ class Service:
     name: str                          # "web.svc.example"
     ports: tuple[int, ...] = ()        # announced in the TXT record (optional)
     address: str | None = None         # a pinned virtual address (optional)
+    udp_ports: tuple[int, ...] = ()    # also carried over UDP on these ports (TCP: every port)
 
 
 class NameSource(Protocol):

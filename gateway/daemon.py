@@ -49,12 +49,10 @@ def build_translator(cfg: GatewayConfig, source_for, link_mtus: dict[str, int]):
             table.add(rule.prefix, rule.action, rule.next_hop, rule.priority, rule.weight)
         first_hop = next((r.next_hop for r in cfg.rules if r.next_hop), None)
         sal_address = cfg.sal_address or source_for(first_hop)[0]
-        virtual = VirtualMap({(aton(s.address), s.port): s.service_id for s in cfg.services
-                              if s.protocol == "tcp"}, cfg.mappings)
-        udp = {(aton(s.address), s.port): s.service_id for s in cfg.services if s.protocol == "udp"}
+        tcp, udp = virtual_services(cfg)
+        virtual = VirtualMap(tcp, cfg.mappings, fixed_udp=udp)
         return ClientTranslator(aton(sal_address), virtual, table, carriage,
-                                virtual_network=cfg.virtual_network,
-                                resolve_udp=(lambda a, p: udp.get((a, p))) if udp else None, **common)
+                                virtual_network=cfg.virtual_network, resolve_udp=virtual.udp, **common)
     for svc in cfg.services:
         host, port = svc.backend
         backend = Backend(aton(host), port, aton(source_for(host)[0]), svc.name,
@@ -66,6 +64,14 @@ def build_translator(cfg: GatewayConfig, source_for, link_mtus: dict[str, int]):
                             sources=[aton(a) for a in cfg.source_addresses],
                             backend_time_wait=cfg.backend_time_wait,
                             accept_broadcast_syn=cfg.accept_broadcast_syn, **common)
+
+
+def virtual_services(cfg: GatewayConfig) -> tuple[dict, dict]:
+    """(address, port) -> serviceID of the client config's TCP services, and of its UDP ones."""
+    by = {"tcp": {}, "udp": {}}
+    for s in cfg.services:
+        by[s.protocol][(aton(s.address), s.port)] = s.service_id
+    return by["tcp"], by["udp"]
 
 
 def _check_ephemeral_overlap(cfg: GatewayConfig) -> None:
@@ -478,7 +484,7 @@ class Gateway(LifecycleMixin):
         if self.cfg.role != "client":
             return []
         return sorted({_ntoa(f.legacy_dst) for f in self.translator.flows.values()
-                       if f.closed_at is None and f.legacy_key is not None})
+                       if f.closed_at is None and (f.legacy_key is not None or f.udp is not None)})
 
     def _flows(self):
         fp = self.fastpath

@@ -14,8 +14,9 @@ answered is a failure and calls a probe at once.
 
 ``kind = "dns"``: as "tcp", but each probe is a real DNS query over UDP (the adapter
 sends :func:`dns_probe` and waits for an answer that :func:`dns_answered` accepts;
-a port unreachable or no answer is a failure). A UDP service whose port is DNS's gets
-it; any other UDP service is passive only ("none"), since a TCP connect says nothing
+a port unreachable or no answer is a failure). A UDP service gets it when the config
+says ``kind = "dns"``, or, with the kind left at its default, when its port is DNS's;
+any other UDP service is passive only ("none"), since a TCP connect says nothing
 about a datagram server (:func:`kind_for`). For a UDP backend, live traffic is its
 datagrams: one that answers a flow is a success, a port unreachable from it a failure
 (a flow it never answers proves nothing: syslog never does).
@@ -31,18 +32,21 @@ from dataclasses import dataclass
 
 MAX_EJECT_FACTOR = 8
 PROBED = ("tcp", "dns")        # the kinds that send probes
-# A UDP service on one of these ports is DNS: it gets real queries as its checks. (A
-# constant until the config can say so itself: a ``kind = "dns"`` in [routing.health].)
+# A UDP service on one of these ports, its kind left at the default, is DNS: it gets
+# real queries as its checks (``kind = "dns"`` says so for any port).
 DNS_PORTS = (53,)
 PROBE_NAME = b"\x06health\x06serval\x07invalid\x00"     # health.serval.invalid (RFC 6761)
 _DNS_HEADER = struct.Struct("!HHHHHH")
 
 
 def kind_for(configured: str, protocol: str, ports) -> str:
-    """The check a service gets: a UDP service cannot be TCP-connected, so "tcp" (the
+    """The check a service gets. A UDP service cannot be TCP-connected, so "tcp" (the
     default) becomes a DNS query when its port or its backend's is DNS's, and passive
-    only otherwise."""
-    if protocol != "udp" or configured == "none":
+    only otherwise; "dns" and "none" are as said. A TCP service keeps its connect under
+    "dns" (a table whose UDP service is DNS may cover the TCP one of the same name)."""
+    if protocol != "udp":
+        return "tcp" if configured == "dns" else configured
+    if configured != "tcp":
         return configured
     return "dns" if any(port in DNS_PORTS for port in ports) else "none"
 

@@ -6,8 +6,6 @@ import os
 import signal
 import time
 
-from sal.ip import aton
-
 from .config import ConfigError, load
 from .translate import snapshot
 
@@ -96,7 +94,8 @@ class LifecycleMixin:
         # a --log-level given on the command line outranks the file
         logging.getLogger("serval").setLevel((getattr(self, "cli_log_level", None) or new.log_level).upper())
         if new.role == "client":
-            t.resolve.fixed = {(aton(s.address), s.port): s.service_id for s in new.services}
+            from .daemon import virtual_services
+            t.resolve.fixed, t.resolve.fixed_udp = virtual_services(new)
         self.table.set_rules(rules)
         if new.role == "server":
             from .daemon import interception_plan
@@ -132,7 +131,7 @@ class LifecycleMixin:
         data["netns"] = netns_cookie()
         path = self.snapshot_path()
         tmp = path + ".tmp"
-        if not data["flows"]:
+        if not data["flows"] and not data["udp_flows"]:
             # nothing to resume: leave no file behind (one per namespace adds up)
             try:
                 os.unlink(path)

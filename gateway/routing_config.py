@@ -9,7 +9,8 @@ to them (docs/routing.md).
     probe_interval = 0.1       # client: probe each router this often ...
     probe_misses = 3           # ... and fail over after this many go unanswered
     [routing.health]           # server: checks of each backend
-    kind = "tcp"               # TCP connects (and live traffic); "none": live traffic only
+    kind = "tcp"               # TCP connects (and live traffic); "none": live traffic only;
+                               # "dns": DNS queries to UDP services (default: port 53's only)
     interval = 0.5
     timeout = 1.0
     rise = 2
@@ -31,7 +32,7 @@ from serval.config_schema import address_port, integer, listing, seconds
 DEFAULT_PREFIX = ServicePrefix(bytes(32), 0)
 
 
-HEALTH_KINDS = ("tcp", "none")
+HEALTH_KINDS = ("tcp", "dns", "none")
 
 
 @dataclass
@@ -99,6 +100,10 @@ def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
     if not isinstance(health, dict):
         fail("health", "health must be a table")
     _health(out.health, {k: v for k, v in health.items() if not isinstance(v, dict)}, ("health",), fail)
+    udp_names = {s.name for s in cfg.services if s.protocol == "udp"}
+    if cfg.role == "server" and health.get("kind") == "dns" and not udp_names:
+        fail(("health", "kind"), 'health.kind = "dns" probes UDP services with DNS queries, and no '
+             '[[service]] here has protocol = "udp"')
     names = {s.name for s in cfg.services}
     for name, own in health.items():
         if isinstance(own, dict):
@@ -106,6 +111,9 @@ def parse(section: dict | None, cfg, fail) -> RoutingConfig | None:
                 fail(("health", name), f"[routing.health.\"{name}\"]: no [[service]] named {name!r} "
                      f"(a table in health gives one service its own checks)")
             out.health.services[name] = _health(replace(out.health, services={}), own, ("health", name), fail)
+            if own.get("kind") == "dns" and name not in udp_names:
+                fail(("health", name, "kind"), f'health."{name}".kind = "dns" probes a UDP service with DNS '
+                     f'queries, and {name} has no [[service]] with protocol = "udp"')
     if cfg.role == "client":
         for address, _ in out.routers:
             cfg.rules.append(RuleConfig(DEFAULT_PREFIX, Action.FORWARD, address))

@@ -59,7 +59,8 @@ def check(cfg) -> int:
         for svc in zone.services:
             pin = f" pinned to {svc.address}" if svc.address else ""
             ports = f" ports {','.join(map(str, svc.ports))}" if svc.ports else ""
-            print(f"    service  {svc.name}{ports}{pin}")
+            udp = f" udp {','.join(map(str, svc.udp_ports))}" if svc.udp_ports else ""
+            print(f"    service  {svc.name}{ports}{udp}{pin}")
     print(f"  virtual    {cfg.virtual_network}" + (f" excluding {', '.join(cfg.exclude)}" if cfg.exclude else ""))
     print(f"  mappings   {cfg.mappings or '(none: memory only)'}")
     print(f"  gateway    {cfg.gateway_control or '(none: addresses are never reclaimed)'}")

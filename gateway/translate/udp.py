@@ -92,6 +92,16 @@ class UdpMixin:
         self.udp_flows[key] = flow
         return flow
 
+    def _udp_adopt(self, flow) -> bool:
+        """A UDP flow restored from a snapshot (snapshot.py) under its legacy 4-tuple
+        again; False if a flow holds that 4-tuple already."""
+        key = flow.legacy_src + flow.legacy_dst + _PORTS.pack(flow.legacy_sport, flow.legacy_dport)
+        if key in self.udp_flows:
+            return False
+        flow.udp = UdpState(key)
+        self.udp_flows[key] = flow
+        return True
+
     def _udp_forget(self, flow) -> None:
         if self.udp_flows.get(flow.udp.key) is flow:
             del self.udp_flows[flow.udp.key]
@@ -291,6 +301,13 @@ class UdpClientMixin(UdpMixin):
                                               flow.peer_port))
         return None
 
+    def adopt_udp(self, flow, row: dict) -> bool:
+        """Take a UDP flow back from a snapshot (see snapshot.py)."""
+        if not self._udp_adopt(flow):
+            return False
+        self._adopt_common(flow, flow.legacy_src, flow.last_seen)
+        return True
+
     def _udp_syn_segment(self, flow) -> bytes:
         """The SYN's empty UDP header: ports 0, length 8, checksum over the pseudo-header
         (protocol 17) of the SAL addresses, as the reference sends it."""
@@ -349,6 +366,27 @@ class UdpServerMixin(UdpMixin):
         self.outbox.append(self.carriage.wrap(flow.local_addr, flow.peer_addr, header.encode() + EMPTY_UDP,
                                               flow.peer_port))
         return None
+
+    def adopt_udp(self, flow, row: dict) -> bool:
+        """Take a UDP flow back from a snapshot (see snapshot.py): its pair toward the
+        backend leaves the pool."""
+        from .server import Backend      # (server.py builds on this module)
+        address, port, source, name = row["backend"]
+        backend = Backend(bytes.fromhex(address), port, bytes.fromhex(source), name, PROTO_UDP)
+        pool = self._udp_pool(backend)
+        pair = (b"" if self.keep_client_address else flow.legacy_dst, row["port"])
+        if not pool.lease(pair):
+            return False
+        if not self._udp_adopt(flow):
+            pool.release(pair, None, 0.0)
+            return False
+        pool.leased[pair] = flow
+        peer_key = (bytes.fromhex(row["peer_key"][0]), row["peer_key"][1])
+        flow.extra = (backend, pool, row["port"], peer_key)
+        self._backend_fate[flow.sal.local_flow] = "reset"   # UDP: no TIME_WAIT to wait out
+        self.by_peer[peer_key] = flow
+        self._adopt_common(flow, flow.peer_addr, flow.last_seen)
+        return True
 
     def _udp_pool(self, backend) -> PortPool:
         key = (backend.address, backend.port, PROTO_UDP)
