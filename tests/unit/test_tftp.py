@@ -246,3 +246,15 @@ def test_a_bad_helper_is_refused_with_its_line(tmp_path, role, text, line, words
     with pytest.raises(ConfigError) as exc:
         load(str(path), role)
     assert f"{role}.toml:{line}:" in str(exc.value) and words in str(exc.value), str(exc.value)
+
+
+def test_a_helper_flow_stays_out_of_the_snapshot_a_plain_udp_flow_is_in():
+    """The helper's state (the transfer's port) is not saved: its flow is left out of
+    the server's snapshot rather than resumed toward the wrong port."""
+    from gateway.translate import snapshot
+    helped, plain = Conversation(), Conversation(vip=PLAIN_VIP)
+    helped.send(rrq())
+    helped.reply(50001, data(1))
+    plain.send(rrq())
+    assert snapshot.dump(helped.server, helped.now)["udp_flows"] == []
+    assert len(snapshot.dump(plain.server, plain.now)["udp_flows"]) == 1
