@@ -5,10 +5,11 @@
 ``restart_flow_survival_client_gateway``, ``restart_flow_survival_server_gateway``
     100 flows at once through the pair (50 downloads, 50 uploads, 2 MB each at
     100 kB/s, so each lasts about 20 s); when they have run 12 s (longer than the
-    default resume window, so a snapshot's age is not the flow's), the gateway is
-    killed (``kill -9``), left down 3 s, and started again. The fraction of flows that
-    then move every byte intact (SHA-256 checked by the other end). The gateways run
-    with the default fast path, so the kernel carries the flows while the daemon is down.
+    snapshot interval, so a snapshot's age is not the flow's), the gateway is killed
+    (``kill -9``), left down 20 s, and started again. The fraction of flows that then
+    move every byte intact (SHA-256 checked by the other end). The gateways run with
+    the default fast path, so the kernel carries the flows' data while the daemon is
+    down; their closes, which only the daemon handles, wait for the restart.
 ``restart_flow_survival``
     The lower of the two (the issue's goal: 1.0).
 
@@ -32,7 +33,7 @@ from tests.integration.helpers import wait_port
 FLOWS_SCRIPT = Path(__file__).resolve().parent / "sha_flows.py"
 DOWNLOADS = UPLOADS = 50
 SIZE, RATE = 2_000_000, 100_000          # bytes, bytes/s: about 20 s a flow
-AGE_AT_KILL, OUTAGE = 12.0, 3.0          # seconds
+AGE_AT_KILL, OUTAGE = 12.0, 20.0         # seconds (the issue's goal: a restart within 30 s)
 
 
 def progress(msg: str) -> None:
