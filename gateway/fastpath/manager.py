@@ -2,7 +2,8 @@
 
 It loads the program, attaches it to the ingress of the interfaces the gateway
 translates on (GRO and LRO off there, restored on stop), and follows the translator's
-events: a flow enters the kernel once both handshakes are done, leaves it while a move
+events: a flow enters the kernel once both handshakes are done (a server gateway's UDP
+flow once its backend answered, so that the answer reaches the health checks), leaves it while a move
 is unconfirmed (the slow path holds its packets) and comes back with the new path, and
 leaves for good at its first FIN or RST. The translator stays the owner of every flow;
 the kernel's per-flow counters are folded into it (``refresh``) before anything reads
@@ -20,7 +21,8 @@ import os
 from nat.state import StateFile, netns_id
 from sal.flow import State
 
-from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving, FlowSteady
+from ..translate.events import (FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving, FlowSteady,
+                                PathMtuLowered, UdpAnswered)
 from . import build, maps, tc
 from .libbpf import (BpfError, BpfObject, Map, is_bpffs, map_fd_by_id, map_info, pin, pinned, prog_fd_by_id,
                      prog_id, prog_map_ids)
@@ -227,7 +229,7 @@ class FastPath:
     # --- following the translator ------------------------------------------------------
     def handle(self, events: list) -> None:
         for ev in events:
-            if isinstance(ev, (FlowEstablished, FlowMoved)):
+            if isinstance(ev, (FlowEstablished, FlowMoved, UdpAnswered)):
                 self.install(ev.flow)
             elif isinstance(ev, (FlowMoving, FlowClosing, FlowClosed)):
                 self.remove(ev.flow)
@@ -235,12 +237,29 @@ class FastPath:
                 # the program marked it Python's at the FIN or RST: in again, unmarked
                 self.remove(ev.flow)
                 self.install(ev.flow)
+            elif isinstance(ev, PathMtuLowered):
+                self._path_lowered(ev.flow.peer_addr)
 
     def _eligible(self, flow) -> bool:
-        return (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None
+        if not (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None
                 and flow.sal.state == State.ESTABLISHED and flow.held is None and flow.moving_peer is None
-                and not flow.send_handshake_ack and not flow.sal.migrating and flow.legacy_key is not None
-                and flow.legacy_fin_end is None and flow.remote_fin_end is None)
+                and not flow.send_handshake_ack and not flow.sal.migrating):
+            return False
+        if flow.udp is None:
+            return flow.legacy_key is not None and flow.legacy_fin_end is None and flow.remote_fin_end is None
+        # UDP: not closing; on a server gateway, not before the backend's first answer
+        # (``UdpAnswered``, the passive health check's evidence, is the slow path's)
+        return (not flow.sal.fin_sent and not flow.sal.peer_fin
+                and (self.t.role != "server" or flow.bytes_out > 0))
+
+    def _path_lowered(self, peer: bytes) -> None:
+        """A lower path MTU toward ``peer``: its UDP flows' size limit follows (TCP
+        clamped its MSS at the SYN)."""
+        for fid in list(self.installed):
+            flow = self.t.flows.get(fid)
+            if flow is not None and flow.udp is not None and flow.peer_addr == peer:
+                self.remove(flow)
+                self.install(flow)
 
     def install(self, flow) -> None:
         fid = flow.sal.local_flow
@@ -248,8 +267,9 @@ class FastPath:
             return
         key = maps.FLOW_KEY.pack(fid)
         legacy_key = maps.legacy_key(flow)
+        udp_max = maps.udp_max(self.t, flow) if flow.udp is not None else 0
         try:
-            self.flows.update(key, maps.flow_value(flow, self.t.carriage))
+            self.flows.update(key, maps.flow_value(flow, self.t.carriage, udp_max))
             self.legacy.update(legacy_key, key)
         except BpfError as exc:
             self.flows.delete(key)
@@ -277,8 +297,7 @@ class FastPath:
         for key in self._unclaimed:
             raw = self.flows.lookup(key)
             if raw is not None:
-                f = maps.FLOW.unpack(raw)
-                self.legacy.delete(maps.LEGACY_KEY.pack(f[2], f[3], f[4], f[5]))
+                self.legacy.delete(maps.legacy_key_of(raw))
                 self.flows.delete(key)
                 n += 1
         self._unclaimed.clear()
@@ -302,7 +321,7 @@ class FastPath:
         if raw is None:
             return
         c = maps.KernelCounters(raw)
-        if c.packets_out != rec.packets_out:
+        if c.packets_out != rec.packets_out and flow.udp is None:
             flow.legacy_last_ack = c.legacy_last_ack
         flow.packets_out += c.packets_out - rec.packets_out
         flow.bytes_out += c.bytes_out - rec.bytes_out
