@@ -3,9 +3,10 @@
 It loads the program, attaches it to the ingress of the interfaces the gateway
 translates on (GRO and LRO off there, restored on stop), and follows the translator's
 events: a flow enters the kernel once both handshakes are done (a server gateway's UDP
-flow once its backend answered, so that the answer reaches the health checks), leaves it while a move
-is unconfirmed (the slow path holds its packets) and comes back with the new path, and
-leaves for good at its first FIN or RST. The translator stays the owner of every flow;
+flow toward its backend only, until the backend's first answer has reached Python and
+the health checks: ``UdpAnswered``), leaves it while a move is unconfirmed (the slow
+path holds its packets) and comes back with the new path, and leaves for good at its
+first FIN or RST (a UDP flow: its close, idle or not). The translator stays the owner of every flow;
 the kernel's per-flow counters are folded into it (``refresh``) before anything reads
 them: idle expiry, resets, snapshots, ``serval ctl flows``.
 
@@ -46,12 +47,14 @@ def _possible_cpus() -> int:
 
 
 class _Installed:
-    """A flow in the kernel, and how much of the kernel's count is already folded in."""
+    """A flow in the kernel, and how much of the kernel's count is already folded in.
+    ``both_ways`` False: only its SAL side is in (its legacy packets are Python's)."""
 
-    __slots__ = ("legacy_key", "packets_out", "bytes_out", "packets_in", "bytes_in")
+    __slots__ = ("legacy_key", "both_ways", "packets_out", "bytes_out", "packets_in", "bytes_in")
 
-    def __init__(self, legacy_key: bytes):
+    def __init__(self, legacy_key: bytes, both_ways: bool = True):
         self.legacy_key = legacy_key
+        self.both_ways = both_ways
         self.packets_out = self.bytes_out = self.packets_in = self.bytes_in = 0
 
 
@@ -229,8 +232,10 @@ class FastPath:
     # --- following the translator ------------------------------------------------------
     def handle(self, events: list) -> None:
         for ev in events:
-            if isinstance(ev, (FlowEstablished, FlowMoved, UdpAnswered)):
+            if isinstance(ev, (FlowEstablished, FlowMoved)):
                 self.install(ev.flow)
+            elif isinstance(ev, UdpAnswered):
+                self._answered(ev.flow)
             elif isinstance(ev, (FlowMoving, FlowClosing, FlowClosed)):
                 self.remove(ev.flow)
             elif isinstance(ev, FlowSteady):
@@ -247,10 +252,24 @@ class FastPath:
             return False
         if flow.udp is None:
             return flow.legacy_key is not None and flow.legacy_fin_end is None and flow.remote_fin_end is None
-        # UDP: not closing; on a server gateway, not before the backend's first answer
-        # (``UdpAnswered``, the passive health check's evidence, is the slow path's)
-        return (not flow.sal.fin_sent and not flow.sal.peer_fin
-                and (self.t.role != "server" or flow.bytes_out > 0))
+        return not flow.sal.fin_sent and not flow.sal.peer_fin       # UDP: not closing
+
+    def _toward_backend_only(self, flow) -> bool:
+        """A server gateway's UDP flow whose backend never answered: the first answer
+        must reach Python (``UdpAnswered``, the passive health check's evidence)."""
+        return flow.udp is not None and self.t.role == "server" and not flow.bytes_out
+
+    def _answered(self, flow) -> None:
+        """The backend answered: its datagrams are the kernel's from now on too."""
+        rec = self.installed.get(flow.sal.local_flow)
+        if rec is None:
+            self.install(flow)
+        elif not rec.both_ways and not self._toward_backend_only(flow):
+            try:
+                self.legacy.update(rec.legacy_key, maps.FLOW_KEY.pack(flow.sal.local_flow))
+            except BpfError:
+                return                          # its answers stay on the slow path
+            rec.both_ways = True
 
     def _path_lowered(self, peer: bytes) -> None:
         """A lower path MTU toward ``peer``: its UDP flows' size limit follows (TCP
@@ -268,9 +287,11 @@ class FastPath:
         key = maps.FLOW_KEY.pack(fid)
         legacy_key = maps.legacy_key(flow)
         udp_max = maps.udp_max(self.t, flow) if flow.udp is not None else 0
+        both_ways = not self._toward_backend_only(flow)
         try:
             self.flows.update(key, maps.flow_value(flow, self.t.carriage, udp_max))
-            self.legacy.update(legacy_key, key)
+            if both_ways:
+                self.legacy.update(legacy_key, key)
         except BpfError as exc:
             self.flows.delete(key)
             self.install_failures += 1
@@ -278,7 +299,7 @@ class FastPath:
                 log.warning("a flow stays on the slow path: %s (%d so far)", exc, self.install_failures)
             return
         self._unclaimed.discard(key)
-        self.installed[fid] = _Installed(legacy_key)
+        self.installed[fid] = _Installed(legacy_key, both_ways)
 
     def remove(self, flow) -> None:
         fid = flow.sal.local_flow
