@@ -158,12 +158,12 @@ def kernel_bytes_per_flow(flows_map, legacy_map, map_ids: set, flows: int = 20_0
     for i in range(1, flows + 1):
         key = maps.FLOW_KEY.pack(0x7000_0000 + i)
         flows_map.update(key, value)
-        legacy_map.update(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2"), key)
+        legacy_map.update(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2", 6), key)
     grown = used() - base
     for i in range(1, flows + 1):
         key = maps.FLOW_KEY.pack(0x7000_0000 + i)
         flows_map.delete(key)
-        legacy_map.delete(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2"))
+        legacy_map.delete(maps.LEGACY_KEY.pack(key, b"\0\0\0\1", b"\0\1", b"\0\2", 6))
     return grown / flows
 
 

@@ -8,29 +8,34 @@ reach the server directly, through cgw and sgw acting as plain kernel routers, o
 through the started gateways by the virtual address 198.18.0.10. The servers, all on
 the server, started once: iperf3 (TCP control and UDP data on 5201) and dnsmasq
 (authoritative for ``bench.example``, on 5300). Each figure is measured directly first,
-then through the gateways (IP carriage, Python path: the kernel fast path carries TCP
-only, so established UDP flows do not take it). Every ratio is against the direct
+then through the gateways (IP carriage) with the kernel fast path on (established UDP
+flows translated by the tc program), then with ``fast_path = "off"`` (every datagram
+through Python; ``--fast-path`` picks one or both). Every ratio is against the direct
 figure of this same run; nothing is asserted.
 
-``udp_throughput_direct``, ``udp_throughput_gateway_pair``
+``udp_throughput_direct``, ``udp_throughput_gateway_pair``, ``udp_throughput_gateway_pair_python``
     The highest ``iperf3 -u`` rate (1400-byte datagrams, ``--udp-seconds`` per trial)
     that loses less than 1 %, found by a short search: the offered rate doubles from
     ``--start-mbit`` until a trial loses 1 % or more (or ``--max-mbit``), then
     ``--bisect`` halvings between the last good and the first bad rate. The figure is
     the receiver's Mbit/s at the best good rate. ``udp_throughput_ratio`` is
-    gateway pair / direct.
-``dns_qps_direct``, ``dns_qps_through_gateways``
+    gateway pair (fast path) / direct, ``udp_throughput_ratio_python`` the same with
+    the fast path off.
+``dns_qps_direct``, ``dns_qps_through_gateways``, ``dns_qps_through_gateways_python``
     ``dnsperf`` (Debian's, one socket, ``--outstanding`` queries in flight, 100 names)
     against dnsmasq for ``--dns-seconds``: queries per second completed.
-    ``dns_qps_through_gateways_ratio`` is through / direct; ``dns_lost_*`` counts the
-    queries dnsperf gave up on.
+    ``dns_qps_through_gateways_ratio`` is through (fast path) / direct,
+    ``dns_qps_through_gateways_ratio_python`` the same with it off; ``dns_lost_*``
+    counts the queries dnsperf gave up on.
 ``udp_flow_setup_ms_p50_direct``, ``udp_flow_setup_ms_p50``, ``udp_flow_setup_ms_p99``
     ``--flows`` fresh connected UDP sockets, one after the other, each sending one DNS
     query and timing until its answer (through the gateways each is a new SAL flow:
     SYN, SYN-ACK, the held datagram, the answer). In ms; ``udp_flow_setup_lost`` counts
     queries not answered within a second.
 ``udp_gateway_*``
-    The gateways' counters after the run: UDP flows opened, drops.
+    The gateways' counters after the fast-path run: UDP flows opened, drops, and the
+    packets the kernel translated (``udp_gateway_*_fastpath_translated``) beside those
+    Python did (``udp_gateway_*_python_translated``).
 
 A step that fails is reported (its records FAILED, ``udp_bench_failed_steps`` names it)
 and the others still run; the run then exits 1. The lab is always torn down.
@@ -262,7 +267,8 @@ def start_servers(pair) -> None:
         time.sleep(0.1)
 
 
-def measure(steps: Steps, client, label: str, addr: str, dns_port: int, args, queries: Path) -> None:
+def measure(steps: Steps, client, label: str, addr: str, dns_port: int, args, queries: Path,
+            setup: bool = True) -> None:
     steps.step(f"{label}: iperf3 -u, highest rate under 1 % loss",
                lambda: {f"udp_throughput_{label}": highest_rate(client, addr, args)})
 
@@ -272,12 +278,13 @@ def measure(steps: Steps, client, label: str, addr: str, dns_port: int, args, qu
         return {f"dns_qps_{label}": qps, f"dns_lost_{label}": lost}
     steps.step(f"{label}: dnsperf, {args.outstanding} outstanding, {args.dns_seconds:g} s", dns)
 
-    def setup():
+    def flow_setup_step():
         result = flow_setup(client, addr, dns_port, args.flows)
         return {f"udp_flow_setup_ms_p50_{label}": percentile(result["times_ms"], 50),
                 f"udp_flow_setup_ms_p99_{label}": percentile(result["times_ms"], 99),
                 f"udp_flow_setup_lost_{label}": result["lost"]}
-    steps.step(f"{label}: {args.flows} fresh UDP flows, first datagram to answer", setup)
+    if setup:
+        steps.step(f"{label}: {args.flows} fresh UDP flows, first datagram to answer", flow_setup_step)
 
 
 def run(args, work: Path, steps: Steps) -> None:
@@ -293,33 +300,49 @@ def run(args, work: Path, steps: Steps) -> None:
         if not steps.step("servers: iperf3 -s, dnsmasq", lambda: start_servers(pair) or {}):
             return
         measure(steps, pair.client, "direct", pair.server_addr, DNS_PORT, args, queries)
-        gws = RunningGateways(pair, carriage="ip")
-        client_extra, server_extra = udp_services(pair, VIRTUAL_ADDR)
-        for role, extra in (("client", client_extra), ("server", server_extra)):
-            gws.configs[role].write_text(gws.configs[role].read_text() + extra)
-        try:
-            if steps.step("starting the gateway pair (carriage ip)", lambda: gws.start() and {}):
-                measure(steps, pair.client, "gateway_pair", VIRTUAL_ADDR, DNS_SERVICE_PORT, args, queries)
+        for fast_path in (["on", "off"] if args.fast_path == "both" else [args.fast_path]):
+            through_gateways(steps, pair, fast_path, args, queries, VIRTUAL_ADDR, RunningGateways)
 
-                def counters():
-                    out = {}
-                    for role in ("client", "server"):
-                        s = gws.stats(role)
-                        out[f"udp_gateway_{role}_flows_opened"] = s.get("udp_flows_opened", 0)
-                        out[f"udp_gateway_{role}_dropped"] = sum(v for k, v in s.items()
-                                                                 if k.startswith("dropped_") and isinstance(v, int))
-                        if s.get("internal_errors"):
-                            raise BenchError(f"{role} gateway: internal_errors={s['internal_errors']}")
-                    return out
-                steps.step("gateway counters", counters)
-        finally:
-            codes = gws.stop()
-            if any(codes.values()):
-                steps.failures.append(("gateway pair stop", f"gateways exited {codes}"))
-                for role, code in codes.items():
-                    if code:
-                        progress(f"{role} gateway exited {code}; its log:\n{gws.log(role)}")
-            shutil.rmtree(gws.dir, ignore_errors=True)
+
+def through_gateways(steps: Steps, pair, fast_path: str, args, queries: Path, virtual: str, gateways) -> None:
+    """The gateway pair started with ``fast_path`` ("on": the kernel translates the
+    established flows), measured, stopped."""
+    label = "gateway_pair" if fast_path == "on" else "gateway_pair_python"
+    gws = gateways(pair, carriage="ip", fast_path=fast_path)
+    client_extra, server_extra = udp_services(pair, virtual)
+    for role, extra in (("client", client_extra), ("server", server_extra)):
+        gws.configs[role].write_text(gws.configs[role].read_text() + extra)
+    try:
+        if steps.step(f"starting the gateway pair (carriage ip, fast path {fast_path})", lambda: gws.start() and {}):
+            measure(steps, pair.client, label, virtual, DNS_SERVICE_PORT, args, queries,
+                    setup=fast_path == "on")
+
+            def counters():
+                out = {}
+                for role in ("client", "server"):
+                    s = gws.stats(role)
+                    if s.get("internal_errors"):
+                        raise BenchError(f"{role} gateway: internal_errors={s['internal_errors']}")
+                    if fast_path != "on":
+                        continue
+                    if s.get("fastpath") != "on":
+                        raise BenchError(f"{role} gateway: the fast path did not start (fast_path = \"on\")")
+                    out[f"udp_gateway_{role}_flows_opened"] = s.get("udp_flows_opened", 0)
+                    out[f"udp_gateway_{role}_dropped"] = sum(v for k, v in s.items()
+                                                             if k.startswith("dropped_") and isinstance(v, int))
+                    out[f"udp_gateway_{role}_fastpath_translated"] = \
+                        s.get("fastpath_to_sal", 0) + s.get("fastpath_from_sal", 0)
+                    out[f"udp_gateway_{role}_python_translated"] = s.get("to_sal", 0) + s.get("from_sal", 0)
+                return out
+            steps.step(f"gateway counters (fast path {fast_path})", counters)
+    finally:
+        codes = gws.stop()
+        if any(codes.values()):
+            steps.failures.append((f"gateway pair stop (fast path {fast_path})", f"gateways exited {codes}"))
+            for role, code in codes.items():
+                if code:
+                    progress(f"{role} gateway exited {code}; its log:\n{gws.log(role)}")
+        shutil.rmtree(gws.dir, ignore_errors=True)
 
 
 def records(steps: Steps) -> list[dict]:
@@ -345,9 +368,15 @@ def records(steps: Steps) -> list[dict]:
     add("udp_throughput_direct", "Mbit/s")
     add("udp_throughput_gateway_pair", "Mbit/s", "udp_throughput_direct")
     add("udp_throughput_ratio", "gateway/direct", "udp_throughput_direct", of="udp_throughput_gateway_pair")
+    add("udp_throughput_gateway_pair_python", "Mbit/s", "udp_throughput_direct")
+    add("udp_throughput_ratio_python", "gateway/direct", "udp_throughput_direct",
+        of="udp_throughput_gateway_pair_python")
     add("dns_qps_direct", "queries/s")
     add("dns_qps_through_gateways", "queries/s", "dns_qps_direct", value=values.get("dns_qps_gateway_pair"))
     add("dns_qps_through_gateways_ratio", "gateway/direct", "dns_qps_direct", of="dns_qps_gateway_pair")
+    add("dns_qps_through_gateways_python", "queries/s", "dns_qps_direct", value=values.get("dns_qps_gateway_pair_python"))
+    add("dns_qps_through_gateways_ratio_python", "gateway/direct", "dns_qps_direct",
+        of="dns_qps_gateway_pair_python")
     add("dns_lost_direct", "queries")
     add("dns_lost_through_gateways", "queries", value=values.get("dns_lost_gateway_pair"))
     add("udp_flow_setup_ms_p50_direct", "ms")
@@ -360,6 +389,8 @@ def records(steps: Steps) -> list[dict]:
     for role in ("client", "server"):
         add(f"udp_gateway_{role}_flows_opened", "flows")
         add(f"udp_gateway_{role}_dropped", "packets")
+        add(f"udp_gateway_{role}_fastpath_translated", "packets")
+        add(f"udp_gateway_{role}_python_translated", "packets")
     out.append({"metric": "udp_bench_failed_steps", "value": len(steps.failures), "unit": "steps",
                 "baseline": None, "ratio": None,
                 "failures": [f"{name}: {why}" for name, why in steps.failures]})
@@ -380,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dns-seconds", type=float, default=5, help="dnsperf seconds per path (default 5)")
     ap.add_argument("--outstanding", type=int, default=64, help="dnsperf queries in flight (default 64)")
     ap.add_argument("--flows", type=int, default=300, help="fresh UDP flows timed per path (default 300)")
+    ap.add_argument("--fast-path", choices=("both", "on", "off"), default="both",
+                    help="the gateway pair with the kernel fast path on, off, or both in turn (default both)")
     ap.add_argument("--json", default=None, help="records file to merge into (default build/bench.json)")
     args = ap.parse_args(argv)
     if not (1 <= args.udp_seconds <= 10 and 1 <= args.dns_seconds <= 30 and 10 <= args.flows <= 2000):

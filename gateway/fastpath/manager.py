@@ -2,9 +2,11 @@
 
 It loads the program, attaches it to the ingress of the interfaces the gateway
 translates on (GRO and LRO off there, restored on stop), and follows the translator's
-events: a flow enters the kernel once both handshakes are done, leaves it while a move
-is unconfirmed (the slow path holds its packets) and comes back with the new path, and
-leaves for good at its first FIN or RST. The translator stays the owner of every flow;
+events: a flow enters the kernel once both handshakes are done (a server gateway's UDP
+flow toward its backend only, until the backend's first answer has reached Python and
+the health checks: ``UdpAnswered``), leaves it while a move is unconfirmed (the slow
+path holds its packets) and comes back with the new path, and leaves for good at its
+first FIN or RST (a UDP flow: its close, idle or not). The translator stays the owner of every flow;
 the kernel's per-flow counters are folded into it (``refresh``) before anything reads
 them: idle expiry, resets, snapshots, ``serval ctl flows``.
 
@@ -20,7 +22,8 @@ import os
 from nat.state import StateFile, netns_id
 from sal.flow import State
 
-from ..translate.events import FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving, FlowSteady
+from ..translate.events import (FlowClosed, FlowClosing, FlowEstablished, FlowMoved, FlowMoving, FlowSteady,
+                                PathMtuLowered, UdpAnswered)
 from . import build, maps, tc
 from .libbpf import (BpfError, BpfObject, Map, is_bpffs, map_fd_by_id, map_info, pin, pinned, prog_fd_by_id,
                      prog_id, prog_map_ids)
@@ -44,12 +47,14 @@ def _possible_cpus() -> int:
 
 
 class _Installed:
-    """A flow in the kernel, and how much of the kernel's count is already folded in."""
+    """A flow in the kernel, and how much of the kernel's count is already folded in.
+    ``both_ways`` False: only its SAL side is in (its legacy packets are Python's)."""
 
-    __slots__ = ("legacy_key", "packets_out", "bytes_out", "packets_in", "bytes_in")
+    __slots__ = ("legacy_key", "both_ways", "packets_out", "bytes_out", "packets_in", "bytes_in")
 
-    def __init__(self, legacy_key: bytes):
+    def __init__(self, legacy_key: bytes, both_ways: bool = True):
         self.legacy_key = legacy_key
+        self.both_ways = both_ways
         self.packets_out = self.bytes_out = self.packets_in = self.bytes_in = 0
 
 
@@ -229,18 +234,52 @@ class FastPath:
         for ev in events:
             if isinstance(ev, (FlowEstablished, FlowMoved)):
                 self.install(ev.flow)
+            elif isinstance(ev, UdpAnswered):
+                self._answered(ev.flow)
             elif isinstance(ev, (FlowMoving, FlowClosing, FlowClosed)):
                 self.remove(ev.flow)
             elif isinstance(ev, FlowSteady):
                 # the program marked it Python's at the FIN or RST: in again, unmarked
                 self.remove(ev.flow)
                 self.install(ev.flow)
+            elif isinstance(ev, PathMtuLowered):
+                self._path_lowered(ev.flow.peer_addr)
 
     def _eligible(self, flow) -> bool:
-        return (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None
+        if not (self.t.flows.get(flow.sal.local_flow) is flow and flow.closed_at is None
                 and flow.sal.state == State.ESTABLISHED and flow.held is None and flow.moving_peer is None
-                and not flow.send_handshake_ack and not flow.sal.migrating and flow.legacy_key is not None
-                and flow.legacy_fin_end is None and flow.remote_fin_end is None)
+                and not flow.send_handshake_ack and not flow.sal.migrating):
+            return False
+        if flow.udp is None:
+            return flow.legacy_key is not None and flow.legacy_fin_end is None and flow.remote_fin_end is None
+        # UDP: not closing, and no helper (tftp.py moves its backend port under it)
+        return not flow.sal.fin_sent and not flow.sal.peer_fin and flow.udp.helper is None
+
+    def _toward_backend_only(self, flow) -> bool:
+        """A server gateway's UDP flow whose backend never answered: the first answer
+        must reach Python (``UdpAnswered``, the passive health check's evidence)."""
+        return flow.udp is not None and self.t.role == "server" and not flow.bytes_out
+
+    def _answered(self, flow) -> None:
+        """The backend answered: its datagrams are the kernel's from now on too."""
+        rec = self.installed.get(flow.sal.local_flow)
+        if rec is None:
+            self.install(flow)
+        elif not rec.both_ways and not self._toward_backend_only(flow):
+            try:
+                self.legacy.update(rec.legacy_key, maps.FLOW_KEY.pack(flow.sal.local_flow))
+            except BpfError:
+                return                          # its answers stay on the slow path
+            rec.both_ways = True
+
+    def _path_lowered(self, peer: bytes) -> None:
+        """A lower path MTU toward ``peer``: its UDP flows' size limit follows (TCP
+        clamped its MSS at the SYN)."""
+        for fid in list(self.installed):
+            flow = self.t.flows.get(fid)
+            if flow is not None and flow.udp is not None and flow.peer_addr == peer:
+                self.remove(flow)
+                self.install(flow)
 
     def install(self, flow) -> None:
         fid = flow.sal.local_flow
@@ -248,9 +287,12 @@ class FastPath:
             return
         key = maps.FLOW_KEY.pack(fid)
         legacy_key = maps.legacy_key(flow)
+        udp_max = maps.udp_max(self.t, flow) if flow.udp is not None else 0
+        both_ways = not self._toward_backend_only(flow)
         try:
-            self.flows.update(key, maps.flow_value(flow, self.t.carriage))
-            self.legacy.update(legacy_key, key)
+            self.flows.update(key, maps.flow_value(flow, self.t.carriage, udp_max))
+            if both_ways:
+                self.legacy.update(legacy_key, key)
         except BpfError as exc:
             self.flows.delete(key)
             self.install_failures += 1
@@ -258,7 +300,7 @@ class FastPath:
                 log.warning("a flow stays on the slow path: %s (%d so far)", exc, self.install_failures)
             return
         self._unclaimed.discard(key)
-        self.installed[fid] = _Installed(legacy_key)
+        self.installed[fid] = _Installed(legacy_key, both_ways)
 
     def remove(self, flow) -> None:
         fid = flow.sal.local_flow
@@ -277,8 +319,7 @@ class FastPath:
         for key in self._unclaimed:
             raw = self.flows.lookup(key)
             if raw is not None:
-                f = maps.FLOW.unpack(raw)
-                self.legacy.delete(maps.LEGACY_KEY.pack(f[2], f[3], f[4], f[5]))
+                self.legacy.delete(maps.legacy_key_of(raw))
                 self.flows.delete(key)
                 n += 1
         self._unclaimed.clear()
@@ -302,7 +343,7 @@ class FastPath:
         if raw is None:
             return
         c = maps.KernelCounters(raw)
-        if c.packets_out != rec.packets_out:
+        if c.packets_out != rec.packets_out and flow.udp is None:
             flow.legacy_last_ack = c.legacy_last_ack
         flow.packets_out += c.packets_out - rec.packets_out
         flow.bytes_out += c.bytes_out - rec.bytes_out

@@ -63,3 +63,10 @@ class UdpRefused:
     """A UDP backend answered a flow's datagram with port (or protocol) unreachable
     before it ever answered on it (server side)."""
     flow: object
+
+
+@dataclass(slots=True)
+class PathMtuLowered:
+    """An ICMP about ``flow``'s packet taught a lower path MTU toward its peer: what fit
+    before may not any more (the kernel fast path's UDP flows carry a size limit)."""
+    flow: object

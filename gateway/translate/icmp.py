@@ -22,6 +22,7 @@ from sal.checksum import checksum
 from sal.flow import State
 from sal.wire import BASE_LEN, MalformedPacket, decode
 
+from .events import PathMtuLowered
 from .verdict import PASS
 
 _U32 = struct.Struct("!I")
@@ -122,6 +123,7 @@ class IcmpMixin:
         known = self.peer_mtu.get(flow.peer_addr)
         if known is None or mtu < known[0] or known[1] <= now:
             self.peer_mtu[flow.peer_addr] = (mtu, now + PMTU_TIMEOUT)
+            self.events.append(PathMtuLowered(flow))
         hlen = body[8] * 4
         seg = body[hlen:]
         if hlen != BASE_LEN or len(seg) < 8 or (flow.legacy_key is None and flow.udp is None):

@@ -12,8 +12,11 @@ reference's SAL FIN; a SAL FIN from the peer is answered with ours (UDP has no c
 its own). A datagram that would not fit the path once our headers are added is refused
 with an ICMP frag-needed to its sender, as a router would, never fragmented.
 
-UDP flows have no ``legacy_key`` (that is TCP's, and what the kernel fast path
-installs): they stay on this Python path, and no TCP reset is ever sent for them.
+Established UDP flows take the kernel fast path too (gateway/fastpath), driven by the
+same events as TCP's: ``FlowEstablished`` at the SYN-ACK (client) or the handshake ACK
+(server; installed once the backend answered, ``UdpAnswered``), ``FlowClosing`` at an
+idle close, a FIN or a reset. UDP flows have no ``legacy_key`` (that is TCP's), and no
+TCP reset is ever sent for them.
 """
 import struct
 
@@ -225,7 +228,11 @@ class UdpMixin:
         service refused it): its legacy client hears port unreachable, as from the host
         itself, quoting its own datagram. A flow that has carried answers does not: its
         next datagram simply opens a new flow (a restarted peer, say)."""
-        if self.role != "client" or flow.bytes_in:
+        if self.role != "client":
+            return
+        if self.refresh is not None:
+            self.refresh(flow)                 # answers the kernel carried count too
+        if flow.bytes_in:
             return
         quoted = ip_header(flow.legacy_src, flow.legacy_dst, PROTO_UDP, 28, 0, 64, 0, 0) \
             + _PORTS.pack(flow.legacy_sport, flow.legacy_dport) + b"\0\x08\0\0"

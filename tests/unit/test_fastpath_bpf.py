@@ -219,3 +219,211 @@ def test_the_server_role_and_the_client_role_agree_on_a_whole_exchange(kernel):
 def test_a_kernel_flow_costs_at_most_256_bytes(kernel):
     from bench.memory import kernel_bytes_per_flow
     assert kernel_bytes_per_flow(kernel.flows, kernel.legacy, kernel.map_ids) <= 256
+
+
+# --- UDP flows (gateway/translate/udp.py is the oracle) ---------------------------------
+
+from tests.unit import test_udp_flows as U  # noqa: E402
+from gateway.fastpath.manager import FastPath  # noqa: E402
+from gateway.translate import Timeouts  # noqa: E402
+from sal.checksum import apply_delta  # noqa: E402
+
+UDP_LIMIT = {"ip": 1500 - 20 - 12, "udp": 1500 - 20 - 12 - 8}   # the longest datagram (UDP header + payload)
+
+
+def install_udp(kernel, translator, flow):
+    key = maps.FLOW_KEY.pack(flow.sal.local_flow)
+    kernel.flows.update(key, maps.flow_value(flow, translator.carriage, maps.udp_max(translator, flow)))
+    kernel.legacy.update(maps.legacy_key(flow), key)
+
+
+def udp_established(kernel, carriage, sport, now=0.0, timeouts=None):
+    """A UDP flow through the pair, answered once by the backend, in the kernel of both
+    gateways: (client, server, the server's port toward the backend)."""
+    client, server = U.make_pair(carriage=carriage, timeouts=timeouts)
+    bport = U.open_flow(client, server, now, sport=sport)
+    answer = server.from_backend_udp(U.udp_packet(U.SERVER, 5300, U.SGW_LAN, bport, b"first"), now)
+    client.from_sal(answer, now)
+    (cflow,), (sflow,) = client.flows.values(), server.flows.values()
+    for t, f in ((client, cflow), (server, sflow)):
+        install_udp(kernel, t, f)
+    return client, server, bport
+
+
+def datagram(src, sport, dst, dport, payload, checksum=True, tos=0, ttl=64, ident=1, df=True):
+    pkt = bytearray(U.udp_packet(src, sport, dst, dport, payload, ident, checksum))
+    pkt[1], pkt[8] = tos, ttl
+    pkt[6:8] = struct.pack("!H", 0x4000 if df else 0)
+    pkt[10:12] = b"\0\0"
+    pkt[10:12] = ip_header(pkt[12:16], pkt[16:20], 17, len(pkt), ident, ttl, tos, 0x4000 if df else 0)[10:12]
+    return bytes(pkt)
+
+
+datagram_fields = st.fixed_dictionaries({
+    "payload": st.one_of(st.just(b""), st.binary(min_size=1, max_size=1400)),
+    "checksum": st.booleans(),
+    "tos": st.integers(0, 255), "ttl": st.integers(1, 255), "ident": st.integers(0, 65535),
+    "df": st.booleans(),
+})
+
+
+def translated(kernel, translator, packet, oracle):
+    expected = oracle(packet, 1.0)
+    verdict, out = kernel.run(translator, packet)
+    assert isinstance(expected, bytes), "the oracle translates it"
+    assert verdict == TC_ACT_OK
+    assert out == expected
+    return out
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+@SETTINGS
+@given(fields=datagram_fields)
+def test_udp_datagrams_both_directions_both_roles_match_the_translator(kernel, carriage, fields):
+    client, server, bport = udp_established(kernel, carriage, 5353)
+    up = datagram(U.CLIENT, 5353, U.VIP, 53, **fields)
+    sal_up = translated(kernel, client, up, client.from_legacy_udp)          # client: legacy -> SAL
+    translated(kernel, server, sal_up, server.from_sal)                      # server: SAL -> backend
+    down = datagram(U.SERVER, 5300, U.SGW_LAN, bport, **fields)
+    sal_down = translated(kernel, server, down, server.from_backend_udp)     # server: backend -> SAL
+    got = translated(kernel, client, sal_down, client.from_sal)              # client: SAL -> legacy
+    assert got[20:28] == struct.pack("!HHH", 53, 5353, 8 + len(fields["payload"])) + got[26:28]
+    if not fields["checksum"]:
+        assert sal_up[-len(fields["payload"]) - 2:][:2] == b"\0\0" and got[26:28] == b"\0\0", "none stays none"
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_a_checksum_that_comes_out_zero_is_sent_as_ffff_as_the_translator_does(kernel, carriage):
+    client, server, _ = udp_established(kernel, carriage, 5354)
+    (cflow,) = client.flows.values()
+    base = datagram(U.CLIENT, 5354, U.VIP, 53, b"odd")
+    # a legacy checksum (the program does not verify it) whose update gives 0; and
+    # 0xFFFF, the other zero, going in
+    zero = next(c for c in range(1, 0x10000) if apply_delta(c, cflow.out_delta) == 0)
+    for csum in (zero, 0xFFFF):
+        pkt = base[:26] + struct.pack("!H", csum) + base[28:]
+        out = translated(kernel, client, pkt, client.from_legacy_udp)
+        if csum == zero:
+            assert out[-5:-3] == b"\xff\xff"
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_udp_counters_are_kept_in_the_map(kernel, carriage):
+    client, server, _ = udp_established(kernel, carriage, 5355)
+    (cflow,) = client.flows.values()
+    for i in range(3):
+        assert kernel.run(client, datagram(U.CLIENT, 5355, U.VIP, 53, b"q" * (10 + i)))[0] == TC_ACT_OK
+    c = kernel.counters(cflow)
+    assert (c.packets_out, c.bytes_out, c.packets_in, c.legacy_last_ack) == (3, 3 * 8 + 10 + 11 + 12, 0, 0)
+    assert c.last_seen > 0 and c.protocol == 17
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_what_the_program_does_not_own_of_a_udp_flow_passes_unchanged(kernel, carriage):
+    client, server, bport = udp_established(kernel, carriage, 5356)
+    limit = UDP_LIMIT[carriage]
+    # too big for the path once our headers are added: up, and Python refuses it
+    big = datagram(U.CLIENT, 5356, U.VIP, 53, b"b" * (limit - 8 + 1))
+    passes(kernel, client, big)
+    assert client.from_legacy_udp(big, 1.0) is None and client.stats["dropped_udp_too_big"] == 1
+    assert client.outbox and client.outbox[-1][9] == 1, "an ICMP frag-needed to the sender"
+    same_size = datagram(U.CLIENT, 5356, U.VIP, 53, b"b" * (limit - 8))
+    translated(kernel, client, same_size, client.from_legacy_udp)         # the largest that fits
+    big_down = datagram(U.SERVER, 5300, U.SGW_LAN, bport, b"b" * (limit - 8 + 1))
+    passes(kernel, server, big_down)
+    data = datagram(U.CLIENT, 5356, U.VIP, 53, b"abc")
+    # IP options, a fragment, a length that disagrees, an unknown flow, TCP on the same 4-tuple
+    with_options = bytearray(data[:20] + b"\x01\x01\x01\x00" + data[20:])
+    with_options[0], with_options[2:4] = 0x46, struct.pack("!H", len(with_options))
+    passes(kernel, client, bytes(with_options))
+    for frag in (b"\x20\x00", b"\x00\x10"):       # MF, an offset
+        passes(kernel, client, data[:6] + frag + data[8:])
+    passes(kernel, client, data[:24] + struct.pack("!H", 8 + 2) + data[26:])
+    passes(kernel, client, datagram(U.CLIENT, 5999, U.VIP, 53, b"abc"))
+    passes(kernel, client, segment(U.CLIENT, 5356, U.VIP, 53, 1, 1, ACK, b"abc"))
+    # SAL toward the client: a control packet, another peer, a short transport
+    sal = server.from_backend_udp(datagram(U.SERVER, 5300, U.SGW_LAN, bport, b"ans"), 1.0)
+    at = 20 if carriage == "ip" else 28
+    from sal import wire
+    (sflow,) = server.flows.values()
+    ctl = wire.SalHeader(sflow.sal.local_flow, sflow.sal.remote_flow, 17,
+                         [wire.Control(wire.ACK, 1, 1, b"\0" * 8)]).encode()
+    passes(kernel, client, sal[:at] + ctl + sal[at + 12:])
+    moved = bytearray(sal)
+    moved[12:16] = aton("198.19.9.9")
+    passes(kernel, client, bytes(moved))
+    bad_len = bytearray(sal)
+    bad_len[at + 12 + 4:at + 12 + 6] = struct.pack("!H", 9)
+    passes(kernel, client, bytes(bad_len))
+    # and what the program owns still goes through
+    translated(kernel, client, data, client.from_legacy_udp)
+    translated(kernel, client, sal, client.from_sal)
+
+
+def test_the_kernel_follows_the_udp_flow_events(kernel, tmp_path):
+    """The manager on the translators' own events: a client flow enters at the SYN-ACK,
+    a server flow at the handshake ACK toward the backend only, both ways once its
+    backend answered (the answer is Python's: UdpAnswered); idle expiry reads the
+    kernel's last-seen; the idle close takes the flows out."""
+    import time
+    now = time.monotonic()              # the kernel's clock (CLOCK_MONOTONIC), as the daemon's
+    timeouts = Timeouts(udp_idle=5.0)
+    client, server = U.make_pair(carriage="ip", timeouts=timeouts)
+    managers = {}
+    for t in (client, server):
+        fp = managers[t.role] = FastPath(t, f"t-{t.role}", str(tmp_path / t.role), MARK)
+        fp.flows, fp.legacy = kernel.flows, kernel.legacy
+        t.refresh = fp.refresh
+
+    def drain():
+        for t in (client, server):
+            managers[t.role].handle(t.events)
+            t.events.clear()
+
+    bport = U.open_flow(client, server, now, sport=5357)
+    drain()
+    (cflow,), (sflow,) = client.flows.values(), server.flows.values()
+    assert managers["client"].in_kernel(cflow.sal.local_flow)
+    assert managers["server"].in_kernel(sflow.sal.local_flow)
+    # toward the backend in the kernel; the backend's first answer is Python's
+    query = client.from_legacy_udp(datagram(U.CLIENT, 5357, U.VIP, 53, b"q2"), now)
+    assert kernel.run(server, query)[0] == TC_ACT_OK
+    first = datagram(U.SERVER, 5300, U.SGW_LAN, bport, b"a")
+    passes(kernel, server, first)
+    answer = server.from_backend_udp(first, now)
+    assert any(type(e).__name__ == "UdpAnswered" for e in server.events)
+    drain()
+    translated(kernel, server, datagram(U.SERVER, 5300, U.SGW_LAN, bport, b"b"), server.from_backend_udp)
+    translated(kernel, client, answer, client.from_sal)
+    # a query the kernel carries, well after the flow opened
+    time.sleep(0.01)
+    q = datagram(U.CLIENT, 5357, U.VIP, 53, b"late")
+    assert kernel.run(client, q)[0] == TC_ACT_OK
+    seen = kernel.counters(cflow).last_seen
+    assert seen > now
+    # idle expiry due by Python's own count is not due by the kernel's
+    client.handle_timer(now + 5.0 + 0.001)
+    assert cflow.closed_at is None and cflow.packets_out >= 2
+    client.handle_timer(seen + 5.0 + 0.001)
+    assert cflow.closed_at is not None
+    drain()
+    assert not managers["client"].in_kernel(cflow.sal.local_flow)
+    assert kernel.flows.lookup(maps.FLOW_KEY.pack(cflow.sal.local_flow)) is None
+    assert kernel.legacy.lookup(maps.legacy_key(cflow)) is None
+    passes(kernel, client, q)
+
+
+def test_a_lower_path_mtu_lowers_a_kernel_udp_flows_limit(kernel, tmp_path):
+    client, server, _ = udp_established(kernel, "ip", 5358)
+    (cflow,) = client.flows.values()
+    fp = FastPath(client, "t-mtu", str(tmp_path), MARK)
+    fp.flows, fp.legacy = kernel.flows, kernel.legacy
+    kernel.flows.delete(maps.FLOW_KEY.pack(cflow.sal.local_flow))
+    fp.install(cflow)
+    pkt = datagram(U.CLIENT, 5358, U.VIP, 53, b"m" * 1300)
+    assert kernel.run(client, pkt)[0] == TC_ACT_OK
+    from gateway.translate.events import PathMtuLowered
+    client.peer_mtu[cflow.peer_addr] = (1200, 1e12)
+    fp.handle([PathMtuLowered(cflow)])
+    passes(kernel, client, pkt)
+    assert client.from_legacy_udp(pkt, 1.0) is None and client.stats["dropped_udp_too_big"] == 1

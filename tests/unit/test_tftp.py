@@ -258,3 +258,15 @@ def test_a_helper_flow_stays_out_of_the_snapshot_a_plain_udp_flow_is_in():
     plain.send(rrq())
     assert snapshot.dump(helped.server, helped.now)["udp_flows"] == []
     assert len(snapshot.dump(plain.server, plain.now)["udp_flows"]) == 1
+
+
+def test_a_helper_flow_is_never_handed_to_the_kernel_fast_path(tmp_path):
+    """Its backend port changes under it (a new transfer ID), which the kernel's flow
+    entry would not follow: it stays on the Python path; a plain UDP flow does not."""
+    from gateway.fastpath.manager import FastPath
+    helped, plain = Conversation(), Conversation(vip=PLAIN_VIP)
+    helped.send(rrq())
+    plain.send(rrq())
+    for t, eligible in ((helped, False), (plain, True)):
+        (flow,) = t.server.flows.values()
+        assert FastPath(t.server, "t-tftp", str(tmp_path), 0x10)._eligible(flow) is eligible

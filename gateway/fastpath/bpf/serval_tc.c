@@ -5,13 +5,15 @@
  * takes the two kinds of packet it owns and rewrites them exactly as the Python
  * translator does (gateway/translate/base.py, _to_sal and _to_legacy):
  *
- *   legacy TCP of a kernel flow   ->  SAL toward the peer (header inserted)
- *   SAL data of a kernel flow     ->  legacy TCP toward the legacy host (header removed)
+ *   legacy TCP or UDP of a kernel flow  ->  SAL toward the peer (header inserted)
+ *   SAL data of a kernel flow           ->  legacy TCP or UDP toward the legacy host
+ *                                           (header removed)
  *
  * A translated packet ends the filter chain (TC_ACT_OK); everything else goes on
  * (TC_ACT_UNSPEC) unchanged, to netfilter and NFQUEUE: SYN, FIN and RST (which
  * also hand the flow back to Python), SAL control packets and extensions, IP options,
- * fragments, super-packets, unknown flows. Translated packets carry the gateway's mark,
+ * fragments, super-packets, unknown flows, a UDP datagram too big for the path (Python
+ * answers it with frag-needed). Translated packets carry the gateway's mark,
  * which its owned chains return before any queue rule.
  */
 #include <linux/bpf.h>
@@ -205,27 +207,69 @@ static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, in
 	return count(counter, bpf_redirect(fib.ifindex, 0));
 }
 
+/* The kernel flow of a legacy packet (its 4-tuple and transport), or NULL. */
+static __always_inline struct flow *legacy_flow(struct iphdr *ip, __be16 sport, __be16 dport, __u8 protocol)
+{
+	struct legacy_key key = {
+		.src = ip->saddr, .dst = ip->daddr, .sport = sport, .dport = dport, .protocol = protocol,
+	};
+	__u32 *fid = bpf_map_lookup_elem(&serval_legacy, &key);
+
+	return fid ? bpf_map_lookup_elem(&serval_flows, fid) : NULL;
+}
+
+/* The transport checksum at csum_off moved between the legacy addresses and ports and
+ * the SAL side's (pseudo-header fields with the pseudo flag, ports without), then the
+ * ports written. UDP (mangled_0 = BPF_F_MARK_MANGLED_0): a checksum of 0 (none) stays
+ * 0, a result of 0 is sent as 0xFFFF, as the translator does. */
+static __always_inline int move_checksum(struct __sk_buff *skb, __u32 l4_off, __u32 csum_off,
+					 __u32 addr_diff, __u32 port_diff, __u64 mangled_0, void *ports)
+{
+	if (bpf_l4_csum_replace(skb, l4_off + csum_off, 0, addr_diff, BPF_F_PSEUDO_HDR | mangled_0) ||
+	    bpf_l4_csum_replace(skb, l4_off + csum_off, 0, port_diff, mangled_0) ||
+	    bpf_skb_store_bytes(skb, l4_off, ports, 4, 0))
+		return -1;
+	return 0;
+}
+
+/* The rest of legacy -> SAL once the transport is rewritten: room for the SAL header
+ * (and UDP) between IPv4 and the transport, the flow's header in it, the new IPv4 header. */
+static __always_inline int encap(struct __sk_buff *skb, struct config *cfg, struct flow *f, __u32 tot)
+{
+	__u32 seg_len = tot - IP_LEN, grow = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
+
+	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_NET, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+	if (cfg->udp) {
+		struct udphdr udp = {
+			.source = cfg->udp_port,
+			.dest = f->peer_port,
+			.len = bpf_htons(UDP_LEN + SAL_LEN + seg_len),
+			.check = 0,
+		};
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN, &udp, UDP_LEN, BPF_F_RECOMPUTE_CSUM))
+			return count(C_ERROR, TC_ACT_SHOT);
+	}
+	/* a SAL header with its own valid checksum sums to zero: no checksum to fix */
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr, SAL_LEN, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+	if (new_ip_header(skb, tot + grow, cfg->udp ? IPPROTO_UDP : IPPROTO_SAL, f->local_addr, f->peer_addr))
+		return count(C_ERROR, TC_ACT_SHOT);
+	return forward(skb, cfg, C_TO_SAL);
+}
+
 /* legacy TCP -> SAL */
 static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
 	struct tcphdr *th = data + ETH_HLEN + IP_LEN;
-	struct legacy_key key;
-	__u32 *fid, seg_len = tot - IP_LEN, grow = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
-	__u32 tcp_off = ETH_HLEN + IP_LEN;
+	__u32 seg_len = tot - IP_LEN, zero = 0;
 	struct flow *f;
 
-	if ((void *)(th + 1) > end)
+	if ((void *)(th + 1) > end || tot < IP_LEN + TCP_MIN)
 		return PASS;
-	key.src = ip->saddr;
-	key.dst = ip->daddr;
-	key.sport = th->source;
-	key.dport = th->dest;
-	fid = bpf_map_lookup_elem(&serval_legacy, &key);
-	if (!fid)
-		return PASS;
-	f = bpf_map_lookup_elem(&serval_flows, fid);
+	f = legacy_flow(ip, th->source, th->dest, IPPROTO_TCP);
 	if (!f)
 		return PASS;
 	if (f->flags & SERVAL_FLOW_SLOW)
@@ -242,35 +286,42 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 		f->legacy_last_ack = th->ack_seq;
 	seen(f, &f->packets_out, &f->bytes_out, seg_len);
 
-	/* the segment: ports zeroed, checksum moved from the legacy addresses and ports to
-	 * the SAL pseudo-header (zero addresses over UDP) */
-	__u16 csum_at = tcp_off + offsetof(struct tcphdr, check);
-	__u32 zero = 0;
-	if (bpf_l4_csum_replace(skb, csum_at, 0, f->out_addr_diff, BPF_F_PSEUDO_HDR) ||
-	    bpf_l4_csum_replace(skb, csum_at, 0, f->out_port_diff, 0) ||
-	    bpf_skb_store_bytes(skb, tcp_off, &zero, 4, 0))
+	/* the segment: ports zeroed, checksum moved to the SAL pseudo-header (zero
+	 * addresses over UDP) */
+	if (move_checksum(skb, ETH_HLEN + IP_LEN, offsetof(struct tcphdr, check), f->out_addr_diff,
+			  f->out_port_diff, 0, &zero))
 		return count(C_ERROR, TC_ACT_SHOT);
+	return encap(skb, cfg, f, tot);
+}
 
-	/* room for the SAL header (and UDP) between IPv4 and TCP */
-	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_NET, 0))
-		return count(C_ERROR, TC_ACT_SHOT);
-	if (cfg->udp) {
-		struct udphdr udp = {
-			.source = cfg->udp_port,
-			.dest = f->peer_port,
-			.len = bpf_htons(UDP_LEN + SAL_LEN + seg_len),
-			.check = 0,
-		};
-		if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN, &udp, UDP_LEN, BPF_F_RECOMPUTE_CSUM))
-			return count(C_ERROR, TC_ACT_SHOT);
-	}
-	/* a SAL header with its own valid checksum sums to zero: no checksum to fix */
-	if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr, SAL_LEN, 0))
-		return count(C_ERROR, TC_ACT_SHOT);
+/* legacy UDP -> SAL: the datagram's UDP header with ports 0, its checksum moved (none
+ * stays none). A datagram too big for the path goes up: Python answers frag-needed. */
+static __always_inline int udp_to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct udphdr *uh = data + ETH_HLEN + IP_LEN;
+	__u32 seg_len = tot - IP_LEN, zero = 0;
+	struct flow *f;
 
-	if (new_ip_header(skb, tot + grow, cfg->udp ? IPPROTO_UDP : IPPROTO_SAL, f->local_addr, f->peer_addr))
+	if ((void *)(uh + 1) > end)
+		return PASS;
+	f = legacy_flow(ip, uh->source, uh->dest, IPPROTO_UDP);
+	if (!f)
+		return PASS;
+	if (f->flags & SERVAL_FLOW_SLOW)
+		return count(C_PASS_SLOW, PASS);
+	if (bpf_ntohs(uh->len) != seg_len)      /* Python drops it, counted */
+		return count(C_PASS_MISMATCH, PASS);
+	if (seg_len > f->udp_max)
+		return count(C_PASS_TOO_BIG, PASS);
+	if (skb->gso_size)
+		return count(C_PASS_GSO, PASS);
+	seen(f, &f->packets_out, &f->bytes_out, seg_len);
+	if (move_checksum(skb, ETH_HLEN + IP_LEN, offsetof(struct udphdr, check), f->out_addr_diff,
+			  f->out_port_diff, BPF_F_MARK_MANGLED_0, &zero))
 		return count(C_ERROR, TC_ACT_SHOT);
-	return forward(skb, cfg, C_TO_SAL);
+	return encap(skb, cfg, f, tot);
 }
 
 static __always_inline int same_header(const __u8 *a, const __u8 *b)
@@ -280,22 +331,33 @@ static __always_inline int same_header(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
 }
 
-/* SAL data -> legacy TCP */
+/* The rest of SAL -> legacy once the transport is rewritten: the SAL header (and UDP)
+ * removed, the legacy IPv4 header. */
+static __always_inline int decap(struct __sk_buff *skb, struct config *cfg, struct flow *f, __u32 tot,
+				 __u32 shrink)
+{
+	if (bpf_skb_adjust_room(skb, -(__s32)shrink, BPF_ADJ_ROOM_NET, 0))
+		return count(C_ERROR, TC_ACT_SHOT);
+	if (new_ip_header(skb, tot - shrink, f->protocol, f->legacy_dst, f->legacy_src))
+		return count(C_ERROR, TC_ACT_SHOT);
+	return forward(skb, cfg, C_FROM_SAL);
+}
+
+/* SAL data -> legacy TCP or UDP */
 static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
 	__u32 shrink = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
-	__u32 tcp_off = ETH_HLEN + IP_LEN + shrink, seg_len;
+	__u32 l4_off = ETH_HLEN + IP_LEN + shrink, seg_len;
 	__u8 *sal = data + ETH_HLEN + IP_LEN + shrink - SAL_LEN;
-	struct tcphdr *th = data + tcp_off;
-	struct udphdr *udp = data + ETH_HLEN + IP_LEN;
+	struct tcphdr *th = data + l4_off;
+	struct udphdr *uh = data + l4_off;
+	struct udphdr *outer = data + ETH_HLEN + IP_LEN;
 	struct flow *f;
 	__u32 fid;
 
-	if ((void *)(th + 1) > end || tot < IP_LEN + shrink + TCP_MIN)
-		return PASS;
-	if (cfg->udp && udp->dest != cfg->udp_port)
+	if ((void *)(uh + 1) > end || tot < IP_LEN + shrink + UDP_LEN)
 		return PASS;
 	__builtin_memcpy(&fid, sal + 4, 4);
 	f = bpf_map_lookup_elem(&serval_flows, &fid);
@@ -310,7 +372,23 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 		return count(C_PASS_MISMATCH, PASS);
 	/* over UDP, from another port of the peer's address: a NAT rebound it, and
 	 * Python validates the new path before the flow follows it */
-	if (cfg->udp && udp->source != f->peer_port)
+	if (cfg->udp && outer->source != f->peer_port)
+		return count(C_PASS_MISMATCH, PASS);
+	seg_len = tot - IP_LEN - shrink;
+
+	if (f->protocol == IPPROTO_UDP) {
+		if (bpf_ntohs(uh->len) != seg_len)     /* Python drops it, counted */
+			return count(C_PASS_MISMATCH, PASS);
+		if (skb->gso_size)
+			return count(C_PASS_GSO, PASS);
+		seen(f, &f->packets_in, &f->bytes_in, seg_len);
+		struct { __be16 sport, dport; } ports = { f->legacy_dport, f->legacy_sport };
+		if (move_checksum(skb, l4_off, offsetof(struct udphdr, check), f->in_addr_diff,
+				  f->in_port_diff, BPF_F_MARK_MANGLED_0, &ports))
+			return count(C_ERROR, TC_ACT_SHOT);
+		return decap(skb, cfg, f, tot, shrink);
+	}
+	if ((void *)(th + 1) > end || seg_len < TCP_MIN)
 		return count(C_PASS_MISMATCH, PASS);
 	if (th->fin || th->rst)
 		return hand_back(f);
@@ -318,21 +396,13 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 		return count(C_PASS_CONTROL, PASS);
 	if (skb->gso_size)
 		return count(C_PASS_GSO, PASS);
-	seg_len = tot - IP_LEN - shrink;
 	seen(f, &f->packets_in, &f->bytes_in, seg_len);
 
-	__u16 csum_at = tcp_off + offsetof(struct tcphdr, check);
 	struct { __be16 sport, dport; } ports = { f->legacy_dport, f->legacy_sport };
-	if (bpf_l4_csum_replace(skb, csum_at, 0, f->in_addr_diff, BPF_F_PSEUDO_HDR) ||
-	    bpf_l4_csum_replace(skb, csum_at, 0, f->in_port_diff, 0) ||
-	    bpf_skb_store_bytes(skb, tcp_off, &ports, 4, 0))
+	if (move_checksum(skb, l4_off, offsetof(struct tcphdr, check), f->in_addr_diff,
+			  f->in_port_diff, 0, &ports))
 		return count(C_ERROR, TC_ACT_SHOT);
-	if (bpf_skb_adjust_room(skb, -(__s32)shrink, BPF_ADJ_ROOM_NET, 0))
-		return count(C_ERROR, TC_ACT_SHOT);
-
-	if (new_ip_header(skb, tot - shrink, IPPROTO_TCP, f->legacy_dst, f->legacy_src))
-		return count(C_ERROR, TC_ACT_SHOT);
-	return forward(skb, cfg, C_FROM_SAL);
+	return decap(skb, cfg, f, tot, shrink);
 }
 
 SEC("tc")
@@ -340,6 +410,7 @@ int serval_ingress(struct __sk_buff *skb)
 {
 	__u32 zero = 0, tot;
 	struct config *cfg;
+	struct udphdr *udp;
 	struct iphdr *ip;
 	void *data, *end;
 
@@ -359,13 +430,22 @@ int serval_ingress(struct __sk_buff *skb)
 	if (*(__u8 *)ip != 0x45 || ip->frag_off & bpf_htons(IP_MF_OFFSET))
 		return PASS;
 	tot = bpf_ntohs(ip->tot_len);
-	if (tot < IP_LEN + TCP_MIN || skb->len < ETH_HLEN + tot)
+	if (tot < IP_LEN + UDP_LEN || skb->len < ETH_HLEN + tot)
 		return PASS;
 	if (ip->protocol == IPPROTO_TCP)
 		return to_sal(skb, cfg, tot);
-	if (ip->protocol == (cfg->udp ? IPPROTO_UDP : IPPROTO_SAL))
+	if (ip->protocol == IPPROTO_SAL)
+		return cfg->udp ? PASS : from_sal(skb, cfg, tot);
+	if (ip->protocol != IPPROTO_UDP)
+		return PASS;
+	udp = data + ETH_HLEN + IP_LEN;
+	if ((void *)(udp + 1) > end)
+		return PASS;
+	/* over the UDP carriage, what comes to our port is SAL; any other datagram may be
+	 * a kernel UDP flow's */
+	if (cfg->udp && udp->dest == cfg->udp_port)
 		return from_sal(skb, cfg, tot);
-	return PASS;
+	return udp_to_sal(skb, cfg, tot);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
