@@ -6,8 +6,8 @@ The server runs a real DNS server (dnsmasq, on 5300) and iperf3 (TCP control and
 data on 5201); the client reaches both only through the virtual address: ``dig`` over
 UDP (every query a new socket, so a new SAL flow), and ``iperf3 -u`` at a fixed rate
 (both ways) with iperf3's own loss report. A UDP service whose backend has nothing listening
-refuses dig at once. Established UDP flows stay on the Python path (the
-kernel fast path carries TCP only).
+refuses dig at once. With the fast path (the default) established UDP flows are the
+kernel's; tests/integration/test_fastpath_udp.py checks who translated what.
 """
 import json
 import shutil
