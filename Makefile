@@ -4,13 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev libnfnetlink-dev iproute2 tcpdump curl wget \
                 iperf3 dnsutils conntrack iputils-ping build-essential python3-dev python3-venv procps dnsmasq-base dnsperf ethtool \
-                clang llvm libbpf-dev bpftool tftpd-hpa tftp-hpa
+                clang llvm libbpf-dev bpftool tftpd-hpa tftp-hpa postgresql
 
 .PHONY: all deps venv bpf test unit test-compose demo bench clean distclean
 
 all: venv
 
-# System packages: only installed when one of the tools is missing.
+# System packages: only installed when one of the tools is missing. A policy-rc.d during
+# the install keeps apt from starting the servers among them (tftpd, PostgreSQL) on the
+# host: the tests run their own, inside the lab's namespaces.
 build/.deps:
 	@mkdir -p build
 	@if ! command -v iptables >/dev/null || ! command -v tcpdump >/dev/null \
@@ -18,9 +20,13 @@ build/.deps:
 	    || ! command -v curl >/dev/null || ! command -v dig >/dev/null || ! command -v nft >/dev/null \
 	    || ! command -v dnsmasq >/dev/null || ! command -v dnsperf >/dev/null || ! command -v nstat >/dev/null \
 	    || ! command -v ethtool >/dev/null || ! command -v ping >/dev/null || ! command -v clang >/dev/null || ! test -e /usr/include/bpf/bpf_helpers.h \
-	    || ! command -v in.tftpd >/dev/null || ! command -v tftp >/dev/null; then \
+	    || ! command -v in.tftpd >/dev/null || ! command -v tftp >/dev/null || ! command -v pgbench >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
 	  echo "installing system packages: $(APT_PACKAGES)"; \
+	  made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  rc=$$?; if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 	@touch $@
 

@@ -100,7 +100,6 @@ run takes about 3.5 (on 2 cores). The lab is always torn down.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -113,6 +112,7 @@ from pathlib import Path
 
 from bench.records import BENCH_JSON, merge, table
 from bench.run import GBIT, BenchError, iperf3_end, wait_line, wait_port
+from lab import postgres
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import GatewayPair, gateway_pair
 from lab.topology import Host, Lab
@@ -308,36 +308,13 @@ class Servers:
         return {}
 
     def start_postgres(self) -> dict:
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-        if not bins or shutil.which("pgbench") is None:
-            raise BenchError("PostgreSQL is not installed (make bench-deps: postgresql)")
-        bindir = Path(bins[-1]).parent
-        data, sock = self.work / "pgdata", self.work / "pgsock"
-        for folder in (data, sock):
-            folder.mkdir(mode=0o700)
-            shutil.chown(folder, "postgres", "postgres")
-        os.chmod(self.work, 0o711)                    # the postgres user walks in to its folders
-        as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
-        server = self.pair.server
-        r = server.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                        "-A", "trust", "--no-sync", "-E", "UTF8"], check=False, timeout=120)
-        if r.returncode:
-            raise BenchError(f"initdb: exit {r.returncode}: {(r.stdout + r.stderr)[-400:]}")
-        with open(data / "pg_hba.conf", "a") as f:
-            f.write("host all all 198.19.0.0/16 trust\n")
-        server.popen([*as_postgres, str(bindir / "postgres"), "-D", str(data),
-                      "-c", f"listen_addresses={self.pair.server_addr}", "-c", f"port={PG_PORT}",
-                      "-c", f"unix_socket_directories={sock}", "-c", "fsync=off",
-                      "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                      "-c", "max_connections=40", "-c", "shared_buffers=64MB"],
-                     stdout=open(self.work / "postgres.log", "w"), stderr=subprocess.STDOUT)
         try:
-            wait_port(server, PG_PORT, timeout=30)
-        except BenchError:
-            raise BenchError("postgres did not listen: " + (self.work / "postgres.log").read_text()[-400:])
+            sock = postgres.start(self.pair.server, self.work, self.pair.server_addr, PG_PORT)
+        except postgres.PostgresUnavailable as exc:
+            raise BenchError(f"{exc} (make bench-deps)") from None
         scale = "2" if self.quick else "4"
-        r = server.run(["pgbench", "-i", "-q", "-s", scale, "-h", str(sock), "-p", str(PG_PORT),
-                        "-U", "postgres", "postgres"], check=False, timeout=120)
+        r = self.pair.server.run(["pgbench", "-i", "-q", "-s", scale, "-h", str(sock), "-p", str(PG_PORT),
+                                  "-U", "postgres", "postgres"], check=False, timeout=120)
         if r.returncode:
             raise BenchError(f"pgbench -i: exit {r.returncode}: {(r.stdout + r.stderr)[-400:]}")
         return {}
