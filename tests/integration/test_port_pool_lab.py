@@ -37,8 +37,10 @@ print(json.dumps({"ok": ok, "failed": failed}))
 """
 
 
-def test_back_to_back_connections_reuse_ports_as_soon_as_the_backend_let_go(lab):
-    pair = gateway_pair(lab, server_route_back=False)
+def through_a_small_pool(pair, server_script: str, client_code: str, count: int):
+    """``count`` back-to-back connections from ``client_code`` to a backend running
+    ``bench/<server_script>``, through a server gateway with PORTS ports toward it:
+    (the client's result, the server gateway's counters). The gateways leave no rule."""
     before = {h.name: ruleset(h) for h in (pair.cgw, pair.sgw)}
     gws = RunningGateways(pair)
     server_toml = gws.configs["server"]
@@ -46,10 +48,9 @@ def test_back_to_back_connections_reuse_ports_as_soon_as_the_backend_let_go(lab)
         "[gateway]\n", f'[gateway]\nport_range = "20000-{20000 + PORTS - 1}"\n', 1))
     gws.start()
     try:
-        pair.server.popen([sys.executable, str(REPO / "bench" / "tiny_server.py"), "8080"])
+        pair.server.popen([sys.executable, str(REPO / "bench" / server_script), "8080"])
         wait_port(pair.server, "0.0.0.0", 8080)
-        r = pair.client.run([sys.executable, "-c", CLIENT, str(CONNECTIONS), VIRTUAL_ADDR],
-                            timeout=600)
+        r = pair.client.run([sys.executable, "-c", client_code, str(count), VIRTUAL_ADDR], timeout=600)
         result = json.loads(r.stdout)
         stats = gws.stats("server")
     finally:
@@ -57,6 +58,12 @@ def test_back_to_back_connections_reuse_ports_as_soon_as_the_backend_let_go(lab)
     assert codes == {"client": 0, "server": 0}, (gws.log("client"), gws.log("server"))
     for h in (pair.cgw, pair.sgw):
         assert ruleset(h) == before[h.name], f"{h.name}: rules left behind"
+    return result, stats
+
+
+def test_back_to_back_connections_reuse_ports_as_soon_as_the_backend_let_go(lab):
+    pair = gateway_pair(lab, server_route_back=False)
+    result, stats = through_a_small_pool(pair, "tiny_server.py", CLIENT, CONNECTIONS)
     assert result == {"ok": CONNECTIONS, "failed": 0}
     assert stats.get("refused_ports_exhausted", 0) == 0, stats
     assert stats["flows_opened"] == CONNECTIONS
@@ -93,21 +100,7 @@ def test_a_backend_that_closes_first_keeps_taking_connections_on_pairs_taken_ear
     lets the backend take the SYN outright most of the time)."""
     pair = gateway_pair(lab, server_route_back=False)
     pair.client.sysctl("net.ipv4.tcp_timestamps", timestamps)
-    gws = RunningGateways(pair)
-    server_toml = gws.configs["server"]
-    server_toml.write_text(server_toml.read_text().replace(
-        "[gateway]\n", f'[gateway]\nport_range = "20000-{20000 + PORTS - 1}"\n', 1))
-    gws.start()
-    try:
-        pair.server.popen([sys.executable, str(REPO / "bench" / "tiny_http.py"), "8080"])
-        wait_port(pair.server, "0.0.0.0", 8080)
-        r = pair.client.run([sys.executable, "-c", HTTP_CLIENT, str(EARLY_CONNECTIONS), VIRTUAL_ADDR],
-                            timeout=600)
-        result = json.loads(r.stdout)
-        stats = gws.stats("server")
-    finally:
-        codes = gws.stop()
-    assert codes == {"client": 0, "server": 0}, (gws.log("client"), gws.log("server"))
+    result, stats = through_a_small_pool(pair, "tiny_http.py", HTTP_CLIENT, EARLY_CONNECTIONS)
     assert result == {"ok": EARLY_CONNECTIONS, "failed": 0}, stats
     assert stats.get("refused_ports_exhausted", 0) == 0, stats
     assert stats["ports_reused_in_time_wait"] == EARLY_CONNECTIONS - PORTS, stats

@@ -483,3 +483,27 @@ def test_own_connections_are_queued_in_output_unless_the_kernel_takes_them(tmp_p
     assert route == {"dst": "198.18.0.0/16", "dev": "lo", "prefsrc": "198.19.1.1"}
     gw.stop()
     assert fast.stopped
+
+
+def draining_with(tmp_path, udp):
+    """A client gateway holding one open flow (UDP or TCP), drained as SIGTERM does."""
+    from types import SimpleNamespace
+    gw, reactor = start(tmp_path, CLIENT, "client", client_net())
+    gw.translator.flows[99] = SimpleNamespace(closed_at=None, udp=udp)
+    gw.drain_and_stop()
+    return gw, reactor
+
+
+def test_a_drain_waits_for_an_open_connection_up_to_drain_timeout(tmp_path):
+    gw, reactor = draining_with(tmp_path, udp=None)
+    advance(reactor, gw.cfg.drain_timeout - 0.2)
+    assert not reactor.hasStopped
+    advance(reactor, 0.3)
+    assert reactor.hasStopped
+
+
+def test_a_drain_does_not_wait_for_udp_flows(tmp_path):
+    """A UDP flow ends only by going idle: waiting would not hasten it (it is saved
+    for a quick restart instead)."""
+    gw, reactor = draining_with(tmp_path, udp=object())
+    assert reactor.hasStopped
