@@ -99,10 +99,10 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
     first and whole; the bulk goes to ``cfg.queue``, read in batches. So a handshake or a
     move never waits behind thousands of data packets, nor behind a SYN flood.
 
-    ``local_in_kernel``: this host's own TCP toward the virtual range is routed through
-    loopback, whose ingress the fast path translates (as for a sidecar's backend): it
-    is not queued in OUTPUT, which would take it before the kernel could, but as it
-    comes in on lo, where the fast path has passed what it does not own."""
+    ``local_in_kernel``: this host's own TCP and UDP toward the virtual range are routed
+    through loopback, whose ingress the fast path translates (as for a sidecar's
+    backend): they are not queued in OUTPUT, which would take them before the kernel
+    could, but as they come in on lo, where the fast path has passed what it does not own."""
     from nat import ToQueue
 
     if cfg.carriage == "ip":
@@ -130,8 +130,8 @@ def interception_plan(cfg: GatewayConfig, translator, interfaces: list[str], nee
             # first, and failing closed: while no daemon runs these would be forwarded
             # back into loopback by the virtual range's route until their TTL ran out
             pre += [ToQueue(["-i", "lo", *syn.match], syn.queue, bypass=False),
-                    ToQueue(["-i", "lo", *legacy], cfg.queue, bypass=False)]
-            out += [datagrams]
+                    ToQueue(["-i", "lo", *legacy], cfg.queue, bypass=False),
+                    ToQueue(["-i", "lo", *datagrams.match], cfg.queue, bypass=False)]
         elif cfg.intercept_local:
             out += [syn, legacy, datagrams]
         if cfg.intercept_forwarded:
@@ -347,7 +347,11 @@ class Gateway(LifecycleMixin):
         if payload[9] == 17:
             if t.role == "client":
                 if t.is_virtual(payload[16:20]):
-                    return t.from_legacy_udp(payload, now)
+                    out = t.from_legacy_udp(payload, now)
+                    if self.local_in_kernel and isinstance(out, bytes) and payload[12:16] in t.local_addresses:
+                        t.outbox.append(out)       # from this host, in on lo (as TCP's above)
+                        return None
+                    return out
             elif t.udp_flows:
                 out = t.from_backend_udp(payload, now)
                 if out is not PASS:

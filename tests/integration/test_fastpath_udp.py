@@ -16,7 +16,7 @@ from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import gateway_pair
 from tests.integration.helpers import ruleset
 from tests.integration.test_fastpath import fast_path_required, finish, kernel_state, wait_for  # noqa: F401
-from tests.integration.test_udp_flows_lab import IPERF_PORT, add_udp_services, start_dns, start_iperf
+from tests.integration.test_udp_flows_lab import ANSWER, IPERF_PORT, add_udp_services, start_dns, start_iperf
 
 UDP_IDLE = 2            # seconds: short, so that the idle close is seen within the test
 
@@ -103,4 +103,40 @@ def test_iperf3_udp_both_ways_in_the_kernel_then_the_idle_close_takes_it_out(lab
     wait_for("no UDP flow in the kernel", lambda: not udp_kernel_flows(gws, "client")
              and not udp_kernel_flows(gws, "server"))
     assert all(gws.stats(role)["fastpath_flows"] == 0 for role in ("client", "server"))
+    finish(pair, gws, before)
+
+
+@pytest.mark.parametrize("carriage", ["ip", "udp"])
+def test_the_client_gateway_hosts_own_udp_is_translated_in_the_kernel(lab, carriage):
+    """Processes on the client gateway's host (the client container beside the gateway
+    in docker-compose): their UDP toward the virtual range goes through lo, as their TCP
+    does, where the kernel translates an established flow's datagrams and queues the
+    rest for Python (failing closed); a datagram to a port with no service is still
+    refused at once."""
+    pair = gateway_pair(lab, wire=True)
+    before = {h.name: (ruleset(h), kernel_state(h)) for h in (pair.cgw, pair.sgw)}
+    gws = RunningGateways(pair, carriage=carriage, fast_path="on")
+    add_udp_services(gws, pair)
+    for path in gws.configs.values():          # pins nowhere: `ip netns exec` has no bpffs
+        path.write_text(path.read_text().replace("[gateway]\n", '[gateway]\nbpffs = "/nonexistent"\n', 1))
+    start_iperf(pair)
+    start_dns(pair)
+    gws.start()
+    r = pair.cgw.run(["iperf3", "-c", VIRTUAL_ADDR, "-p", str(IPERF_PORT), "-u", "-b", "40M", "-t", "3",
+                      "-l", "1200", "-J"], check=False, timeout=60)
+    result = json.loads(r.stdout)
+    assert "error" not in result, (result.get("error"), gws.log("client"))
+    total = result["end"]["sum"]
+    assert total["packets"] > 1000 and total["lost_percent"] < 2, total
+    dig = pair.cgw.run(["dig", f"@{VIRTUAL_ADDR}", "+short", "+tries=1", "+time=2", "own.test.example"],
+                       check=False, timeout=10)
+    assert dig.stdout.split() == [ANSWER], (dig.stdout, dig.stderr)
+    refused = pair.cgw.run(["dig", f"@{VIRTUAL_ADDR}", "-p", "5999", "+tries=1", "+time=2", "x.test.example"],
+                           check=False, timeout=10)
+    assert "connection refused" in refused.stdout + refused.stderr, refused.stdout
+    s = gws.stats("client")
+    assert s["fastpath_errors"] == 0 and s.get("internal_errors", 0) == 0, s
+    # the handshakes, the first datagrams and iperf3's control connection are Python's
+    assert s["fastpath_to_sal"] > 0.95 * total["packets"], s
+    assert s.get("to_sal", 0) < 0.02 * total["packets"], s
     finish(pair, gws, before)

@@ -479,6 +479,10 @@ def test_own_connections_are_queued_in_output_unless_the_kernel_takes_them(tmp_p
     from_lo = own_tcp(plan["prerouting"])[:2]
     assert all(r.match[:2] == ["-i", "lo"] and r.bypass is False for r in from_lo), from_lo
     assert [r.queue for r in from_lo] == [gw.cfg.new_flow_queue, gw.cfg.queue]
+    # its UDP too: in on lo, failing closed, and nothing of it in OUTPUT
+    (own_udp,) = [r for r in plan["prerouting"] if list(getattr(r, "match", r))[:4] == ["-i", "lo", "-p", "udp"]]
+    assert own_udp.bypass is False and own_udp.queue == gw.cfg.queue
+    assert not [r for r in plan["output"] if "udp" in list(getattr(r, "match", r))]
     (route,) = plan["routes"]                                             # even beside a default route
     assert route == {"dst": "198.18.0.0/16", "dev": "lo", "prefsrc": "198.19.1.1"}
     gw.stop()
