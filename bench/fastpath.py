@@ -110,8 +110,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.records import BENCH_JSON, merge, table
+from bench.records import BENCH_JSON
 from bench.run import GBIT, BenchError, iperf3_end, wait_line, wait_port
+from bench.steps import Steps, finish
 from lab import postgres
 from lab.gateways import VIRTUAL_ADDR, RunningGateways
 from lab.topologies import GatewayPair, gateway_pair
@@ -150,37 +151,6 @@ T0 = time.monotonic()
 
 def progress(msg: str) -> None:
     print(f"[bench.fastpath {time.monotonic() - T0:5.0f} s] {msg}", flush=True)
-
-
-def summary(exc: BaseException) -> str:
-    """One line for the list of failures: the first line, and the last line of a log
-    that follows it (a gateway's refusal is its log's last line)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-    return text[:400]
-
-
-class Steps:
-    """Runs the measurements one by one: a failing step is kept and reported, the run
-    goes on. A step is a function returning {metric: value}."""
-
-    def __init__(self):
-        self.values: dict[str, float] = {}
-        self.failures: list[tuple[str, str]] = []
-
-    def step(self, name: str, fn, guard=None) -> bool:
-        progress(name)
-        try:
-            if guard is not None:
-                guard()
-            self.values.update(fn())
-            return True
-        except Exception as exc:          # noqa: BLE001 - any failure is a failed step, the run goes on
-            self.failures.append((name, summary(exc)))
-            progress(f"FAILED: {name}: {type(exc).__name__}: {str(exc)[-2000:]}")
-            return False
 
 
 # --- measurements, all from the client namespace -------------------------------------------
@@ -343,7 +313,7 @@ class Servers:
 class FastPathBench:
     def __init__(self, args, lab: Lab, work: Path):
         self.args, self.lab, self.work = args, lab, work
-        self.steps = Steps()
+        self.steps = Steps(progress)
         self.pair: GatewayPair | None = None
         self.servers: Servers | None = None
 
@@ -678,21 +648,10 @@ def main(argv=None) -> int:
             try:
                 bench.run()
             except Exception as exc:      # noqa: BLE001 - the lab itself failed: report what was measured
-                bench.steps.failures.append(("the lab", summary(exc)))
-                progress(f"FAILED: {type(exc).__name__}: {exc}")
+                bench.steps.fail("the lab", exc)
         steps = bench.steps
     progress(f"done in {time.monotonic() - t0:.0f} s (lab torn down)")
-    recs = records(steps)
-    print()
-    print(table(recs))
-    merge(recs, Path(args.json))
-    progress(f"merged into {args.json}")
-    if steps.failures:
-        print(f"\n[bench.fastpath] {len(steps.failures)} step(s) failed:", file=sys.stderr)
-        for name, why in steps.failures:
-            print(f"  - {name}: {why}", file=sys.stderr)
-        return 1
-    return 0
+    return finish("bench.fastpath", records(steps), steps, Path(args.json))
 
 
 if __name__ == "__main__":

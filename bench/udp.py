@@ -54,6 +54,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import BenchError
+from bench.steps import Steps, finish
+
 REPO = Path(__file__).resolve().parent.parent
 IPERF_PORT = 5201
 DNS_PORT, DNS_SERVICE_PORT = 5300, 53
@@ -63,31 +66,8 @@ ANSWER = "198.19.9.9"
 T0 = time.monotonic()
 
 
-class BenchError(RuntimeError):
-    """A step failed: its records are FAILED, the run goes on."""
-
-
 def progress(msg: str) -> None:
     print(f"[bench.udp {time.monotonic() - T0:5.0f} s] {msg}", flush=True)
-
-
-class Steps:
-    """Runs the measurements one by one; a failing step is kept and reported."""
-
-    def __init__(self):
-        self.values: dict[str, float] = {}
-        self.failures: list[tuple[str, str]] = []
-
-    def step(self, name: str, fn) -> bool:
-        progress(name)
-        try:
-            self.values.update(fn())
-            return True
-        except Exception as exc:          # noqa: BLE001 - any failure is a failed step, the run goes on
-            line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            self.failures.append((name, line[:400]))
-            progress(f"FAILED: {name}: {type(exc).__name__}: {str(exc)[-1500:]}")
-            return False
 
 
 # --- the flow-setup probe, run inside the client namespace -----------------------------------
@@ -424,27 +404,15 @@ def main(argv=None) -> int:
     if missing:
         print(f"[bench.udp] needs {', '.join(missing)} (make deps)", file=sys.stderr)
         return 2
-    from bench.records import BENCH_JSON, merge, table
-    steps = Steps()
+    from bench.records import BENCH_JSON
+    steps = Steps(progress)
     with tempfile.TemporaryDirectory(prefix="serval-bench-udp-") as work:
         try:
             run(args, Path(work), steps)
         except Exception as exc:          # noqa: BLE001 - the lab itself failed: report what was measured
-            steps.failures.append(("the lab", f"{type(exc).__name__}: {exc}"[:400]))
-            progress(f"FAILED: the lab: {type(exc).__name__}: {exc}")
+            steps.fail("the lab", exc)
     progress("done (lab torn down)")
-    recs = records(steps)
-    print()
-    print(table(recs))
-    path = Path(args.json) if args.json else BENCH_JSON
-    merge(recs, path)
-    progress(f"merged into {path}")
-    if steps.failures:
-        print(f"\n[bench.udp] {len(steps.failures)} step(s) failed:", file=sys.stderr)
-        for name, why in steps.failures:
-            print(f"  - {name}: {why}", file=sys.stderr)
-        return 1
-    return 0
+    return finish("bench.udp", records(steps), steps, Path(args.json) if args.json else BENCH_JSON)
 
 
 if __name__ == "__main__":
