@@ -5,7 +5,7 @@ packets before conntrack records the untranslated tuple.
 
 Per instance there are two chains, ``SERVAL-<tag>-PRE`` and ``SERVAL-<tag>-OUT``, jumped
 to from PREROUTING and OUTPUT by one rule each that carries
-``-m comment --comment serval:<tag>``. ``<tag>`` is :func:`nat.state.instance_tag`: the
+``-m comment --comment serval:<tag>`` and lets no packet with the gateway's mark in. ``<tag>`` is :func:`nat.state.instance_tag`: the
 instance name with characters outside ``[A-Za-z0-9_-]`` replaced by ``_`` and, beyond 17
 characters, shortened to 10 characters + ``_`` + 6 hex digits of its SHA-1, so chain
 names stay within iptables' 28 characters and a later run finds the same names.
@@ -151,8 +151,6 @@ def render_install(tag: str, queue: int, bypass: bool, mark: int,
                 if rule_chain(r) in chains and (rule_target(r) in chains.values()
                                                 or rule_comment(r) == comment)]
     for hook, chain in chains.items():
-        # Packets the gateway injects carry SO_MARK=mark: never queue them again.
-        out.append(f'-A {chain} -m mark --mark {mark:#x} -j RETURN')
         for match in rules.get(hook, ()):
             q, bp = queue, None
             if isinstance(match, ToQueue):
@@ -162,7 +160,11 @@ def render_install(tag: str, queue: int, bypass: bool, mark: int,
             if any(a in ('-j', '--jump', '-g', '--goto') for a in match):
                 raise ValueError(f'rule must not name a target, it is added: {match!r}')
             out.append(' '.join(['-A', chain] + [_quote(str(a)) for a in match] + target(q, bp)))
-    out += [f'-I {hook} 1 -m comment --comment {comment} -j {chain}'
+    # Packets carrying the mark (those the gateway injects, SO_MARK; those its kernel fast
+    # path translated) never enter the chains. The mark is tested first on the jump: a
+    # register compare, where the comment is a compat match, so a marked packet costs
+    # the hook one rule's compare.
+    out += [f'-I {hook} 1 -m mark ! --mark {mark:#x} -m comment --comment {comment} -j {chain}'
             for hook, chain in chains.items()]
     out.append('COMMIT')
     return '\n'.join(out) + '\n'

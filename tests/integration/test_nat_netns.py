@@ -155,19 +155,20 @@ def test_install_twice_is_idempotent_and_jumps_first(ns):
     ns.run(INSTALL_FW)
     assert ns.save() == once
     pre = [ln for ln in ns.sh('iptables -t raw -S PREROUTING').splitlines() if ln.startswith('-A')]
-    assert pre[0] == '-A PREROUTING -m comment --comment "serval:t" -j SERVAL-t-PRE'
+    assert pre[0] == '-A PREROUTING -m mark ! --mark 0x5e7a1 -m comment --comment "serval:t" -j SERVAL-t-PRE'
     assert sum('SERVAL-t-PRE' in ln for ln in pre) == 1
     out = ns.sh('iptables -t raw -S OUTPUT')
     assert out.count('-j SERVAL-t-OUT') == 1
 
 
-def test_mark_return_rule_is_first(ns):
+def test_marked_packets_never_enter_the_chains(ns):
     ns.run(INSTALL_FW)
-    for chain, n in (('SERVAL-t-PRE', len(PRE)), ('SERVAL-t-OUT', len(OUT))):
+    for hook, chain, n in (('PREROUTING', 'SERVAL-t-PRE', len(PRE)), ('OUTPUT', 'SERVAL-t-OUT', len(OUT))):
+        jumps = [ln for ln in ns.sh(f'iptables -t raw -S {hook}').splitlines() if chain in ln]
+        assert jumps == [f'-A {hook} -m mark ! --mark 0x5e7a1 -m comment --comment "serval:t" -j {chain}']
         rules = [ln for ln in ns.sh(f'iptables -t raw -S {chain}').splitlines() if ln.startswith('-A')]
-        assert rules[0] == f'-A {chain} -m mark --mark 0x5e7a1 -j RETURN'
-        assert len(rules) == 1 + n
-        assert all(r.endswith('-j NFQUEUE --queue-num 3 --queue-bypass') for r in rules[1:])
+        assert len(rules) == n
+        assert all(r.endswith('-j NFQUEUE --queue-num 3 --queue-bypass') for r in rules)
 
 
 def test_reinstall_replaces_rules(ns):

@@ -38,20 +38,20 @@ def test_render_install_layout():
     out = lines(render_install('client', 2, True, DEFAULT_MARK, {'PREROUTING': PRE, 'OUTPUT': OUT}, None))
     assert out[0] == '*raw' and out[-1] == 'COMMIT'
     assert out[1:3] == [':SERVAL-client-PRE - [0:0]', ':SERVAL-client-OUT - [0:0]']
-    assert out[3] == '-A SERVAL-client-PRE -m mark --mark 0x5e7a1 -j RETURN'
-    assert out[4] == '-A SERVAL-client-PRE -p tcp -d 198.18.0.0/16 -j NFQUEUE --queue-num 2 --queue-bypass'
-    assert out[5] == '-A SERVAL-client-PRE -p 144 -d 198.19.2.1 -j NFQUEUE --queue-num 2 --queue-bypass'
-    assert out[6] == '-A SERVAL-client-OUT -m mark --mark 0x5e7a1 -j RETURN'
-    assert out[7].startswith('-A SERVAL-client-OUT -p tcp -s 198.19.3.2 --sport 80 --dport 61000:64999 -j NFQUEUE')
-    assert out[8:10] == ['-I PREROUTING 1 -m comment --comment serval:client -j SERVAL-client-PRE',
-                         '-I OUTPUT 1 -m comment --comment serval:client -j SERVAL-client-OUT']
+    assert out[3] == '-A SERVAL-client-PRE -p tcp -d 198.18.0.0/16 -j NFQUEUE --queue-num 2 --queue-bypass'
+    assert out[4] == '-A SERVAL-client-PRE -p 144 -d 198.19.2.1 -j NFQUEUE --queue-num 2 --queue-bypass'
+    assert out[5].startswith('-A SERVAL-client-OUT -p tcp -s 198.19.3.2 --sport 80 --dport 61000:64999 -j NFQUEUE')
+    # marked packets never jump; the mark is tested before the (costlier) comment match
+    assert out[6:8] == [
+        '-I PREROUTING 1 -m mark ! --mark 0x5e7a1 -m comment --comment serval:client -j SERVAL-client-PRE',
+        '-I OUTPUT 1 -m mark ! --mark 0x5e7a1 -m comment --comment serval:client -j SERVAL-client-OUT']
 
 
 def test_render_install_without_bypass_and_custom_mark():
     out = render_install('c', 7, False, 0x10, {'PREROUTING': PRE}, None)
     assert '--queue-bypass' not in out and '--queue-num 7' in out
-    assert '-A SERVAL-c-PRE -m mark --mark 0x10 -j RETURN' in out
-    assert lines(out).count('-A SERVAL-c-OUT -m mark --mark 0x10 -j RETURN') == 1  # empty chain still guarded
+    assert lines(out).count('-I OUTPUT 1 -m mark ! --mark 0x10 -m comment --comment serval:c -j SERVAL-c-OUT') == 1
+    assert '-m mark ! --mark 0x10 -m comment --comment serval:c -j SERVAL-c-PRE' in out
 
 
 def test_render_install_replaces_existing_jumps_only_of_this_instance():
