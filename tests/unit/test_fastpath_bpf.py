@@ -395,8 +395,9 @@ def test_the_kernel_follows_the_udp_flow_events(kernel, tmp_path):
     drain()
     translated(kernel, server, datagram(U.SERVER, 5300, U.SGW_LAN, bport, b"b"), server.from_backend_udp)
     translated(kernel, client, answer, client.from_sal)
-    # a query the kernel carries, well after the flow opened
-    time.sleep(0.01)
+    # a query the kernel carries, well after the flow opened (the kernel's clock is the
+    # tick clock: up to a tick behind)
+    time.sleep(0.05)
     q = datagram(U.CLIENT, 5357, U.VIP, 53, b"late")
     assert kernel.run(client, q)[0] == TC_ACT_OK
     seen = kernel.counters(cflow).last_seen

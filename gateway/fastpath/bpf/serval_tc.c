@@ -69,6 +69,18 @@ struct {
 	__type(value, __u64);
 } serval_counters SEC(".maps");
 
+/* skb->data and skb->data_end, each read by its own load from the context: clang may
+ * otherwise keep &skb->data_end in a register across uses, a context pointer the
+ * verifier refuses to dereference once modified. */
+#define CTX_LOAD(skb, field) ({ \
+	void *_v; \
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(_v) \
+		     : "r"(skb), "i"(offsetof(struct __sk_buff, field))); \
+	_v; })
+
+static __always_inline void *pkt_data(struct __sk_buff *skb) { return CTX_LOAD(skb, data); }
+static __always_inline void *pkt_end(struct __sk_buff *skb) { return CTX_LOAD(skb, data_end); }
+
 static __always_inline int count(__u32 which, int verdict)
 {
 	__u64 *c = bpf_map_lookup_elem(&serval_counters, &which);
@@ -99,7 +111,7 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 static __always_inline int new_ip_header(struct __sk_buff *skb, __u32 tot, __u8 protocol,
 					 __be32 saddr, __be32 daddr)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct iphdr *ip = data + ETH_HLEN;
 
 	if ((void *)(ip + 1) > end)
@@ -117,7 +129,9 @@ static __always_inline void seen(struct flow *f, __u64 *packets, __u64 *bytes, _
 {
 	__sync_fetch_and_add(packets, 1);
 	__sync_fetch_and_add(bytes, len);
-	f->last_seen_ns = bpf_ktime_get_ns();
+	/* the tick clock: a read of the TSC costs more than the rest of this function, and
+	 * idle expiry needs no better than a tick */
+	f->last_seen_ns = bpf_ktime_get_coarse_ns();
 }
 
 /* A FIN or RST: the flow is Python's from now on, in both directions, so that
@@ -133,7 +147,7 @@ static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
 {
 	if (len > skb->len)
 		len = skb->len;
-	if ((long)skb->data + len <= (long)skb->data_end)
+	if (pkt_data(skb) + len <= pkt_end(skb))
 		return 0;
 	return bpf_skb_pull_data(skb, len);
 }
@@ -157,7 +171,7 @@ static __always_inline void fib_query(struct bpf_fib_lookup *fib, struct __sk_bu
  * legacy host that is this one, it is delivered here as usual. */
 static __always_inline int from_loopback(struct __sk_buff *skb, int counter)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct iphdr *ip = data + ETH_HLEN;
 	struct bpf_fib_lookup fib = {};
 	int ret;
@@ -180,7 +194,7 @@ static __always_inline int from_loopback(struct __sk_buff *skb, int counter)
  * destination, no neighbour entry yet, TTL running out, too big) takes the stack. */
 static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, int counter)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + ETH_HLEN;
 	struct bpf_fib_lookup fib = {};
@@ -193,8 +207,8 @@ static __always_inline int forward(struct __sk_buff *skb, struct config *cfg, in
 	fib_query(&fib, skb, ip);
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return count(counter, TC_ACT_OK);
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
+	data = pkt_data(skb);
+	end = pkt_end(skb);
 	eth = data;
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > end)
@@ -221,14 +235,35 @@ static __always_inline struct flow *legacy_flow(struct iphdr *ip, __be16 sport, 
 /* The transport checksum at csum_off moved between the legacy addresses and ports and
  * the SAL side's (pseudo-header fields with the pseudo flag, ports without), then the
  * ports written. UDP (mangled_0 = BPF_F_MARK_MANGLED_0): a checksum of 0 (none) stays
- * 0, a result of 0 is sent as 0xFFFF, as the translator does. */
+ * 0, a result of 0 is sent as 0xFFFF, as the translator does. The ports are written
+ * directly: each helper call costs about as much as the rest of this function. */
 static __always_inline int move_checksum(struct __sk_buff *skb, __u32 l4_off, __u32 csum_off,
-					 __u32 addr_diff, __u32 port_diff, __u64 mangled_0, void *ports)
+					 __u32 addr_diff, __u32 port_diff, __u64 mangled_0, __u32 ports)
 {
+	void *data, *end;
+
 	if (bpf_l4_csum_replace(skb, l4_off + csum_off, 0, addr_diff, BPF_F_PSEUDO_HDR | mangled_0) ||
-	    bpf_l4_csum_replace(skb, l4_off + csum_off, 0, port_diff, mangled_0) ||
-	    bpf_skb_store_bytes(skb, l4_off, ports, 4, 0))
+	    bpf_l4_csum_replace(skb, l4_off + csum_off, 0, port_diff, mangled_0))
 		return -1;
+	data = pkt_data(skb);
+	end = pkt_end(skb);
+	if (data + l4_off + sizeof(ports) > end)
+		return -1;
+	*(__u32 *)(data + l4_off) = ports;
+	return 0;
+}
+
+static __always_inline int write_sal_header(struct __sk_buff *skb, __u32 off, const __u8 *hdr)
+{
+	void *data = pkt_data(skb), *end = pkt_end(skb);
+	__u32 *to = data + off;
+	const __u32 *from = (const __u32 *)hdr;
+
+	if ((void *)(to + SAL_LEN / 4) > end)
+		return -1;
+	to[0] = from[0];
+	to[1] = from[1];
+	to[2] = from[2];
 	return 0;
 }
 
@@ -251,7 +286,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct config *cfg, stru
 			return count(C_ERROR, TC_ACT_SHOT);
 	}
 	/* a SAL header with its own valid checksum sums to zero: no checksum to fix */
-	if (bpf_skb_store_bytes(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr, SAL_LEN, 0))
+	if (write_sal_header(skb, ETH_HLEN + IP_LEN + grow - SAL_LEN, f->out_hdr))
 		return count(C_ERROR, TC_ACT_SHOT);
 	if (new_ip_header(skb, tot + grow, cfg->udp ? IPPROTO_UDP : IPPROTO_SAL, f->local_addr, f->peer_addr))
 		return count(C_ERROR, TC_ACT_SHOT);
@@ -261,10 +296,10 @@ static __always_inline int encap(struct __sk_buff *skb, struct config *cfg, stru
 /* legacy TCP -> SAL */
 static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct iphdr *ip = data + ETH_HLEN;
 	struct tcphdr *th = data + ETH_HLEN + IP_LEN;
-	__u32 seg_len = tot - IP_LEN, zero = 0;
+	__u32 seg_len = tot - IP_LEN;
 	struct flow *f;
 
 	if ((void *)(th + 1) > end || tot < IP_LEN + TCP_MIN)
@@ -289,7 +324,7 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
 	/* the segment: ports zeroed, checksum moved to the SAL pseudo-header (zero
 	 * addresses over UDP) */
 	if (move_checksum(skb, ETH_HLEN + IP_LEN, offsetof(struct tcphdr, check), f->out_addr_diff,
-			  f->out_port_diff, 0, &zero))
+			  f->out_port_diff, 0, 0))
 		return count(C_ERROR, TC_ACT_SHOT);
 	return encap(skb, cfg, f, tot);
 }
@@ -298,10 +333,10 @@ static __always_inline int to_sal(struct __sk_buff *skb, struct config *cfg, __u
  * stays none). A datagram too big for the path goes up: Python answers frag-needed. */
 static __always_inline int udp_to_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct iphdr *ip = data + ETH_HLEN;
 	struct udphdr *uh = data + ETH_HLEN + IP_LEN;
-	__u32 seg_len = tot - IP_LEN, zero = 0;
+	__u32 seg_len = tot - IP_LEN;
 	struct flow *f;
 
 	if ((void *)(uh + 1) > end)
@@ -319,7 +354,7 @@ static __always_inline int udp_to_sal(struct __sk_buff *skb, struct config *cfg,
 		return count(C_PASS_GSO, PASS);
 	seen(f, &f->packets_out, &f->bytes_out, seg_len);
 	if (move_checksum(skb, ETH_HLEN + IP_LEN, offsetof(struct udphdr, check), f->out_addr_diff,
-			  f->out_port_diff, BPF_F_MARK_MANGLED_0, &zero))
+			  f->out_port_diff, BPF_F_MARK_MANGLED_0, 0))
 		return count(C_ERROR, TC_ACT_SHOT);
 	return encap(skb, cfg, f, tot);
 }
@@ -343,10 +378,22 @@ static __always_inline int decap(struct __sk_buff *skb, struct config *cfg, stru
 	return forward(skb, cfg, C_FROM_SAL);
 }
 
+/* The ports toward the legacy host (the peer's side is its destination), as the four
+ * bytes on the wire. */
+static __always_inline __u32 legacy_ports(const struct flow *f)
+{
+	union {
+		struct { __be16 sport, dport; };
+		__u32 word;
+	} ports = { .sport = f->legacy_dport, .dport = f->legacy_sport };
+
+	return ports.word;
+}
+
 /* SAL data -> legacy TCP or UDP */
 static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, __u32 tot)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = pkt_data(skb), *end = pkt_end(skb);
 	struct iphdr *ip = data + ETH_HLEN;
 	__u32 shrink = SAL_LEN + (cfg->udp ? UDP_LEN : 0);
 	__u32 l4_off = ETH_HLEN + IP_LEN + shrink, seg_len;
@@ -382,9 +429,8 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 		if (skb->gso_size)
 			return count(C_PASS_GSO, PASS);
 		seen(f, &f->packets_in, &f->bytes_in, seg_len);
-		struct { __be16 sport, dport; } ports = { f->legacy_dport, f->legacy_sport };
 		if (move_checksum(skb, l4_off, offsetof(struct udphdr, check), f->in_addr_diff,
-				  f->in_port_diff, BPF_F_MARK_MANGLED_0, &ports))
+				  f->in_port_diff, BPF_F_MARK_MANGLED_0, legacy_ports(f)))
 			return count(C_ERROR, TC_ACT_SHOT);
 		return decap(skb, cfg, f, tot, shrink);
 	}
@@ -398,9 +444,8 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 		return count(C_PASS_GSO, PASS);
 	seen(f, &f->packets_in, &f->bytes_in, seg_len);
 
-	struct { __be16 sport, dport; } ports = { f->legacy_dport, f->legacy_sport };
 	if (move_checksum(skb, l4_off, offsetof(struct tcphdr, check), f->in_addr_diff,
-			  f->in_port_diff, 0, &ports))
+			  f->in_port_diff, 0, legacy_ports(f)))
 		return count(C_ERROR, TC_ACT_SHOT);
 	return decap(skb, cfg, f, tot, shrink);
 }
@@ -408,7 +453,7 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 SEC("tc")
 int serval_ingress(struct __sk_buff *skb)
 {
-	__u32 zero = 0, tot;
+	__u32 zero = 0, tot, after_ip;
 	struct config *cfg;
 	struct udphdr *udp;
 	struct iphdr *ip;
@@ -419,10 +464,10 @@ int serval_ingress(struct __sk_buff *skb)
 	cfg = bpf_map_lookup_elem(&serval_config, &zero);
 	if (!cfg || !cfg->mark)
 		return PASS;
-	if (ensure_linear(skb, ETH_HLEN + IP_LEN + UDP_LEN + SAL_LEN + TCP_MIN))
+	if (ensure_linear(skb, ETH_HLEN + IP_LEN))
 		return PASS;
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
+	data = pkt_data(skb);
+	end = pkt_end(skb);
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > end)
 		return PASS;
@@ -432,12 +477,28 @@ int serval_ingress(struct __sk_buff *skb)
 	tot = bpf_ntohs(ip->tot_len);
 	if (tot < IP_LEN + UDP_LEN || skb->len < ETH_HLEN + tot)
 		return PASS;
-	if (ip->protocol == IPPROTO_TCP)
+	/* only as much after the IPv4 header within reach as this kind of packet is read
+	 * to: a TCP segment's head holds its headers and little more, and pulling payload
+	 * forward would copy on every packet */
+	switch (ip->protocol) {
+	case IPPROTO_TCP:
+		if (ensure_linear(skb, ETH_HLEN + IP_LEN + TCP_MIN))
+			return PASS;
 		return to_sal(skb, cfg, tot);
-	if (ip->protocol == IPPROTO_SAL)
-		return cfg->udp ? PASS : from_sal(skb, cfg, tot);
-	if (ip->protocol != IPPROTO_UDP)
+	case IPPROTO_SAL:
+		if (cfg->udp || ensure_linear(skb, ETH_HLEN + IP_LEN + SAL_LEN + TCP_MIN))
+			return PASS;
+		return from_sal(skb, cfg, tot);
+	case IPPROTO_UDP:
+		break;
+	default:
 		return PASS;
+	}
+	after_ip = cfg->udp ? UDP_LEN + SAL_LEN + TCP_MIN : UDP_LEN;
+	if (ensure_linear(skb, ETH_HLEN + IP_LEN + after_ip))
+		return PASS;
+	data = pkt_data(skb);
+	end = pkt_end(skb);
 	udp = data + ETH_HLEN + IP_LEN;
 	if ((void *)(udp + 1) > end)
 		return PASS;
