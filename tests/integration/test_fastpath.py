@@ -136,6 +136,46 @@ def test_transfers_both_ways_are_translated_in_the_kernel(lab, tmp_path, carriag
     finish(pair, gws, before)
 
 
+def tcp_checksum_errors(host) -> int:
+    head, values = [l.split() for l in host.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+                    if l.startswith("Tcp:")]
+    return int(values[head.index("InCsumErrors")])
+
+
+@pytest.mark.parametrize("finished_on", ["gateways_link", "legacy_links"])
+def test_checksums_left_to_the_device_come_out_right(lab, tmp_path, finished_on):
+    """The program moves a checksum itself, unless the packet's is CHECKSUM_COMPLETE. A
+    partial one (the legacy hosts here leave theirs to the device, as behind a NIC with
+    checksum offload) is finished by the first device without offload: here the
+    gateways' link (SAL packets, checked after the server gateway turns them back), or
+    the legacy links (legacy packets, from a program that saw them partial both ways).
+    The receivers' TCP checks every segment; a wrong sum shows as InCsumErrors."""
+    pair, gws, before, www = build(lab, tmp_path)
+    links = {"gateways_link": [(pair.cgw, pair.cgw_sal_if), (pair.sgw, pair.sgw_sal_if)],
+             "legacy_links": [(pair.cgw, pair.cgw_lan_if), (pair.sgw, pair.sgw_lan_if)]}[finished_on]
+    for host, ifname in links:
+        host.run(["ethtool", "-K", ifname, "tx", "off"])
+    for host, ifname in ((pair.client, pair.client_if), (pair.server, pair.server_if)):
+        host.run(["ethtool", "-K", ifname, "tx", "on"])       # segments stay MTU-sized
+    errors = {h.name: tcp_checksum_errors(h) for h in (pair.client, pair.server)}
+    src = make_file(www, "20MB.bin", 20 * MB)
+    out = tmp_path / "got.bin"
+    pair.client.run(["curl", "-sS", "--fail", "-m", "60", "-o", str(out), f"http://{VIRTUAL_ADDR}/20MB.bin"],
+                    timeout=70)
+    assert sha256_file(out) == sha256_file(src)
+    up = make_file(tmp_path, "up.bin", 20 * MB)
+    r = pair.client.run([sys.executable, "-c", UPLOAD_PY, str(up), VIRTUAL_ADDR, "81"], timeout=90)
+    assert r.stdout.split() == [str(20 * MB), sha256_file(up)]
+    assert {h.name: tcp_checksum_errors(h) for h in (pair.client, pair.server)} == errors
+    for role in ("client", "server"):
+        s = gws.stats(role)
+        assert s["fastpath_errors"] == 0
+        assert s["fastpath_to_sal"] > 20 * MB // 1500 and s["fastpath_from_sal"] > 20 * MB // 1500, s
+    for host, ifname in links:
+        host.run(["ethtool", "-K", ifname, "tx", "on"])
+    finish(pair, gws, before)
+
+
 @pytest.mark.parametrize("carriage", ["ip", "udp"])
 def test_the_client_gateway_hosts_own_connections_are_translated_in_the_kernel(lab, tmp_path, carriage):
     """Processes on the client gateway's host (the client container beside the gateway

@@ -23,6 +23,7 @@
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -232,23 +233,83 @@ static __always_inline struct flow *legacy_flow(struct iphdr *ip, __be16 sport, 
 	return fid ? bpf_map_lookup_elem(&serval_flows, fid) : NULL;
 }
 
-/* The transport checksum at csum_off moved between the legacy addresses and ports and
- * the SAL side's (pseudo-header fields with the pseudo flag, ports without), then the
- * ports written. UDP (mangled_0 = BPF_F_MARK_MANGLED_0): a checksum of 0 (none) stays
- * 0, a result of 0 is sent as 0xFFFF, as the translator does. The ports are written
- * directly: each helper call costs about as much as the rest of this function. */
-static __always_inline int move_checksum(struct __sk_buff *skb, __u32 l4_off, __u32 csum_off,
-					 __u32 addr_diff, __u32 port_diff, __u64 mangled_0, __u32 ports)
-{
-	void *data, *end;
+/* The kernel's own sk_buff, for how far its checksum is done (ip_summed). CO-RE: libbpf
+ * finds the field in the running kernel's BTF. */
+extern void *bpf_cast_to_kern_ctx(void *) __ksym;
 
-	if (bpf_l4_csum_replace(skb, l4_off + csum_off, 0, addr_diff, BPF_F_PSEUDO_HDR | mangled_0) ||
-	    bpf_l4_csum_replace(skb, l4_off + csum_off, 0, port_diff, mangled_0))
+struct sk_buff___serval {
+	__u8 ip_summed: 2;
+} __attribute__((preserve_access_index));
+
+#define CHECKSUM_COMPLETE 2
+#define CHECKSUM_PARTIAL 3
+
+static __always_inline __u32 ip_summed(struct __sk_buff *skb)
+{
+	struct sk_buff___serval *k = bpf_cast_to_kern_ctx(skb);
+
+	return BPF_CORE_READ_BITFIELD(k, ip_summed);
+}
+
+/* One's-complement arithmetic as the kernel's csum_add and csum_fold. */
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
+{
+	__u32 s = a + b;
+
+	return s + (s < a);
+}
+
+static __always_inline __u16 csum_fold16(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~s;
+}
+
+/* bpf_l4_csum_replace(diff) on the checksum field's value, for a packet whose checksum
+ * is whole (CHECKSUM_NONE, _UNNECESSARY) or left to the device (CHECKSUM_PARTIAL: the
+ * field holds the pseudo-header's sum, and the segment is summed later, ports and all). */
+static __always_inline __u16 csum_by_diff(__u16 sum, __u32 diff, int pseudo, int partial, int mangled_0)
+{
+	if (mangled_0 && !sum)
+		return 0;
+	if (!partial)
+		sum = csum_fold16(csum_add32(diff, ~(__u32)sum));
+	else if (pseudo)
+		sum = ~csum_fold16(csum_add32(diff, sum));
+	if (mangled_0 && !sum)
+		sum = 0xffff;
+	return sum;
+}
+
+/* The transport checksum at csum_off moved between the legacy addresses and ports and
+ * the SAL side's (pseudo-header fields as such, ports as segment data), then the ports
+ * written. UDP (mangled_0): a checksum of 0 (none) stays 0, a result of 0 is sent as
+ * 0xFFFF, as the translator does. Done here rather than by bpf_l4_csum_replace, whose
+ * calls cost more than the rest of the rewrite, except for CHECKSUM_COMPLETE, where the
+ * kernel also keeps skb->csum, which a program cannot write. */
+static __always_inline int move_checksum(struct __sk_buff *skb, __u32 l4_off, __u32 csum_off,
+					 __u32 addr_diff, __u32 port_diff, int mangled_0, __u32 ports)
+{
+	__u32 summed = ip_summed(skb), flag = mangled_0 ? BPF_F_MARK_MANGLED_0 : 0;
+	void *data, *end;
+	__u16 *check;
+
+	if (summed == CHECKSUM_COMPLETE &&
+	    (bpf_l4_csum_replace(skb, l4_off + csum_off, 0, addr_diff, BPF_F_PSEUDO_HDR | flag) ||
+	     bpf_l4_csum_replace(skb, l4_off + csum_off, 0, port_diff, flag)))
 		return -1;
 	data = pkt_data(skb);
 	end = pkt_end(skb);
-	if (data + l4_off + sizeof(ports) > end)
+	check = data + l4_off + csum_off;
+	if ((void *)(check + 1) > end || data + l4_off + sizeof(ports) > end)
 		return -1;
+	if (summed != CHECKSUM_COMPLETE) {
+		int partial = summed == CHECKSUM_PARTIAL;
+		__u16 sum = csum_by_diff(*check, addr_diff, 1, partial, mangled_0);
+
+		*check = csum_by_diff(sum, port_diff, 0, partial, mangled_0);
+	}
 	*(__u32 *)(data + l4_off) = ports;
 	return 0;
 }
@@ -354,7 +415,7 @@ static __always_inline int udp_to_sal(struct __sk_buff *skb, struct config *cfg,
 		return count(C_PASS_GSO, PASS);
 	seen(f, &f->packets_out, &f->bytes_out, seg_len);
 	if (move_checksum(skb, ETH_HLEN + IP_LEN, offsetof(struct udphdr, check), f->out_addr_diff,
-			  f->out_port_diff, BPF_F_MARK_MANGLED_0, 0))
+			  f->out_port_diff, 1, 0))
 		return count(C_ERROR, TC_ACT_SHOT);
 	return encap(skb, cfg, f, tot);
 }
@@ -430,7 +491,7 @@ static __always_inline int from_sal(struct __sk_buff *skb, struct config *cfg, _
 			return count(C_PASS_GSO, PASS);
 		seen(f, &f->packets_in, &f->bytes_in, seg_len);
 		if (move_checksum(skb, l4_off, offsetof(struct udphdr, check), f->in_addr_diff,
-				  f->in_port_diff, BPF_F_MARK_MANGLED_0, legacy_ports(f)))
+				  f->in_port_diff, 1, legacy_ports(f)))
 			return count(C_ERROR, TC_ACT_SHOT);
 		return decap(skb, cfg, f, tot, shrink);
 	}
