@@ -95,8 +95,9 @@ class GatewayConfig:
     fast_path: str = "auto"
     bpffs: str = "/sys/fs/bpf"         # where the fast path pins its program and maps
     # the fast path hands translated packets straight to the next hop's interface,
-    # past this host's routing and netfilter (no NAT or filter rules apply to them)
-    fast_path_redirect: bool = False
+    # past this host's routing and netfilter (no NAT or filter rules apply to them):
+    # "auto" while this namespace has none but the gateways' own (fastpath/host_filters.py)
+    fast_path_redirect: object = "auto"     # "auto", True or False
 
 
 _GATEWAY_KEYS = {
@@ -147,8 +148,11 @@ def parse(data: dict, path: str, role: str, loc: Locator | None = None) -> Gatew
     cfg.sal_address = gw.ipv4("sal_address")
     cfg.virtual_network = ipv4_network(gw.get("virtual_network", DEFAULT_VIRTUAL_NETWORK),
                                        gw.failer("virtual_network"), "virtual_network")
-    for key in ("intercept_local", "intercept_forwarded", "queue_bypass", "fast_path_redirect"):
+    for key in ("intercept_local", "intercept_forwarded", "queue_bypass"):
         setattr(cfg, key, gw.bool(key, getattr(cfg, key)))
+    cfg.fast_path_redirect = gw.get("fast_path_redirect", "auto")
+    if not (cfg.fast_path_redirect == "auto" or isinstance(cfg.fast_path_redirect, bool)):
+        gw.fail("fast_path_redirect", 'fast_path_redirect must be "auto", true or false')
     cfg.client_address = gw.choice("client_address", "gateway", ("gateway", "peer"))
     if "port_range" in gw.values:
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", str(gw.get("port_range")))

@@ -211,6 +211,8 @@ class Gateway(LifecycleMixin):
         self.snapshotter = None
         self.fastpath = None         # established flows in the kernel (gateway/fastpath), or None
         self.local_in_kernel = False  # it takes this host's own connections (through lo)
+        self.redirect_survey = None  # fast_path_redirect = "auto": the periodic look at host filters
+        self._surveying = False
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -267,6 +269,11 @@ class Gateway(LifecycleMixin):
                 swept = self.fastpath.sweep()
                 if swept:
                     log.info("fast path: %d kernel flow(s) of the previous run had no snapshot: removed", swept)
+            if self.fastpath is not None and cfg.fast_path_redirect == "auto":
+                from .fastpath.host_filters import SURVEY_EVERY
+                self.redirect_survey = LoopingCall(self.survey_host_filters)
+                self.redirect_survey.clock = self.reactor
+                self.redirect_survey.start(SURVEY_EVERY, now=False)
             self.snapshotter = LoopingCall(self.save_snapshot)
             self.snapshotter.clock = self.reactor
             self.snapshotter.start(SNAPSHOT_EVERY, now=False)
@@ -292,6 +299,9 @@ class Gateway(LifecycleMixin):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.redirect_survey is not None and self.redirect_survey.running:
+            self.redirect_survey.stop()
+        self.redirect_survey = None
         if self.snapshotter is not None and self.snapshotter.running:
             self.snapshotter.stop()
             self.save_snapshot(force=True)      # what is still live, for a quick restart
@@ -477,6 +487,28 @@ class Gateway(LifecycleMixin):
             wanted = lambda f: f.sal.service_id in ids
         return {"moved": self.check_paths(wanted, aton(address) if address else None, follow_routes=True)}
 
+    def survey_host_filters(self) -> None:
+        """fast_path_redirect = "auto": redirect while this namespace has no packet
+        filters but the gateways' own; a look now (every SURVEY_EVERY s and on SIGHUP)."""
+        if self.fastpath is None or self.cfg.fast_path_redirect != "auto" or self._surveying:
+            return
+        self._surveying = True
+
+        def apply(found: list[str]) -> None:
+            on = not found
+            if self.fastpath is not None and on != self.fastpath.redirect:
+                self.fastpath.set_redirect(on)
+                log.info("%s", redirect_said(on, found, True))
+
+        def failed(failure) -> None:
+            log.error("surveying this host's packet filters failed, redirect stays %s: %s",
+                      "on" if self.fastpath and self.fastpath.redirect else "off", failure.getErrorMessage())
+
+        def done(_) -> None:
+            self._surveying = False
+
+        self.adapters.host_filters().addCallback(apply).addErrback(failed).addBoth(done)
+
     # --- control -------------------------------------------------------------------
     def commands(self) -> dict:
         return {"flows": self._flows, "stats": self._stats, "config": self._config,
@@ -580,7 +612,7 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
     # processes reach the virtual range through it
     own = cfg.role == "client" and cfg.intercept_local
     loopback = own or (cfg.role == "server" and any(s.backend[0] in local for s in cfg.services))
-    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect,
+    fp = FastPath(translator, cfg.instance, cfg.state_dir, MARK, cfg.bpffs, cfg.fast_path_redirect is True,
                   loopback=loopback)
     try:
         fp.start(interfaces)
@@ -589,11 +621,25 @@ def start_fast_path(cfg: GatewayConfig, translator, interfaces: list[str]):
             raise RuntimeError(f"the fast path cannot start (fast_path = \"on\"): {exc}") from None
         log.warning("fast path unavailable, every packet goes through Python: %s", exc)
         return None
+    redirect, found = cfg.fast_path_redirect, []
+    if redirect == "auto":
+        from .fastpath.host_filters import survey
+        found = survey()
+        redirect = not found
+        fp.set_redirect(redirect)
     translator.refresh = fp.refresh
     log.info("fast path on: established flows translated in the kernel (tc ingress on %s)%s",
              ", ".join(sorted(fp.links)) or "no interface yet",
              "; this host's own connections to the virtual range go through lo" if own else "")
+    log.info("%s", redirect_said(redirect, found, cfg.fast_path_redirect == "auto"))
     return fp
+
+
+def redirect_said(on: bool, found: list[str], auto: bool) -> str:
+    why = ("this namespace has no packet filters but the gateways' own" if on else "; ".join(found)) \
+        if auto else "fast_path_redirect = " + ("true" if on else "false")
+    return (f"fast path redirect {'on' if on else 'off'} ({why}): translated packets "
+            + ("go straight to their next hop" if on else "take this host's routing and netfilter"))
 
 
 def kernel_queue_stats(queue: int) -> dict:

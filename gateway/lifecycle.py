@@ -108,6 +108,7 @@ class LifecycleMixin:
         self.cfg.__dict__.update({k: v for k, v in new.__dict__.items() if k not in NEEDS_RESTART})
         log.info("reloaded %s: %d service(s), %d route(s); live flows untouched",
                  new.path, len(new.services), len(new.rules))
+        self.survey_host_filters()          # fast_path_redirect = "auto": a fresh look
 
     # --- snapshot ------------------------------------------------------------------
     def snapshot_path(self) -> str:

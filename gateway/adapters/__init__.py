@@ -22,6 +22,9 @@ class Adapters:
     watcher: Callable = None        # (on_change) -> a reader for reactor.addReader, with close()
     control: object = None          # in_use(path), listen(reactor, path, commands) -> a port
     fast_path: Callable = None      # (cfg, translator, interfaces) -> a started FastPath, or None
+    # () -> a Deferred list of what a redirected packet would skip here (fastpath/host_filters.py),
+    # surveyed off the reactor's thread: a big ruleset takes a while to list
+    host_filters: Callable = None
     clock: Callable = time.monotonic        # the translators' time (seconds)
     wall_ns: Callable = time.time_ns        # wall-clock time for signed registrations
 
@@ -44,3 +47,7 @@ class Adapters:
         if self.control is None:
             from . import control
             self.control = control
+        if self.host_filters is None:
+            from twisted.internet.threads import deferToThread
+            from ..fastpath.host_filters import survey
+            self.host_filters = lambda: deferToThread(survey)

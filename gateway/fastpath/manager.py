@@ -354,9 +354,16 @@ class FastPath:
         if c.last_seen > flow.last_seen:
             flow.last_seen = c.last_seen
 
+    def set_redirect(self, on: bool) -> None:
+        """Hand translated packets straight to their next hop, or to the stack; the
+        program reads this per packet, so every kernel flow follows at once."""
+        self.redirect = on
+        self.config.update(b"\0\0\0\0", maps.config_value(self.mark, self.t.carriage, on))
+
     def stats(self) -> dict:
         """The kernel's counters (summed over CPUs) and how many flows it holds."""
         out = {"fastpath_flows": len(self.installed), "fastpath_interfaces": len(self.links),
+               "fastpath_redirect": "on" if self.redirect else "off",
                "fastpath_install_failures": self.install_failures, "fastpath_adopted": self.adopted}
         if self.counters is None:
             return out

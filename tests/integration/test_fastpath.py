@@ -86,7 +86,7 @@ def build(lab, tmp_path, carriage="ip", fast_path="on", bpffs=None, redirect=Fal
     for path in gws.configs.values():       # where to pin (the default /sys/fs/bpf is not
         path.write_text(path.read_text().replace(   # mounted under `ip netns exec`)
             "[gateway]\n", f'[gateway]\nbpffs = "{bpffs or "/nonexistent"}"\n'
-            f'fast_path_redirect = {"true" if redirect else "false"}\n', 1))
+            f'fast_path_redirect = {json.dumps(redirect)}\n', 1))
     gws.start()
     start_http(pair.server, www)
     start_py_server(pair.server, "halfclose", 9000)
@@ -215,6 +215,45 @@ def test_redirect_hands_translated_packets_to_the_next_hop(lab, tmp_path, carria
         # nearly every translated packet went straight out (the first ones may find no
         # neighbour entry yet and take the stack)
         assert s["fastpath_redirected"] > 0.9 * (s["fastpath_to_sal"] + s["fastpath_from_sal"]), s
+    finish(pair, gws, before)
+
+
+def test_redirect_auto_follows_this_hosts_packet_filters(lab, tmp_path):
+    """fast_path_redirect = "auto" (the default): straight to the next hop while the
+    gateway's host has no packet filters but the gateways' own; a rule added later
+    turns it off at the next look (SIGHUP here), so the rule applies to every packet."""
+    pair, gws, before, www = build(lab, tmp_path, redirect="auto")
+    src = make_file(www, "20MB.bin", 20 * MB)
+    out = tmp_path / "got.bin"
+
+    def download():
+        pair.client.run(["curl", "-sS", "--fail", "-m", "60", "-o", str(out), f"http://{VIRTUAL_ADDR}/20MB.bin"],
+                        timeout=70)
+        assert sha256_file(out) == sha256_file(src)
+
+    def translated(s):
+        return s["fastpath_to_sal"] + s["fastpath_from_sal"]
+
+    download()
+    s = gws.stats("client")
+    assert s["fastpath_redirect"] == "on" and gws.stats("server")["fastpath_redirect"] == "on"
+    assert s["fastpath_redirected"] > 0.9 * translated(s), s
+    assert "fast path redirect on (this namespace has no packet filters but the gateways' own)" in gws.log("client")
+    # a rule of the host's own: it counts what it sees
+    counter = ["FORWARD", "-i", pair.cgw_sal_if, "-p", "tcp"]     # SAL data, turned to TCP
+    pair.cgw.run(["iptables", "-A", *counter])
+    gws.signal("client", signal.SIGHUP)
+    wait_for("redirect off after the look", lambda: gws.stats("client")["fastpath_redirect"] == "off")
+    assert "fast path redirect off (1 iptables rule(s) in table filter)" in gws.log("client")
+    seen = gws.stats("client")
+    download()
+    s = gws.stats("client")
+    assert s["fastpath_redirected"] == seen["fastpath_redirected"]
+    assert translated(s) - translated(seen) > 20 * MB // 1500
+    rule = pair.cgw.run(["iptables", "-v", "-x", "-n", "-L", "FORWARD"]).stdout.splitlines()[2].split()
+    assert int(rule[0]) > 20 * MB // 1500, "the host's rule saw the translated packets"
+    pair.cgw.run(["iptables", "-D", *counter])
+    pair.cgw.run(["nft", "delete", "table", "ip", "filter"])      # the test's own, now empty
     finish(pair, gws, before)
 
 
