@@ -35,10 +35,12 @@ Phases, in order:
 4. socat (``TCP-LISTEN:...,fork TCP:server:5201``) on sgw, throughput only.
 5. the gateway pair with ``fast_path = "off"``: every packet through Python.
 6. the gateway pair with ``fast_path = "on"``: established flows translated by the
-   tc-BPF program. If the gateways refuse to start, the phase is reported failed.
-7. the same with ``fast_path_redirect = true``: translated packets go straight to the
-   next hop's interface (``bpf_redirect`` after ``bpf_fib_lookup``), past the gateway
-   hosts' routing and netfilter.
+   tc-BPF program, ``fast_path_redirect`` as by default (``"auto"``: on here, where
+   the gateway hosts have no packet filters but the gateways' own, so translated
+   packets go straight to the next hop's interface, ``bpf_redirect`` after
+   ``bpf_fib_lookup``). If the gateways refuse to start, the phase is reported failed.
+7. the same with ``fast_path_redirect = false``: translated packets take the gateway
+   hosts' routing and netfilter, as on a host with filters or NAT of its own.
 
 Metrics (a ``_p4`` suffix: 4 parallel flows, ``iperf3 -P 4``; ``_reverse``: the server
 sends, ``iperf3 -R``; ``_p4_reverse``: both):
@@ -49,12 +51,12 @@ sends, ``iperf3 -R``; ``_p4_reverse``: both):
     The same in phase 2; baseline ``throughput_direct_full_offloads`` (the price of
     the wire settings themselves, before any gateway).
 ``throughput_gateway_pair_fastpath``
-    iperf3 to 198.18.0.10:80 through the pair, fast path on. Shown twice: against
-    ``throughput_direct_fastpath_offloads`` and against ``throughput_gateway_pair_fastpath_redirect``
-    The same with ``fast_path_redirect = true`` (phase 7); baseline
+    iperf3 to 198.18.0.10:80 through the pair, fast path on (phase 6). Shown twice:
+    against ``throughput_direct_fastpath_offloads`` and against
+    ``throughput_gateway_pair_slowpath`` (what the kernel program gains over Python).
+``throughput_gateway_pair_fastpath_stack``
+    The same with ``fast_path_redirect = false`` (phase 7); baseline
     ``throughput_direct_fastpath_offloads``.
-``throughput_gateway_pair_slowpath``
-    (what the kernel program gains over Python).
 ``throughput_gateway_pair_slowpath``
     The same with the fast path off; baseline ``throughput_direct_fastpath_offloads``.
 ``throughput_client_gateway_host_fastpath``, ``throughput_client_gateway_host_slowpath``
@@ -78,14 +80,16 @@ sends, ``iperf3 -R``; ``_p4_reverse``: both):
     The direct path is called ``direct_wire`` here (``connect_p50_direct`` belongs to
     ``bench.run``); through the pair ``gateway_fastpath`` and ``gateway_slowpath``.
     <path> for the application figures is ``direct`` (phase 2), ``haproxy``,
-    ``gateway_pair_fastpath``, ``gateway_pair_slowpath``; each has the direct figure
-    as its baseline.
+    ``gateway_pair_fastpath``, ``gateway_pair_fastpath_stack``, ``gateway_pair_slowpath``;
+    each has the direct figure as its baseline.
 ``memcached_ops_ratio``, ``pgbench_tps_ratio``, ``ab_keepalive_ratio``
     The pair with the fast path over direct, as a value of its own.
 ``gateway_pair_fastpath_kernel_packets``, ``gateway_pair_fastpath_kernel_passed``
     After phase 6: packets the kernel program translated (both gateways, both
     directions), and packets it passed up to Python (SYNs, FINs, super-packets, ...).
     Few translated means the fast path did not carry the traffic.
+``gateway_pair_fastpath_redirected``
+    After phase 6: of the translated packets, those handed straight to the next hop.
 ``fastpath_bench_failed_steps``
     How many steps failed, and which (``failures``).
 
@@ -140,10 +144,10 @@ APPS = (("memcached_ops", "ops/s", "memcached_ops_ratio"),
         ("pgbench_tps", "tps", "pgbench_tps_ratio"),
         ("ab_keepalive_rps", "req/s", "ab_keepalive_ratio"))
 APP_PATHS = ("direct", "haproxy", "gateway_pair_slowpath", "gateway_pair_fastpath",
-             "gateway_pair_fastpath_redirect")
+             "gateway_pair_fastpath_stack")
 CONNECT_PATHS = {"direct": "direct_wire", "haproxy": "haproxy",
                  "gateway_pair_slowpath": "gateway_slowpath", "gateway_pair_fastpath": "gateway_fastpath",
-                 "gateway_pair_fastpath_redirect": "gateway_fastpath_redirect"}
+                 "gateway_pair_fastpath_stack": "gateway_fastpath_stack"}
 
 
 T0 = time.monotonic()
@@ -482,20 +486,23 @@ class FastPathBench:
         finally:
             stop(proc)
 
-    def gateway_pair(self, mode: str, redirect: bool = False) -> None:
-        tag = ("fastpath_redirect" if redirect else "fastpath") if mode == "on" else "slowpath"
-        phase = (7 if redirect else 6) if mode == "on" else 5
+    def gateway_pair(self, mode: str, stack: bool = False) -> None:
+        """``stack``: fast_path_redirect = false; else as configured by default."""
+        tag = ("fastpath_stack" if stack else "fastpath") if mode == "on" else "slowpath"
+        phase = (7 if stack else 6) if mode == "on" else 5
         gws = RunningGateways(self.pair, carriage="ip", backend_port=IPERF_PORT,
                               service_port=IPERF_SERVICE_PORT, extra_services=EXTRA_SERVICES, fast_path=mode)
-        if redirect:
+        if stack:
             for path in gws.configs.values():
-                path.write_text(path.read_text().replace("[gateway]\n", "[gateway]\nfast_path_redirect = true\n", 1))
+                path.write_text(path.read_text().replace("[gateway]\n", "[gateway]\nfast_path_redirect = false\n", 1))
         ports = {"memcached": MEMCACHED_PORT, "pg": PG_PORT, "http": HTTP_PORT, "tiny": TINY_SERVICE_PORT}
 
         def start():
             gws.start()
-            states = {role: gws.stats(role).get("fastpath") for role in ("client", "server")}
-            progress(f"gateways up, fastpath: {states}")
+            stats = {role: gws.stats(role) for role in ("client", "server")}
+            states = {role: s.get("fastpath") for role, s in stats.items()}
+            progress(f"gateways up, fastpath: {states}, redirect: "
+                     f"{ {role: s.get('fastpath_redirect') for role, s in stats.items()} }")
             wanted = "on" if mode == "on" else "off"
             if any(s != wanted for s in states.values()):
                 raise BenchError(f"fast_path = {mode!r} but the gateways report {states}")
@@ -509,9 +516,10 @@ class FastPathBench:
         def finish():
             stats = {role: gws.stats(role) for role in ("client", "server")}
             out = {}
-            if mode == "on" and not redirect:
+            if mode == "on" and not stack:
                 out["gateway_pair_fastpath_kernel_packets"] = sum(
                     s.get("fastpath_to_sal", 0) + s.get("fastpath_from_sal", 0) for s in stats.values())
+                out["gateway_pair_fastpath_redirected"] = sum(s.get("fastpath_redirected", 0) for s in stats.values())
                 out["gateway_pair_fastpath_kernel_passed"] = sum(
                     v for s in stats.values() for k, v in s.items() if k.startswith("fastpath_passed_"))
             errors = [f"{role} gateway: internal_errors={s['internal_errors']}"
@@ -527,10 +535,10 @@ class FastPathBench:
         started = False
         try:
             started = self.steps.step(f"phase {phase}, the gateway pair with fast_path = \"{mode}\""
-                                      + (", fast_path_redirect = true" if redirect else "") + " (carriage ip)", start)
+                                      + (", fast_path_redirect = false" if stack else "") + " (carriage ip)", start)
             if started:
                 self.throughput(f"gateway_pair_{tag}", VIRTUAL_ADDR, IPERF_SERVICE_PORT, alive)
-                if not redirect:
+                if not stack:
                     self.own_connection(f"client_gateway_host_{tag}", alive)
                 self.apps(f"gateway_pair_{tag}", VIRTUAL_ADDR, ports, alive)
                 self.steps.step(f"gateway counters (fast_path = \"{mode}\")", finish, alive)
@@ -555,7 +563,7 @@ class FastPathBench:
         self.socat()
         self.gateway_pair("off")
         self.gateway_pair("on")
-        self.gateway_pair("on", redirect=True)
+        self.gateway_pair("on", stack=True)
         return self.steps
 
 
@@ -593,7 +601,7 @@ def records(steps: Steps) -> list[dict]:
         add(direct, "Gbit/s", f"throughput_direct_full_offloads{suffix}")
         add(f"throughput_gateway_pair_fastpath{suffix}", "Gbit/s", direct)
         add(f"throughput_gateway_pair_fastpath{suffix}", "Gbit/s", slow)
-        add(f"throughput_gateway_pair_fastpath_redirect{suffix}", "Gbit/s", direct)
+        add(f"throughput_gateway_pair_fastpath_stack{suffix}", "Gbit/s", direct)
         add(slow, "Gbit/s", direct)
         add(f"throughput_haproxy{suffix}", "Gbit/s", direct)
         add(f"throughput_socat{suffix}", "Gbit/s", direct)
@@ -611,6 +619,7 @@ def records(steps: Steps) -> list[dict]:
             add(f"connect_{q}_{label}", "ms", None if path == "direct" else f"connect_{q}_direct_wire")
     add("gateway_pair_fastpath_kernel_packets", "packets")
     add("gateway_pair_fastpath_kernel_passed", "packets")
+    add("gateway_pair_fastpath_redirected", "packets")
     out.append({"metric": "fastpath_bench_failed_steps", "value": len(steps.failures), "unit": "steps",
                 "baseline": None, "ratio": None,
                 "failures": [f"{name}: {why}" for name, why in steps.failures]})
