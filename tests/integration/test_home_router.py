@@ -218,6 +218,12 @@ def test_lan_host_reaches_a_service_by_name(home):
     # what `serval ctl` shows on the router
     stats = ctl_request(home.sock, "stats")["result"]
     assert stats.get("flows_established", 0) >= 1, stats
+    # the router's NAT applies to every translated packet: the fast path does not
+    # hand them past it (fast_path_redirect = "auto" found the masquerade)
+    if os.environ.get("SERVAL_REQUIRE_FASTPATH") or stats.get("fastpath") == "on":
+        assert stats["fastpath_redirect"] == "off", stats
+        assert "fast path redirect off (2 iptables rule(s) in table nat)" in \
+            home.log("serval-client-gateway.service")
     r = home.router.run([sys.executable, "-m", "serval", "ctl", "--socket", home.sock, "stats"],
                         check=False, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and "flows_established" in r.stdout, r.stderr
