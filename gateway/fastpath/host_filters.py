@@ -43,23 +43,31 @@ def native_nft_tables(listing: dict, iptables_tables: set[str]) -> list[str]:
 
 
 def survey(iptables: str = "iptables") -> list[str]:
-    """Everything here a redirected packet would skip; empty when there is nothing."""
+    """Everything here a redirected packet would skip; empty when there is nothing. A
+    tool that fails counts as something found: redirect stays off rather than guess."""
     def out(argv: list[str]) -> str:
         return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
 
-    found: list[str] = []
-    try:
-        tables = parse_save(out([f"{iptables}-save"]))
-    except (OSError, subprocess.SubprocessError) as exc:
-        return [f"{iptables}-save failed ({exc})"]
-    found += foreign_rules(tables)
-    legacy_backend = "legacy" in out([iptables, "-V"])
-    if shutil.which("nft"):
+    def look(what: str, fn) -> list[str]:
         try:
-            found += native_nft_tables(json.loads(out(["nft", "-j", "list", "tables"]) or "{}"),
-                                       set() if legacy_backend else set(tables))
+            return fn()
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            found.append(f"nft list tables failed ({exc})")
+            return [f"{what} failed ({exc})"]
+
+    tables: dict[str, Table] = {}
+
+    def iptables_rules() -> list[str]:
+        tables.update(parse_save(out([f"{iptables}-save"])))
+        return foreign_rules(tables)
+
+    found = look(f"{iptables}-save", iptables_rules)
+    try:
+        legacy_backend = "legacy" in out([iptables, "-V"])
+    except (OSError, subprocess.SubprocessError) as exc:
+        return found + [f"{iptables} -V failed ({exc})"]
+    if shutil.which("nft"):
+        found += look("nft list tables", lambda: native_nft_tables(
+            json.loads(out(["nft", "-j", "list", "tables"]) or "{}"), set() if legacy_backend else set(tables)))
     elif not legacy_backend:
         found.append("nft is not installed: this host's own nftables tables cannot be seen")
     if not legacy_backend:
@@ -70,9 +78,6 @@ def survey(iptables: str = "iptables") -> list[str]:
             names = []
         if names:
             found.append(f"legacy iptables tables ({', '.join(sorted(names))})")
-    try:
-        if out(["ip", "xfrm", "policy", "list"]).strip():
-            found.append("IPsec (xfrm) policies")
-    except (OSError, subprocess.SubprocessError) as exc:
-        found.append(f"ip xfrm policy failed ({exc})")
+    found += look("ip xfrm policy", lambda: ["IPsec (xfrm) policies"]
+                  if out(["ip", "xfrm", "policy", "list"]).strip() else [])
     return found

@@ -155,3 +155,10 @@ def test_with_redirect_set_in_the_config_nothing_is_surveyed(tmp_path):
         assert fp.changes == []
     finally:
         gw.stop()
+
+
+def test_a_tool_that_fails_counts_as_something_found():
+    from gateway.fastpath.host_filters import survey
+    found = survey("no-such-iptables")
+    assert found[0].startswith("no-such-iptables-save failed (")
+    assert found[-1].startswith("no-such-iptables -V failed (")
